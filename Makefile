@@ -1,0 +1,31 @@
+# The two quick-start commands of the README: `make demo` and `make test`.
+# Both set up .venv first (idempotent). On a CPU-only machine the set-up installs
+# torch==2.13.0, the CPU build; to keep a CUDA/ROCm/NPU torch, see README "Installing on a GPU".
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+PLUGINS := plugins/cpu_ref plugins/nvidia plugins/ascend plugins/hygon
+
+.PHONY: setup demo test lint
+setup: $(VENV)/.chitu-installed
+
+$(VENV)/.chitu-installed: pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=23" "setuptools>=64"
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]" $(addprefix -e ,$(PLUGINS))
+	touch $@
+
+demo: setup
+	$(BIN)/chitu plugins
+	$(BIN)/chitu demo
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# pytest exits 5 when it collects nothing: that means the suite is missing, so it fails too.
+test: lint
+	$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc

@@ -1,0 +1,277 @@
+"""Backend discovery, selection and binding into a plain ``Ops`` table.
+
+Backends are found only through the entry-point group ``chitu.backends``; each
+entry point names a module (or object) holding ``@hookimpl`` functions. Every
+backend gets its own pluggy ``PluginManager`` (exactly one backend is active
+per process), which validates the implementations against
+``chitu_core/hookspecs.py``. ``load_backend`` then resolves every hook once into
+an ``Ops`` object whose attributes are plain functions: the hot path never goes
+through pluggy's dispatch loop.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from chitu_core import hookspecs
+from chitu_core.backend_info import BackendInfo
+from chitu_core.errors import (
+    BackendUnavailableError,
+    PluginLoadError,
+    PluginSignatureError,
+    UnknownBackendError,
+)
+from chitu_core.ops import GENERIC_OPS
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "chitu.backends"
+HOOK_PREFIX = "chitu_"
+REQUIRED_HOOKS = ("chitu_backend_info", "chitu_check_available")
+
+# Every op of the contract, in spec order: the hook names without their prefix.
+OP_NAMES: tuple[str, ...] = tuple(
+    name[len(HOOK_PREFIX) :]
+    for name, obj in vars(hookspecs).items()
+    if name.startswith(HOOK_PREFIX) and callable(obj) and name not in REQUIRED_HOOKS
+)
+
+# Ops that consume the opaque handle of ``prepare_weight`` (see hookspecs' module docstring).
+WEIGHT_HANDLE_OPS = ("linear", "fused_moe")
+COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "send", "recv")
+
+
+@dataclass
+class InstalledBackend:
+    """One entry point of ``chitu.backends`` and what loading it revealed.
+
+    ``load_error`` is set when the module failed to import or to validate; then
+    ``info`` is None. ``unavailable_reason`` is None when the backend can run here.
+    """
+
+    name: str
+    distribution: str
+    version: str
+    load_error: str | None = None
+    info: BackendInfo | None = None
+    unavailable_reason: str | None = None
+    native_ops: tuple[str, ...] = ()
+    plugin_manager: pluggy.PluginManager | None = field(default=None, repr=False)
+
+    @property
+    def is_available(self) -> bool:
+        return self.load_error is None and self.unavailable_reason is None
+
+
+class Ops:
+    """The bound op table of the active backend: one plain function per op.
+
+    Attributes are the op names of ``OP_NAMES`` (``ops.linear(x, w, bias)``...)
+    plus ``info`` (the backend's ``BackendInfo``), ``native`` (op names the
+    backend implements) and ``demoted`` (native ops replaced by the generic one,
+    e.g. because they failed conformance).
+    """
+
+    def __init__(
+        self,
+        info: BackendInfo,
+        functions: dict[str, Callable[..., Any]],
+        native: Iterable[str],
+        demoted: Iterable[str] = (),
+    ) -> None:
+        self.info = info
+        self.native = frozenset(native)
+        self.demoted = frozenset(demoted)
+        for name in OP_NAMES:
+            setattr(self, name, functions[name])
+
+    @property
+    def fallback(self) -> frozenset[str]:
+        """Op names served by the generic implementation."""
+        return frozenset(OP_NAMES) - self.native
+
+    def __repr__(self) -> str:
+        return f"Ops(backend={self.info.name!r}, native={sorted(self.native)})"
+
+
+def _new_plugin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("chitu")
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def _register(plugin: object, name: str) -> pluggy.PluginManager:
+    """Register ``plugin`` in a fresh manager, turning pluggy's errors into named ones."""
+    pm = _new_plugin_manager()
+    try:
+        pm.register(plugin, name=name)
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginSignatureError(
+            f"backend {name!r}: {exc} (compare with chitu_core/hookspecs.py)"
+        ) from exc
+    missing = [hook for hook in REQUIRED_HOOKS if not getattr(pm.hook, hook).get_hookimpls()]
+    if missing:
+        raise PluginLoadError(f"backend {name!r} does not implement required hook(s) {missing}")
+    return pm
+
+
+def native_op_names(pm: pluggy.PluginManager) -> tuple[str, ...]:
+    """Op names for which the registered backend has an implementation."""
+    return tuple(op for op in OP_NAMES if getattr(pm.hook, HOOK_PREFIX + op).get_hookimpls())
+
+
+def _inspect_entry_point(ep: importlib.metadata.EntryPoint) -> InstalledBackend:
+    dist = ep.dist
+    backend = InstalledBackend(
+        name=ep.name,
+        distribution=dist.name if dist else "?",
+        version=dist.version if dist else "?",
+    )
+    try:
+        plugin = ep.load()
+    except Exception as exc:  # a plugin's import may fail in any way; others must still load
+        backend.load_error = f"import of {ep.value!r} failed: {type(exc).__name__}: {exc}"
+        return backend
+    try:
+        pm = _register(plugin, ep.name)
+        backend.info = pm.hook.chitu_backend_info()
+        backend.unavailable_reason = pm.hook.chitu_check_available()
+    except Exception as exc:
+        backend.load_error = f"{type(exc).__name__}: {exc}"
+        return backend
+    if backend.info.name != ep.name:
+        backend.load_error = (
+            f"entry point is named {ep.name!r} but chitu_backend_info() says {backend.info.name!r}"
+        )
+        return backend
+    backend.native_ops = native_op_names(pm)
+    backend.plugin_manager = pm
+    return backend
+
+
+def discover_backends() -> dict[str, InstalledBackend]:
+    """Load every installed backend (by entry point) and probe its availability.
+
+    Never raises for a broken plugin: its ``load_error`` says what went wrong.
+    Returns the backends by name, sorted by name.
+    """
+    found: dict[str, InstalledBackend] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in found:
+            logger.warning("backend %r is registered twice; keeping the first", ep.name)
+            continue
+        found[ep.name] = _inspect_entry_point(ep)
+        if found[ep.name].load_error:
+            logger.warning("backend %r failed to load: %s", ep.name, found[ep.name].load_error)
+    return dict(sorted(found.items()))
+
+
+def select_backend(name: str, backends: dict[str, InstalledBackend]) -> InstalledBackend:
+    """Pick the backend called ``name``, or with ``"auto"`` the available one of highest priority.
+
+    Raises ``UnknownBackendError``, ``PluginLoadError`` or ``BackendUnavailableError``
+    with a message that lists what is installed and why the choice failed.
+    """
+    installed = ", ".join(backends) or "none"
+    if name == "auto":
+        candidates = [b for b in backends.values() if b.is_available]
+        for b in backends.values():
+            if not b.is_available:
+                logger.info("auto: skipping backend %r: %s", b.name, b.load_error or b.unavailable_reason)
+        if not candidates:
+            raise BackendUnavailableError(f"no installed backend is available (installed: {installed})")
+        chosen = max(candidates, key=lambda b: (b.info.priority, b.name))
+        logger.info("auto: selected backend %r (priority %d)", chosen.name, chosen.info.priority)
+        return chosen
+    if name not in backends:
+        raise UnknownBackendError(
+            f"unknown backend {name!r}; installed backends: {installed} "
+            "(a vendor backend is installed with pip, e.g. 'pip install -e plugins/nvidia')"
+        )
+    backend = backends[name]
+    if backend.load_error:
+        raise PluginLoadError(f"backend {name!r} ({backend.distribution}) failed to load: {backend.load_error}")
+    if backend.unavailable_reason:
+        available = ", ".join(b.name for b in backends.values() if b.is_available) or "none"
+        raise BackendUnavailableError(
+            f"backend {name!r} is not available: {backend.unavailable_reason}; "
+            f"available backends: {available}"
+        )
+    return backend
+
+
+def _plain_function(hook: pluggy.HookCaller, spec_args: list[str]) -> Callable[..., Any]:
+    """The implementation as a plain callable taking the spec's arguments positionally."""
+    impl = hook.get_hookimpls()[-1]
+    if len(hook.get_hookimpls()) > 1:
+        logger.warning("hook %s has %d implementations; using the last registered", hook.name, len(hook.get_hookimpls()))
+    if impl.argnames == tuple(spec_args):
+        return impl.function
+    # pluggy lets an implementation take a subset of the spec's arguments.
+    function, wanted = impl.function, impl.argnames
+    positions = [spec_args.index(arg) for arg in wanted]
+
+    def call_subset(*args: Any, **kwargs: Any) -> Any:
+        bound = dict(zip(spec_args, args, strict=False)) | kwargs
+        return function(*(bound[spec_args[i]] for i in positions))
+
+    call_subset.__name__ = impl.function.__name__
+    call_subset.__wrapped__ = impl.function  # type: ignore[attr-defined]
+    return call_subset
+
+
+def bind_ops(backend: InstalledBackend, demote: Iterable[str] = ()) -> Ops:
+    """Resolve every op of ``backend`` once into an ``Ops`` table.
+
+    Ops in ``demote`` (and ops the backend lacks) get the generic implementation.
+    Demoting ``prepare_weight`` or one of its consumers demotes the whole group,
+    because they share the backend's opaque weight handle.
+    """
+    if backend.plugin_manager is None or backend.info is None:
+        raise PluginLoadError(f"backend {backend.name!r} is not loaded: {backend.load_error}")
+    demoted = set(demote)
+    unknown = demoted - set(OP_NAMES)
+    if unknown:
+        raise ValueError(f"cannot demote unknown op(s) {sorted(unknown)}; ops are {', '.join(OP_NAMES)}")
+    native = set(backend.native_ops)
+    weight_group = {"prepare_weight", *WEIGHT_HANDLE_OPS}
+    if "prepare_weight" in native and demoted & weight_group:
+        demoted |= weight_group & native
+    native -= demoted
+    if "prepare_weight" in native:
+        missing = [op for op in WEIGHT_HANDLE_OPS if op not in native]
+        if missing:
+            raise PluginLoadError(
+                f"backend {backend.name!r} implements prepare_weight but not {missing}: "
+                "the generic ops cannot read its weight handles"
+            )
+    functions: dict[str, Callable[..., Any]] = {}
+    for op in OP_NAMES:
+        if op in native:
+            hook = getattr(backend.plugin_manager.hook, HOOK_PREFIX + op)
+            spec_args = list(inspect.signature(getattr(hookspecs, HOOK_PREFIX + op)).parameters)
+            functions[op] = _plain_function(hook, spec_args)
+        else:
+            functions[op] = GENERIC_OPS[op]
+    return Ops(backend.info, functions, native, demoted & set(backend.native_ops))
+
+
+def load_backend(name: str = "auto", demote: Iterable[str] = ()) -> Ops:
+    """Discover, select and bind a backend in one call (what the engine does at start-up)."""
+    backend = select_backend(name, discover_backends())
+    ops = bind_ops(backend, demote)
+    logger.info(
+        "backend %r: native ops: %s; generic: %s",
+        backend.name,
+        ", ".join(sorted(ops.native)) or "none",
+        ", ".join(sorted(ops.fallback)) or "none",
+    )
+    return ops

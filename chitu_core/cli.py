@@ -1,0 +1,111 @@
+"""The ``chitu`` command line: ``chitu plugins``, ``chitu demo``.
+
+Each command is a small function; user-facing options map onto library calls here
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from chitu_core.backend import OP_NAMES, discover_backends
+from chitu_core.errors import ChituError
+
+
+def _backend_rows() -> list[dict]:
+    rows = []
+    for backend in discover_backends().values():
+        info = backend.info
+        rows.append(
+            {
+                "name": backend.name,
+                "distribution": backend.distribution,
+                "version": backend.version,
+                "available": backend.is_available,
+                "reason": backend.load_error or backend.unavailable_reason,
+                "load_error": backend.load_error is not None,
+                "device_type": info.device_type if info else None,
+                "dist_backend": info.dist_backend if info else None,
+                "priority": info.priority if info else None,
+                "native_ops": list(backend.native_ops),
+                "generic_ops": [op for op in OP_NAMES if op not in backend.native_ops]
+                if info
+                else [],
+            }
+        )
+    return rows
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """Print the installed backends, their availability and which ops are native."""
+    rows = _backend_rows()
+    if args.json:
+        print(json.dumps({"ops": list(OP_NAMES), "backends": rows}, indent=2))
+        return 0
+    if not rows:
+        print("no backends installed (pip install -e plugins/cpu_ref)")
+        return 0
+    print(f"{'backend':<12} {'distribution':<18} {'version':<9} {'device':<7} status")
+    for row in rows:
+        status = "available" if row["available"] else ("BROKEN: " if row["load_error"] else "unavailable: ")
+        status += row["reason"] or ""
+        print(
+            f"{row['name']:<12} {row['distribution']:<18} {row['version']:<9} "
+            f"{row['device_type'] or '-':<7} {status}"
+        )
+    loaded = [row for row in rows if not row["load_error"]]
+    if loaded:
+        print("\nops: N = native implementation, . = generic torch fallback")
+        names = [row["name"] for row in loaded]
+        width = max(len(op) for op in OP_NAMES)
+        print(" " * (width + 2) + "  ".join(f"{n:^8}" for n in names))
+        for op in OP_NAMES:
+            marks = "  ".join(f"{'N' if op in row['native_ops'] else '.':^8}" for row in loaded)
+            print(f"{op:<{width}}  {marks}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run one FP8 linear on a backend and compare it with the CPU reference."""
+    from chitu_core.demo import run_op_demo
+
+    print(run_op_demo(args.backend, m=args.m, n=args.n, k=args.k))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chitu", description="Chitu LLM inference engine")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plugins", help="list installed backends and their native ops")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("demo", help="run an FP8 block-128 linear on a backend vs the CPU reference")
+    p.add_argument("--backend", default="auto", help="backend name or 'auto' (default)")
+    p.add_argument("-m", type=int, default=4, help="tokens (rows of x)")
+    p.add_argument("-n", type=int, default=1000, help="output features")
+    p.add_argument("-k", type=int, default=700, help="input features")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except ChituError as exc:
+        print(f"chitu: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Conformance suite: a backend's numerics and throughput against the CPU reference."""

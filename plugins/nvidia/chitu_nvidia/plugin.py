@@ -1,0 +1,41 @@
+"""Hook implementations of the NVIDIA backend (registered as entry point ``nvidia``)."""
+
+from __future__ import annotations
+
+import torch
+
+from chitu_core.backend_info import BackendInfo
+from chitu_core.hookspecs import hookimpl
+
+
+def _has_cuda_device() -> bool:
+    # torch.version.hip is set on ROCm builds, whose "cuda" devices are AMD/Hygon GPUs.
+    return torch.cuda.is_available() and torch.version.hip is None
+
+
+@hookimpl
+def chitu_backend_info() -> BackendInfo:
+    native_fp8 = _has_cuda_device() and torch.cuda.get_device_capability(0) >= (8, 9)
+    return BackendInfo(
+        name="nvidia",
+        device_type="cuda",
+        dist_backend="nccl",
+        priority=100,
+        compute_dtype="bfloat16",
+        has_native_fp8=native_fp8,
+        supports_graphs=True,
+    )
+
+
+@hookimpl
+def chitu_check_available() -> str | None:
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} was built without CUDA (install a CUDA build of torch)"
+    if torch.version.hip is not None:
+        return "this torch is a ROCm/HIP build; use the 'hygon' backend for DCUs"
+    if not torch.cuda.is_available():
+        return "no CUDA device visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
+    major, minor = torch.cuda.get_device_capability(0)
+    if (major, minor) < (8, 0):
+        return f"GPU compute capability {major}.{minor} is below 8.0 (Ampere is the minimum)"
+    return None
