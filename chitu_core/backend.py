@@ -11,6 +11,7 @@ through pluggy's dispatch loop.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import inspect
 import logging
@@ -29,6 +30,7 @@ from chitu_core.errors import (
     UnknownBackendError,
 )
 from chitu_core.ops import GENERIC_OPS
+from chitu_core.ops.memory import device_of_type
 
 logger = logging.getLogger(__name__)
 
@@ -185,9 +187,13 @@ def select_backend(name: str, backends: dict[str, InstalledBackend]) -> Installe
         candidates = [b for b in backends.values() if b.is_available]
         for b in backends.values():
             if not b.is_available:
-                logger.info("auto: skipping backend %r: %s", b.name, b.load_error or b.unavailable_reason)
+                logger.info(
+                    "auto: skipping backend %r: %s", b.name, b.load_error or b.unavailable_reason
+                )
         if not candidates:
-            raise BackendUnavailableError(f"no installed backend is available (installed: {installed})")
+            raise BackendUnavailableError(
+                f"no installed backend is available (installed: {installed})"
+            )
         chosen = max(candidates, key=lambda b: (b.info.priority, b.name))
         logger.info("auto: selected backend %r (priority %d)", chosen.name, chosen.info.priority)
         return chosen
@@ -198,7 +204,9 @@ def select_backend(name: str, backends: dict[str, InstalledBackend]) -> Installe
         )
     backend = backends[name]
     if backend.load_error:
-        raise PluginLoadError(f"backend {name!r} ({backend.distribution}) failed to load: {backend.load_error}")
+        raise PluginLoadError(
+            f"backend {name!r} ({backend.distribution}) failed to load: {backend.load_error}"
+        )
     if backend.unavailable_reason:
         available = ", ".join(b.name for b in backends.values() if b.is_available) or "none"
         raise BackendUnavailableError(
@@ -212,7 +220,11 @@ def _plain_function(hook: pluggy.HookCaller, spec_args: list[str]) -> Callable[.
     """The implementation as a plain callable taking the spec's arguments positionally."""
     impl = hook.get_hookimpls()[-1]
     if len(hook.get_hookimpls()) > 1:
-        logger.warning("hook %s has %d implementations; using the last registered", hook.name, len(hook.get_hookimpls()))
+        logger.warning(
+            "hook %s has %d implementations; using the last registered",
+            hook.name,
+            len(hook.get_hookimpls()),
+        )
     if impl.argnames == tuple(spec_args):
         return impl.function
     # pluggy lets an implementation take a subset of the spec's arguments.
@@ -240,7 +252,9 @@ def bind_ops(backend: InstalledBackend, demote: Iterable[str] = ()) -> Ops:
     demoted = set(demote)
     unknown = demoted - set(OP_NAMES)
     if unknown:
-        raise ValueError(f"cannot demote unknown op(s) {sorted(unknown)}; ops are {', '.join(OP_NAMES)}")
+        raise ValueError(
+            f"cannot demote unknown op(s) {sorted(unknown)}; ops are {', '.join(OP_NAMES)}"
+        )
     native = set(backend.native_ops)
     weight_group = {"prepare_weight", *WEIGHT_HANDLE_OPS}
     if "prepare_weight" in native and demoted & weight_group:
@@ -261,6 +275,9 @@ def bind_ops(backend: InstalledBackend, demote: Iterable[str] = ()) -> Ops:
             functions[op] = _plain_function(hook, spec_args)
         else:
             functions[op] = GENERIC_OPS[op]
+    if "device" not in native:
+        # The generic hook cannot know which device type the backend computes on.
+        functions["device"] = functools.partial(device_of_type, backend.info.device_type)
     return Ops(backend.info, functions, native, demoted & set(backend.native_ops))
 
 

@@ -36,7 +36,9 @@ class BackendInfo:
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"backend name must be alphanumeric with '_' or '-', got {self.name!r}")
+            raise ValueError(
+                f"backend name must be alphanumeric with '_' or '-', got {self.name!r}"
+            )
         if self.compute_dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(
                 f"compute_dtype must be bfloat16, float16 or float32, got {self.compute_dtype!r}"

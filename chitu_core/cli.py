@@ -50,7 +50,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         return 0
     print(f"{'backend':<12} {'distribution':<18} {'version':<9} {'device':<7} status")
     for row in rows:
-        status = "available" if row["available"] else ("BROKEN: " if row["load_error"] else "unavailable: ")
+        status = (
+            "available"
+            if row["available"]
+            else ("BROKEN: " if row["load_error"] else "unavailable: ")
+        )
         status += row["reason"] or ""
         print(
             f"{row['name']:<12} {row['distribution']:<18} {row['version']:<9} "

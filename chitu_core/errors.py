@@ -21,3 +21,11 @@ class PluginLoadError(ChituError):
 
 class PluginSignatureError(PluginLoadError):
     """A hook implementation's arguments do not match its spec in ``chitu_core/hookspecs.py``."""
+
+
+class CheckpointError(ChituError):
+    """A model directory is missing, corrupt or does not match its config (names file and tensor)."""
+
+
+class UnsupportedModelError(CheckpointError):
+    """``config.json`` names a ``model_type``/architecture Chitu does not implement."""

@@ -37,7 +37,8 @@ alone.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -67,7 +68,7 @@ def chitu_backend_info() -> BackendInfo:
 
 
 @hookspec(firstresult=True)
-def chitu_check_available() -> Optional[str]:
+def chitu_check_available() -> str | None:
     """Probe whether the backend can run in this process. Required.
 
     Returns ``None`` when usable, otherwise a one-line human-readable reason
@@ -150,7 +151,7 @@ def chitu_capture_graph(fn: Callable[[], Any], device: torch.device) -> Callable
 
 
 @hookspec(firstresult=True)
-def chitu_prepare_weight(weight: torch.Tensor, scale: Optional[torch.Tensor], fmt: str) -> Any:
+def chitu_prepare_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> Any:
     """Repack a loaded weight once, at load time, into the backend's layout.
 
     Args:
@@ -176,7 +177,7 @@ def chitu_prepare_weight(weight: torch.Tensor, scale: Optional[torch.Tensor], fm
 
 
 @hookspec(firstresult=True)
-def chitu_linear(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def chitu_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> torch.Tensor:
     """``y = x @ W^T + bias`` for every weight format.
 
     Args:
@@ -205,7 +206,7 @@ def chitu_moe_route(
     renormalize: bool,
     num_groups: int,
     topk_groups: int,
-    correction_bias: Optional[torch.Tensor],
+    correction_bias: torch.Tensor | None,
     routed_scaling_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose ``top_k`` experts per token and their mixing weights.
@@ -273,9 +274,9 @@ def chitu_fused_moe(
 @hookspec(firstresult=True)
 def chitu_store_kv(
     key: torch.Tensor,
-    value: Optional[torch.Tensor],
+    value: torch.Tensor | None,
     key_cache: torch.Tensor,
-    value_cache: Optional[torch.Tensor],
+    value_cache: torch.Tensor | None,
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write new tokens' keys (and values) into the paged cache, in place.

@@ -59,7 +59,9 @@ def _weight(gen: torch.Generator, fmt: str, *shape: int) -> QuantizedWeight:
     return quantize_fp8(dense, fmt)
 
 
-def _paged(gen: torch.Generator, context_lens: list[int], block_size: int, heads: int, dims: list[int]):
+def _paged(
+    gen: torch.Generator, context_lens: list[int], block_size: int, heads: int, dims: list[int]
+):
     """A paged cache holding ``context_lens`` tokens per sequence in shuffled blocks.
 
     Returns ``(caches, block_tables [B, max_blocks] int32, context_lens [B] int32)``;
@@ -89,8 +91,18 @@ def _linear_case(fmt: str, m: int, n: int, k: int, bias: bool) -> Case:
     return Case("linear", f"{fmt},M={m},N={n},K={k},bias={bias}", build, ("x", "bias"), ("weight",))
 
 
-def _route_case(name: str, tokens: int, experts: int, top_k: int, scoring: str, groups: int,
-                topk_groups: int, bias: bool, scaling: float, renormalize: bool) -> Case:
+def _route_case(
+    name: str,
+    tokens: int,
+    experts: int,
+    top_k: int,
+    scoring: str,
+    groups: int,
+    topk_groups: int,
+    bias: bool,
+    scaling: float,
+    renormalize: bool,
+) -> Case:
     def build(gen):
         return {
             "router_logits": _randn(gen, tokens, experts),
@@ -106,7 +118,9 @@ def _route_case(name: str, tokens: int, experts: int, top_k: int, scoring: str, 
     return Case("moe_route", name, build)
 
 
-def _fused_moe_case(fmt: str, tokens: int, experts: int, hidden: int, inter: int, top_k: int) -> Case:
+def _fused_moe_case(
+    fmt: str, tokens: int, experts: int, hidden: int, inter: int, top_k: int
+) -> Case:
     def build(gen):
         logits = _randn(gen, tokens, experts)
         weights, ids = torch.softmax(logits, -1).topk(top_k, dim=-1)
@@ -118,42 +132,76 @@ def _fused_moe_case(fmt: str, tokens: int, experts: int, hidden: int, inter: int
             "topk_ids": ids.int(),
         }
 
-    return Case("fused_moe", f"{fmt},T={tokens},E={experts},H={hidden},I={inter},k={top_k}",
-                build, ("x",), ("w13", "w2"))
+    return Case(
+        "fused_moe",
+        f"{fmt},T={tokens},E={experts},H={hidden},I={inter},k={top_k}",
+        build,
+        ("x",),
+        ("w13", "w2"),
+    )
 
 
 def _decode_case(context_lens: list[int], hq: int, hkv: int, d: int, block_size: int) -> Case:
     def build(gen):
         (k, v), tables, lens = _paged(gen, context_lens, block_size, hkv, [d, d])
         q = _randn(gen, len(context_lens), hq, d)
-        return {"q": q, "key_cache": k, "value_cache": v, "block_tables": tables,
-                "context_lens": lens, "scale": d**-0.5}
+        return {
+            "q": q,
+            "key_cache": k,
+            "value_cache": v,
+            "block_tables": tables,
+            "context_lens": lens,
+            "scale": d**-0.5,
+        }
 
     name = f"ctx={context_lens},Hq={hq},Hkv={hkv},D={d},bs={block_size}"
     return Case("paged_attention_decode", name, build, ("q", "key_cache", "value_cache"))
 
 
-def _prefill_case(q_lens: list[int], context_lens: list[int], hq: int, hkv: int, d: int, block_size: int) -> Case:
+def _prefill_case(
+    q_lens: list[int], context_lens: list[int], hq: int, hkv: int, d: int, block_size: int
+) -> Case:
     def build(gen):
         (k, v), tables, lens = _paged(gen, context_lens, block_size, hkv, [d, d])
         cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        return {"q": _randn(gen, sum(q_lens), hq, d), "key_cache": k, "value_cache": v,
-                "block_tables": tables, "cu_seqlens_q": cu, "context_lens": lens, "scale": d**-0.5}
+        return {
+            "q": _randn(gen, sum(q_lens), hq, d),
+            "key_cache": k,
+            "value_cache": v,
+            "block_tables": tables,
+            "cu_seqlens_q": cu,
+            "context_lens": lens,
+            "scale": d**-0.5,
+        }
 
     name = f"q={q_lens},ctx={context_lens},Hq={hq},Hkv={hkv},D={d},bs={block_size}"
     return Case("paged_attention_prefill", name, build, ("q", "key_cache", "value_cache"))
 
 
-def _mla_case(op: str, q_lens: list[int] | None, context_lens: list[int], heads: int, rank: int,
-              rope: int, block_size: int) -> Case:
+def _mla_case(
+    op: str,
+    q_lens: list[int] | None,
+    context_lens: list[int],
+    heads: int,
+    rank: int,
+    rope: int,
+    block_size: int,
+) -> Case:
     def build(gen):
         (cache,), tables, lens = _paged(gen, context_lens, block_size, 1, [rank + rope])
         tokens = sum(q_lens) if q_lens is not None else len(context_lens)
-        inputs = {"q_latent": _randn(gen, tokens, heads, rank), "q_rope": _randn(gen, tokens, heads, rope),
-                  "latent_cache": cache, "block_tables": tables, "context_lens": lens,
-                  "scale": (rank + rope) ** -0.5}
+        inputs = {
+            "q_latent": _randn(gen, tokens, heads, rank),
+            "q_rope": _randn(gen, tokens, heads, rope),
+            "latent_cache": cache,
+            "block_tables": tables,
+            "context_lens": lens,
+            "scale": (rank + rope) ** -0.5,
+        }
         if q_lens is not None:
-            inputs["cu_seqlens_q"] = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            inputs["cu_seqlens_q"] = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(
+                0, dtype=torch.int32
+            )
         return inputs
 
     name = f"q={q_lens},ctx={context_lens},H={heads},R={rank},P={rope},bs={block_size}"
@@ -172,18 +220,25 @@ def _store_kv_case(tokens: int, heads: int, d: int, with_value: bool) -> Case:
             "slot_mapping": slots.long(),
         }
 
-    return Case("store_kv", f"T={tokens},H={heads},D={d},value={with_value}", build,
-                ("key", "value", "key_cache", "value_cache"))
+    return Case(
+        "store_kv",
+        f"T={tokens},H={heads},D={d},value={with_value}",
+        build,
+        ("key", "value", "key_cache", "value_cache"),
+    )
 
 
 def _rope_case(tokens: int, hq: int, hk: int, d: int, rot: int, neox: bool) -> Case:
     def build(gen):
         inv_freq = 1.0 / (10000 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot))
         angles = torch.arange(64, dtype=torch.float64)[:, None] * inv_freq[None]
-        return {"q": _randn(gen, tokens, hq, d), "k": _randn(gen, tokens, hk, d),
-                "positions": torch.randint(0, 64, (tokens,), generator=gen),
-                "cos_sin_cache": torch.cat([angles.cos(), angles.sin()], -1).float(),
-                "is_neox_style": neox}
+        return {
+            "q": _randn(gen, tokens, hq, d),
+            "k": _randn(gen, tokens, hk, d),
+            "positions": torch.randint(0, 64, (tokens,), generator=gen),
+            "cos_sin_cache": torch.cat([angles.cos(), angles.sin()], -1).float(),
+            "is_neox_style": neox,
+        }
 
     return Case("rope", f"T={tokens},Hq={hq},Hk={hk},D={d},R={rot},neox={neox}", build, ("q", "k"))
 
@@ -195,8 +250,13 @@ def _sample_case(batch: int, vocab: int) -> Case:
         logits = _randn(gen, batch, vocab, scale=3.0)
         logits[0, :3] = logits[0].max() + 1  # a tie: the lowest id must win
         temps = torch.where(torch.arange(batch) % 2 == 0, 0.0, 0.7)
-        return {"logits": logits, "temperatures": temps.float(), "top_ps": torch.full((batch,), 0.9),
-                "top_ks": torch.where(temps == 0, 0, 1).int(), "generators": [None] * batch}
+        return {
+            "logits": logits,
+            "temperatures": temps.float(),
+            "top_ps": torch.full((batch,), 0.9),
+            "top_ks": torch.where(temps == 0, 0, 1).int(),
+            "generators": [None] * batch,
+        }
 
     return Case("sample", f"B={batch},V={vocab}", build)
 
@@ -204,14 +264,31 @@ def _sample_case(batch: int, vocab: int) -> Case:
 def _small_cases() -> list[Case]:
     cases = []
     for m, d in ((1, 64), (5, 200), (0, 32)):
-        cases.append(Case("rms_norm", f"M={m},D={d}",
-                          lambda g, m=m, d=d: {"x": _randn(g, m, d, scale=3.0),
-                                               "weight": _randn(g, d) + 1, "eps": 1e-6},
-                          ("x", "weight")))
-        cases.append(Case("silu_and_mul", f"M={m},I={d}",
-                          lambda g, m=m, d=d: {"x": _randn(g, m, 2 * d, scale=2.0)}, ("x",)))
-    cases += [_rope_case(7, 4, 2, 64, 64, True), _rope_case(7, 4, 1, 96, 32, False),
-              _rope_case(0, 2, 2, 16, 16, True)]
+        cases.append(
+            Case(
+                "rms_norm",
+                f"M={m},D={d}",
+                lambda g, m=m, d=d: {
+                    "x": _randn(g, m, d, scale=3.0),
+                    "weight": _randn(g, d) + 1,
+                    "eps": 1e-6,
+                },
+                ("x", "weight"),
+            )
+        )
+        cases.append(
+            Case(
+                "silu_and_mul",
+                f"M={m},I={d}",
+                lambda g, m=m, d=d: {"x": _randn(g, m, 2 * d, scale=2.0)},
+                ("x",),
+            )
+        )
+    cases += [
+        _rope_case(7, 4, 2, 64, 64, True),
+        _rope_case(7, 4, 1, 96, 32, False),
+        _rope_case(0, 2, 2, 16, 16, True),
+    ]
     cases += [_sample_case(6, 50), _sample_case(1, 129)]
     return cases
 
@@ -231,7 +308,11 @@ def contract_cases() -> list[Case]:
     for fmt in (FORMAT_UNQUANTIZED, FORMAT_FP8_BLOCK128):
         cases += [_fused_moe_case(fmt, 5, 4, 160, 96, 2), _fused_moe_case(fmt, 1, 8, 128, 256, 3)]
     cases.append(_fused_moe_case(FORMAT_FP8_BLOCK128, 0, 4, 64, 64, 2))
-    cases += [_store_kv_case(13, 2, 16, True), _store_kv_case(5, 1, 40, False), _store_kv_case(0, 2, 8, True)]
+    cases += [
+        _store_kv_case(13, 2, 16, True),
+        _store_kv_case(5, 1, 40, False),
+        _store_kv_case(0, 2, 8, True),
+    ]
     cases += [
         _decode_case([1, 17, 40], 4, 2, 32, 16),
         _decode_case([130], 8, 8, 64, 32),
@@ -244,7 +325,9 @@ def contract_cases() -> list[Case]:
     return cases + _small_cases()
 
 
-def prepare_inputs(ops: Any, case: Case, inputs: Inputs, dtype: torch.dtype, device: torch.device) -> Inputs:
+def prepare_inputs(
+    ops: Any, case: Case, inputs: Inputs, dtype: torch.dtype, device: torch.device
+) -> Inputs:
     """Cast activations to ``dtype``, prepare weights with ``ops``, move all to ``device``."""
     out: Inputs = {}
     for key, value in inputs.items():
@@ -292,12 +375,16 @@ def call_op(ops: Any, case: Case, args: Inputs) -> list[torch.Tensor]:
     return list(result) if isinstance(result, tuple) else [result]
 
 
-def run_case(ops: Any, case: Case, inputs: Inputs, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+def run_case(
+    ops: Any, case: Case, inputs: Inputs, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
     """Run ``case`` on a backend at ``dtype``/``device``; outputs in canonical form."""
     return call_op(ops, case, prepare_inputs(ops, case, inputs, dtype, device))
 
 
-def run_reference(ref_ops: Any, case: Case, inputs: Inputs, dtype: torch.dtype) -> list[torch.Tensor]:
+def run_reference(
+    ref_ops: Any, case: Case, inputs: Inputs, dtype: torch.dtype
+) -> list[torch.Tensor]:
     """Run ``case`` on the CPU reference with the activations rounded as the backend sees them."""
     args = reference_inputs(case, inputs, dtype)
     return run_case(ref_ops, case, args, torch.float32, torch.device("cpu"))

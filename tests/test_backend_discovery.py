@@ -39,8 +39,13 @@ def with_test_plugins(test_plugins_dir, monkeypatch):
 
 
 def test_every_spec_is_an_op_or_required():
-    specs = {n for n in vars(hookspecs) if n.startswith("chitu_") and callable(getattr(hookspecs, n))}
-    assert {"chitu_" + op for op in OP_NAMES} | {"chitu_backend_info", "chitu_check_available"} == specs
+    specs = {
+        n for n in vars(hookspecs) if n.startswith("chitu_") and callable(getattr(hookspecs, n))
+    }
+    assert {"chitu_" + op for op in OP_NAMES} | {
+        "chitu_backend_info",
+        "chitu_check_available",
+    } == specs
     assert set(GENERIC_OPS) == set(OP_NAMES), "every op needs a generic implementation"
 
 
@@ -169,8 +174,14 @@ def test_subset_implementation_is_called_with_its_arguments():
     from chitu_core.backend import InstalledBackend, native_op_names
 
     pm = _register(Plugin(), "x")
-    backend = InstalledBackend("x", "d", "0", info=pm.hook.chitu_backend_info(),
-                               native_ops=native_op_names(pm), plugin_manager=pm)
+    backend = InstalledBackend(
+        "x",
+        "d",
+        "0",
+        info=pm.hook.chitu_backend_info(),
+        native_ops=native_op_names(pm),
+        plugin_manager=pm,
+    )
     ops = bind_ops(backend)
     out = ops.rms_norm(torch.ones(2, 3), torch.ones(3), 1e-6)
     assert seen["eps"] == 1e-6 and torch.equal(out, torch.full((2, 3), 2.0))
@@ -191,8 +202,13 @@ def _run_cli(*args, extra_path=None):
     env = dict(os.environ)
     if extra_path:
         env["PYTHONPATH"] = os.pathsep.join([str(extra_path), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "chitu_core", *args], capture_output=True,
-                          text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "chitu_core", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_chitu_plugins_cli_reports_fallbacks_and_errors(test_plugins_dir):

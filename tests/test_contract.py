@@ -20,7 +20,9 @@ REFERENCE = bind_ops(BACKENDS["cpu_ref"])
 
 
 def _generic_ops() -> Ops:
-    info = BackendInfo(name="generic", device_type="cpu", dist_backend="gloo", compute_dtype="float32")
+    info = BackendInfo(
+        name="generic", device_type="cpu", dist_backend="gloo", compute_dtype="float32"
+    )
     return Ops(info, GENERIC_OPS, native=())
 
 
@@ -34,9 +36,19 @@ def _targets():
             continue  # the oracle itself
         dtype = getattr(torch, backend.info.compute_dtype) if backend.info else torch.bfloat16
         reason = backend.load_error or backend.unavailable_reason
-        marks = [pytest.mark.skip(reason=f"backend {name} not available here: {reason}")] if reason else []
-        targets.append(pytest.param(lambda b=backend: bind_ops(b), dtype, id=f"{name}-{dtype}".replace("torch.", ""),
-                                    marks=marks))
+        marks = (
+            [pytest.mark.skip(reason=f"backend {name} not available here: {reason}")]
+            if reason
+            else []
+        )
+        targets.append(
+            pytest.param(
+                lambda b=backend: bind_ops(b),
+                dtype,
+                id=f"{name}-{dtype}".replace("torch.", ""),
+                marks=marks,
+            )
+        )
     return targets
 
 

@@ -49,7 +49,9 @@ def _attend(
     batch, num_q, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     if num_heads % num_kv_heads != 0:
-        raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
+        raise ValueError(
+            f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})"
+        )
     group = num_heads // num_kv_heads
     qg = q.float().reshape(batch, num_q, num_kv_heads, group, head_dim)
     scores = torch.einsum("bskgd,blkd->bkgsl", qg, k.float()) * scale  # [B, Hkv, G, S, L]

@@ -29,18 +29,22 @@ def _device_module(device: torch.device) -> Any:
 def device(local_rank: int) -> torch.device:
     """See ``chitu_core.hookspecs.chitu_device``.
 
-    The generic hook is not told the backend's device type, so it takes
+    Unbound, the generic hook is not told the backend's device type, so it takes
     torch's current accelerator (cuda, npu, xpu... whichever this torch build
-    drives) and falls back to the host when there is none. A backend whose
-    device is not torch's current accelerator (e.g. a CPU backend on a GPU
-    machine) must implement ``chitu_device``.
+    drives) and falls back to the host when there is none. ``bind_ops`` binds
+    ``device_of_type`` with the backend's ``BackendInfo.device_type`` instead.
     """
     accelerator = None
     if hasattr(torch, "accelerator"):  # torch >= 2.6
         accelerator = torch.accelerator.current_accelerator()
-    if accelerator is None or accelerator.type == "cpu":
+    return device_of_type("cpu" if accelerator is None else accelerator.type, local_rank)
+
+
+def device_of_type(device_type: str, local_rank: int) -> torch.device:
+    """The ``local_rank``-th device of ``device_type``, made current (the host for "cpu")."""
+    if device_type == "cpu":
         return torch.device("cpu")
-    dev = torch.device(accelerator.type, local_rank)
+    dev = torch.device(device_type, local_rank)
     _device_module(dev).set_device(dev)
     return dev
 

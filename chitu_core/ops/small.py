@@ -16,7 +16,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (normed.to(x.dtype) * weight).to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox_style: bool) -> torch.Tensor:
+def _rotate(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox_style: bool
+) -> torch.Tensor:
     """x: [T, H, D]; cos, sin: [T, 1, R/2] fp32. Rotates channels [0, R), keeps the rest."""
     rot_dim = 2 * cos.shape[-1]
     xr = x[..., :rot_dim].float()
@@ -25,7 +27,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox_style
     else:
         a, b = xr[..., 0::2], xr[..., 1::2]  # channel 2i pairs with 2i + 1
     ra, rb = a * cos - b * sin, b * cos + a * sin
-    rotated = torch.cat([ra, rb], dim=-1) if is_neox_style else torch.stack([ra, rb], -1).flatten(-2)
+    rotated = (
+        torch.cat([ra, rb], dim=-1) if is_neox_style else torch.stack([ra, rb], -1).flatten(-2)
+    )
     return torch.cat([rotated.to(x.dtype), x[..., rot_dim:]], dim=-1)
 
 

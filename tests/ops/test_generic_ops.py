@@ -113,7 +113,7 @@ def test_moe_route_deepseek_grouped_bias_changes_choice_not_weights():
     # them the biased scores 0.7, 0.8, 0.5, 0.6 pick experts 3 and 2 ...
     bias = torch.tensor([0, 0, 0.5, 0.5, 0, 0, 0, 0])
     weights, ids = moe_route(logits, **args, correction_bias=bias, routed_scaling_factor=2.5)
-    got = dict(zip(ids[0].tolist(), weights[0].tolist()))
+    got = dict(zip(ids[0].tolist(), weights[0].tolist(), strict=True))
     # ... but the weights are the unbiased 0.2 and 0.3, renormalised, times 2.5.
     assert got.keys() == {2, 3}
     assert got[2] == pytest.approx(2.5 * 0.2 / 0.5, rel=1e-5)
@@ -138,13 +138,19 @@ def test_moe_route_softmax_and_ties_towards_lower_ids():
 def test_fused_moe_matches_a_per_token_loop(fmt):
     torch.manual_seed(0)
     num_experts, hidden, inter, num_tokens, top_k = 4, 16, 8, 5, 2
-    w13_dense, w2_dense = torch.randn(num_experts, 2 * inter, hidden), torch.randn(num_experts, hidden, inter)
+    w13_dense, w2_dense = (
+        torch.randn(num_experts, 2 * inter, hidden),
+        torch.randn(num_experts, hidden, inter),
+    )
     if fmt == FORMAT_UNQUANTIZED:
         w13 = prepare_weight(w13_dense, None, fmt)
         w2 = prepare_weight(w2_dense, None, fmt)
     else:
         q13, q2 = quantize_fp8(w13_dense, fmt), quantize_fp8(w2_dense, fmt)
-        w13, w2 = prepare_weight(q13.weight, q13.scale, fmt), prepare_weight(q2.weight, q2.scale, fmt)
+        w13, w2 = (
+            prepare_weight(q13.weight, q13.scale, fmt),
+            prepare_weight(q2.weight, q2.scale, fmt),
+        )
     w13_dense, w2_dense = w13.dequantize(), w2.dequantize()
     x = torch.randn(num_tokens, hidden)
     # Expert 3 is never chosen: idle experts must be skipped cleanly.
@@ -246,7 +252,9 @@ def test_paged_attention_prefill_with_cached_prefix_matches_masked_sdpa(monkeypa
 def _mla_reference(q_latent, q_rope, rows, rank, scale, mask):
     """Hand formula: scale * (q_latent . c + q_rope . k_pe), softmax, @ c."""
     c, k_pe = rows[:, 0, :rank], rows[:, 0, rank:]
-    scores = scale * (torch.einsum("shr,lr->shl", q_latent, c) + torch.einsum("shp,lp->shl", q_rope, k_pe))
+    scores = scale * (
+        torch.einsum("shr,lr->shl", q_latent, c) + torch.einsum("shp,lp->shl", q_rope, k_pe)
+    )
     scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
     return torch.einsum("shl,lr->shr", scores.softmax(-1), c)
 
@@ -260,7 +268,14 @@ def test_mla_decode_and_prefill_match_the_latent_formula():
     out = mla_decode(q_latent, q_rope, latent_cache, tables, lens, 0.5)
     for b in range(2):
         rows = _contiguous(latent_cache, tables[b], lens[b])
-        ref = _mla_reference(q_latent[b : b + 1], q_rope[b : b + 1], rows, rank, 0.5, torch.ones(1, int(lens[b]), dtype=torch.bool))
+        ref = _mla_reference(
+            q_latent[b : b + 1],
+            q_rope[b : b + 1],
+            rows,
+            rank,
+            0.5,
+            torch.ones(1, int(lens[b]), dtype=torch.bool),
+        )
         torch.testing.assert_close(out[b : b + 1], ref)
 
     # Prefill: sequence 0 has 6 tokens, the last 4 new.
@@ -351,7 +366,9 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     draws = [run([2], [torch.Generator().manual_seed(7)]).item() for _ in range(3)]
     alone = [run([2], [torch.Generator().manual_seed(s)])[0].item() for s in range(20)]
     mixed = [
-        run([0, 2, 1], [None, torch.Generator().manual_seed(s), torch.Generator().manual_seed(99)])[1].item()
+        run([0, 2, 1], [None, torch.Generator().manual_seed(s), torch.Generator().manual_seed(99)])[
+            1
+        ].item()
         for s in range(20)
     ]
     assert len(set(draws)) == 1
@@ -375,14 +392,19 @@ def test_sample_frequencies_follow_top_k_then_top_p():
 
 
 def _collectives_worker(rank: int, world: int, init_file: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
     try:
         group = collectives.new_group([0, 1], 30.0)
         t = torch.full((2, 4), float(rank + 1))
         assert collectives.all_reduce(t, group) is t and torch.equal(t, torch.full((2, 4), 3.0))
         x = torch.arange(4.0).view(2, 2) + 10 * rank
         gathered = collectives.all_gather(x, group, 1)
-        assert torch.equal(gathered, torch.cat([torch.arange(4.0).view(2, 2), torch.arange(4.0).view(2, 2) + 10], 1))
+        assert torch.equal(
+            gathered,
+            torch.cat([torch.arange(4.0).view(2, 2), torch.arange(4.0).view(2, 2) + 10], 1),
+        )
         y = torch.arange(8.0).view(2, 4) * (rank + 1)
         expected = (torch.arange(8.0).view(2, 4) * 3).chunk(2, dim=1)[rank]
         assert torch.equal(collectives.reduce_scatter(y, group, 1), expected)

@@ -8,11 +8,11 @@ head whose key is ``[c, k_pe]`` and whose value is ``c``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from chitu_core.hookspecs import hookimpl
+
+QUERIES_PER_CHUNK = 256
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -32,20 +32,22 @@ def _causal_attention(
     ``i`` sits at position ``L - n + i`` and sees keys ``0..`` that position.
     Query head ``h`` reads kv head ``h // (Hq // Hkv)``. Returns ``[n, Hq, Dv]`` fp64.
     """
-    num_queries, num_heads = q.shape[:2]
+    num_queries, num_heads, head_dim = q.shape
     context_len, num_kv_heads = k.shape[:2]
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads do not share {num_kv_heads} kv heads evenly")
+    # Head h = kv * group + g reads kv head h // group; the view says so without
+    # materialising repeated keys.
     group = num_heads // num_kv_heads
-    k = k.double().repeat_interleave(group, dim=1)  # [L, Hq, D]
-    v = v.double().repeat_interleave(group, dim=1)  # [L, Hq, Dv]
-    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale  # [Hq, n, L]
+    q = q.double().view(num_queries, num_kv_heads, group, head_dim)
+    scores = torch.einsum("qhgd,khd->hgqk", q, k.double()) * scale  # [Hkv, group, n, L]
     query_pos = torch.arange(context_len - num_queries, context_len)
     key_pos = torch.arange(context_len)
     is_visible = key_pos[None, :] <= query_pos[:, None]  # [n, L]
     scores = scores.masked_fill(~is_visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("hqk,khd->qhd", probs, v)
+    out = torch.einsum("hgqk,khd->qhgd", probs, v.double())  # [n, Hkv, group, Dv]
+    return out.reshape(num_queries, num_heads, -1)
 
 
 def _varlen(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, scale, dv, dtype):
@@ -62,11 +64,16 @@ def _varlen(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens,
                 f"sequence {b}: {end - begin} new tokens but context_lens is {context_len}; "
                 "store the new tokens' keys first and count them in context_lens"
             )
-        if begin == end:
-            continue
         k = _gather_context(key_cache, block_tables[b], context_len)
         v = k if value_cache is None else _gather_context(value_cache, block_tables[b], context_len)
-        out[begin:end] = _causal_attention(q[begin:end], k, v[..., :dv], scale).to(dtype)
+        # Queries in chunks bound the fp64 scores of a long prefill; a chunk
+        # ending at query i sees the context truncated after i's position.
+        first_pos = context_len - (end - begin)
+        for i in range(begin, end, QUERIES_PER_CHUNK):
+            stop = min(i + QUERIES_PER_CHUNK, end)
+            num_visible = first_pos + (stop - begin)
+            attended = _causal_attention(q[i:stop], k[:num_visible], v[:num_visible, :, :dv], scale)
+            out[i:stop] = attended.to(dtype)
     return out
 
 
@@ -78,9 +85,9 @@ def _one_query_each(batch: int) -> torch.Tensor:
 @hookimpl
 def chitu_store_kv(
     key: torch.Tensor,
-    value: Optional[torch.Tensor],
+    value: torch.Tensor | None,
     key_cache: torch.Tensor,
-    value_cache: Optional[torch.Tensor],
+    value_cache: torch.Tensor | None,
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write token ``t`` to flat slot ``slot_mapping[t]`` of the caches, in place."""

@@ -8,8 +8,6 @@ fp32 scale is exact in fp64, so the oracle's weights carry no rounding at all.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from chitu_core.hookspecs import hookimpl
@@ -27,7 +25,7 @@ BLOCK = 128  # DeepSeek-V3 block edge, restated here so the oracle reads alone
 ROWS_PER_CHUNK = 4096  # a multiple of 128: chunks hold whole block rows
 
 
-def dense_weight(weight: torch.Tensor, scale: Optional[torch.Tensor], fmt: str) -> torch.Tensor:
+def dense_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:
     """Exact dense weight in fp64.
 
     weight: ``[..., N, K]`` (float8_e4m3fn or its uint8 view for FP8 formats);
@@ -57,7 +55,7 @@ def _check_handle(handle: QuantizedWeight) -> None:
 
 
 @hookimpl
-def chitu_prepare_weight(weight: torch.Tensor, scale: Optional[torch.Tensor], fmt: str):
+def chitu_prepare_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str):
     """Wrap the loaded weight unchanged (QuantizedWeight validates it); see the spec."""
     return QuantizedWeight(weight=weight, scale=scale, fmt=fmt)
 
@@ -73,7 +71,7 @@ def _dense_rows(handle: QuantizedWeight, start: int, stop: int) -> torch.Tensor:
 
 
 @hookimpl
-def chitu_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def chitu_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     """``y = x @ W^T + bias``. x ``[M, K]``, W ``[N, K]`` handle, bias ``[N]`` or None.
 
     Returns ``[M, N]`` in ``x.dtype``, computed in fp64 and rounded once.

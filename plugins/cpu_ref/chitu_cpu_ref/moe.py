@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from chitu_core.hookspecs import hookimpl
@@ -27,7 +25,7 @@ def chitu_moe_route(
     renormalize: bool,
     num_groups: int,
     topk_groups: int,
-    correction_bias: Optional[torch.Tensor],
+    correction_bias: torch.Tensor | None,
     routed_scaling_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-limited top-k routing (see the spec). router_logits ``[T, E]``.
@@ -42,7 +40,9 @@ def chitu_moe_route(
         raise ValueError(f"{num_experts} experts do not split into {num_groups} groups")
     group_size = num_experts // num_groups
     if num_groups == 1 and topk_groups != 1:
-        raise ValueError(f"without grouping (num_groups 1) topk_groups must be 1, got {topk_groups}")
+        raise ValueError(
+            f"without grouping (num_groups 1) topk_groups must be 1, got {topk_groups}"
+        )
     if not 1 <= topk_groups <= num_groups or top_k > topk_groups * group_size:
         raise ValueError(
             f"topk_groups {topk_groups} of {num_groups} groups of {group_size} experts "
@@ -109,5 +109,5 @@ def chitu_fused_moe(
     return out.to(x.dtype)
 
 
-def _expert_scale(handle, expert: int) -> Optional[torch.Tensor]:
+def _expert_scale(handle, expert: int) -> torch.Tensor | None:
     return None if handle.scale is None else handle.scale[expert]

@@ -6,8 +6,6 @@ graph capture are left to the generic versions (see the package docstring).
 
 from __future__ import annotations
 
-from typing import Optional
-
 from chitu_core.backend_info import BackendInfo
 from chitu_core.hookspecs import hookimpl
 from chitu_cpu_ref.attention import (
@@ -45,7 +43,7 @@ def chitu_backend_info() -> BackendInfo:
 
 
 @hookimpl
-def chitu_check_available() -> Optional[str]:
+def chitu_check_available() -> str | None:
     """Always usable: torch always has a CPU."""
     return None
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from chitu_core.backend_info import BackendInfo
 from chitu_core.hookspecs import hookimpl
+from chitu_nvidia import linear as _linear
+from chitu_nvidia.weight import prepare_weight
 
 
 def _has_cuda_device() -> bool:
@@ -39,3 +43,43 @@ def chitu_check_available() -> str | None:
     if (major, minor) < (8, 0):
         return f"GPU compute capability {major}.{minor} is below 8.0 (Ampere is the minimum)"
     return None
+
+
+# ---------------------------------------------------------------------------- memory and device
+
+
+@hookimpl
+def chitu_device(local_rank: int) -> torch.device:
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+@hookimpl
+def chitu_memory_info(device: torch.device) -> tuple[int, int]:
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free), int(total)
+
+
+@hookimpl
+def chitu_synchronize(device: torch.device) -> None:
+    torch.cuda.synchronize(device)
+
+
+@hookimpl
+def chitu_empty_cache(device: torch.device) -> None:
+    torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------- weights and GeMM
+
+
+@hookimpl
+def chitu_prepare_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> Any:
+    """FP8 codes become a contiguous uint8 tensor (the soft kernels' input); see ``NvidiaWeight``."""
+    return prepare_weight(weight, scale, fmt)
+
+
+@hookimpl
+def chitu_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> torch.Tensor:
+    """bf16 -> cuBLAS; FP8 -> soft-FP8 Triton (sm_80+) or native FP8 (sm_89+, larger M)."""
+    return _linear.linear(x, weight, bias)

@@ -1,0 +1,1 @@
+"""The inference engine: sequences, paged KV blocks, continuous-batching scheduler, runner."""

@@ -1,0 +1,278 @@
+"""Sampling parameters and the batch sampler: penalties, min-p and logprobs around ``ops.sample``.
+
+The draw itself (temperature, top-k, top-p, per-request generators) is the
+``chitu_sample`` hook; everything here is backend-neutral torch math on the
+logits of one decode step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# OpenAI's limits, so a request the official API accepts is accepted here too.
+MAX_TEMPERATURE = 2.0
+MAX_ABS_PENALTY = 2.0  # presence_penalty, frequency_penalty
+MAX_LOGPROBS = 20
+MAX_NUM_STOP_STRINGS = 4
+MAX_STOP_STRING_CHARS = 200
+# torch.Generator.manual_seed accepts [-2**63, 2**64 - 1].
+_MIN_SEED, _MAX_SEED = -(1 << 63), (1 << 64) - 1
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _in_range(value: object, low: float, high: float) -> bool:
+    """low <= value <= high for a real number; NaN and non-numbers fail."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens. Invalid values raise ``ValueError`` naming the field.
+
+    ``temperature=0`` is greedy. ``top_k=0`` and ``top_p=1`` and ``min_p=0``
+    disable those filters. ``stop`` and ``stop_token_ids`` may be given as
+    lists (or ``stop`` as one string); they are stored as tuples.
+    ``logprobs=n`` returns the chosen token's logprob plus the ``n`` most
+    likely tokens' (``0``: the chosen one only; ``None``: nothing).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        # Frozen: normalise list inputs (JSON arrays) to tuples so params stay hashable.
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _in_range(self.temperature, 0.0, MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE}], got {self.temperature!r}")
+        if not _in_range(self.top_p, 0.0, 1.0) or self.top_p == 0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not _in_range(self.min_p, 0.0, 1.0):
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.seed is not None and not (_is_int(self.seed) and _MIN_SEED <= self.seed <= _MAX_SEED):
+            raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _in_range(value, -MAX_ABS_PENALTY, MAX_ABS_PENALTY):
+                raise ValueError(f"{name} must be in [-{MAX_ABS_PENALTY}, {MAX_ABS_PENALTY}], got {value!r}")
+        rep = self.repetition_penalty
+        if not (_in_range(rep, 0.0, math.inf) and 0 < rep < math.inf):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if len(stop) > MAX_NUM_STOP_STRINGS:
+            raise ValueError(f"stop takes at most {MAX_NUM_STOP_STRINGS} strings, got {len(stop)}")
+        for s in stop:
+            if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_STRING_CHARS:
+                raise ValueError(f"stop strings must be non-empty str of at most {MAX_STOP_STRING_CHARS} characters, got {s!r}")
+        for t in self.stop_token_ids:
+            if not _is_int(t) or t < 0:
+                raise ValueError(f"stop_token_ids must be integers >= 0, got {t!r}")
+        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprobs of one step: the chosen token's, and the ``top`` most likely ``(id, logprob)`` best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """One step's picks: ``token_ids[i]`` for row ``i``; ``logprobs[i]`` None unless row ``i`` asked."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with ``seed``: one per seeded request, kept for its lifetime."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _token_index(
+    rows: Sequence[int], token_ids: Sequence[Sequence[int]], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token) pairs, ``[N]`` int64 each on ``device``, for every token of ``token_ids[k]`` in row ``rows[k]``.
+
+    Ids outside ``[0, vocab_size)`` (a tokenizer larger than the lm_head) are
+    dropped: they have no logit to penalise, and an out-of-range index is a
+    device-side assert on GPUs.
+    """
+    tokens = torch.tensor(list(itertools.chain.from_iterable(token_ids)), dtype=torch.int64)
+    lengths = torch.tensor([len(ids) for ids in token_ids], dtype=torch.int64)
+    row_index = torch.repeat_interleave(torch.tensor(list(rows), dtype=torch.int64), lengths)
+    keep = (tokens >= 0) & (tokens < vocab_size)
+    return row_index[keep].to(device), tokens[keep].to(device)
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    output_token_ids: Sequence[Sequence[int]],
+    prompt_token_ids: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """Repetition, then frequency and presence penalties; returns ``logits`` itself when no row uses any.
+
+    logits: ``[B, V]`` fp32, not modified. Repetition penalty (HF/CTRL): every
+    token seen in the prompt or the output has a positive logit divided by the
+    penalty and a negative one multiplied by it. Frequency/presence (OpenAI):
+    over output tokens only, ``logit -= frequency * count + presence * (count > 0)``.
+    """
+    if not any(p.uses_penalties for p in params):
+        return logits
+    batch, vocab_size = logits.shape
+    device = logits.device
+
+    rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1]
+    if rep_rows:
+        rows, tokens = _token_index(
+            rep_rows * 2,
+            [prompt_token_ids[i] for i in rep_rows] + [output_token_ids[i] for i in rep_rows],
+            vocab_size,
+            device,
+        )
+        is_seen = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)
+        is_seen[rows, tokens] = True
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(is_seen, penalised, logits)
+
+    count_rows = [i for i, p in enumerate(params) if p.presence_penalty != 0 or p.frequency_penalty != 0]
+    if count_rows:
+        rows, tokens = _token_index(count_rows, [output_token_ids[i] for i in count_rows], vocab_size, device)
+        counts = torch.zeros(batch, vocab_size, dtype=logits.dtype, device=device)
+        counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=logits.dtype), accumulate=True)
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        logits = logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Mask (to -inf) tokens whose probability after temperature is below ``min_p`` times the top one's.
+
+    logits: ``[B, V]`` fp32, not modified; returns ``logits`` itself when no
+    sampled row uses min_p (greedy rows ignore it: the argmax always survives).
+    ``p_i < min_p * p_max`` is tested as ``logit_i < logit_max + T * log(min_p)``,
+    which needs no softmax.
+    """
+    is_active = [p.min_p > 0 and p.temperature > 0 for p in params]
+    if not any(is_active):
+        return logits
+    device = logits.device
+    active = torch.tensor(is_active, device=device)
+    min_p = torch.tensor([p.min_p if a else 1.0 for p, a in zip(params, is_active, strict=True)], device=device)
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    offset = torch.where(active, temperature * torch.log(min_p), -math.inf)  # [B]
+    threshold = logits.max(dim=-1).values + offset
+    return logits.masked_fill(logits < threshold[:, None], -math.inf)
+
+
+class Sampler:
+    """Picks one token per sequence from a step's logits, through the bound ``ops.sample``.
+
+    ``ops`` is the backend's ``Ops`` table; ``device`` the device the logits
+    live on (the small per-row parameter tensors are built there).
+    """
+
+    def __init__(self, ops: Any, device: torch.device | str) -> None:
+        self.ops = ops
+        self.device = torch.device(device)
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        output_token_ids: Sequence[Sequence[int]],
+        prompt_token_ids: Sequence[Sequence[int]],
+    ) -> SampleResult:
+        """Sample row ``i`` of ``logits`` (``[B, V]`` fp32) with ``params[i]``.
+
+        ``generators[i]`` is the request's generator (``make_generator(seed)``)
+        or None for the default RNG; ``output_token_ids[i]``/``prompt_token_ids[i]``
+        feed the penalties. Order: penalties, min-p (after temperature), then
+        temperature/top-k/top-p and the draw in ``ops.sample``.
+
+        Logprobs are those of the raw model distribution, ``log_softmax(logits)``
+        before penalties, temperature and any filter (what OpenAI and vLLM
+        report by default), so they do not depend on sampling settings. The
+        ``top`` list is sorted by logprob; ties come in no stated order.
+        """
+        batch = logits.shape[0]
+        for name, values in (("params", params), ("generators", generators),
+                             ("output_token_ids", output_token_ids), ("prompt_token_ids", prompt_token_ids)):
+            if len(values) != batch:
+                raise ValueError(f"Sampler: {len(values)} {name} for {batch} rows of logits")
+        if batch == 0:
+            return SampleResult(token_ids=[], logprobs=[])
+        raw_logits = logits.float()
+        logits = apply_penalties(raw_logits, params, output_token_ids, prompt_token_ids)
+        logits = apply_min_p(logits, params)
+        temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=self.device)
+        top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=self.device)
+        top_ks = torch.tensor([p.top_k for p in params], dtype=torch.int32, device=self.device)
+        sampled = self.ops.sample(logits, temperatures, top_ps, top_ks, list(generators))  # [B] int64
+        token_ids = sampled.tolist()
+        return SampleResult(token_ids=token_ids, logprobs=_logprobs(raw_logits, sampled, token_ids, params))
+
+
+def _logprobs(
+    raw_logits: torch.Tensor, sampled: torch.Tensor, token_ids: list[int], params: Sequence[SamplingParams]
+) -> list[TokenLogprobs | None]:
+    """Per-row ``TokenLogprobs`` for rows that ask; one log-softmax and one top-k over those rows only."""
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    result: list[TokenLogprobs | None] = [None] * len(params)
+    if not wanted:
+        return result
+    rows = torch.tensor(wanted, device=raw_logits.device)
+    logprobs = torch.log_softmax(raw_logits[rows], dim=-1)  # [W, V]
+    chosen = logprobs.gather(1, sampled[rows][:, None]).squeeze(1).tolist()
+    num_top = min(max(params[i].logprobs for i in wanted), logprobs.shape[1])
+    top_values, top_ids = logprobs.topk(num_top, dim=-1)  # [W, num_top], descending
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    for k, i in enumerate(wanted):
+        n = params[i].logprobs
+        top = list(zip(top_ids[k][:n], top_values[k][:n], strict=True))
+        result[i] = TokenLogprobs(token_id=token_ids[i], logprob=chosen[k], top=top)
+    return result

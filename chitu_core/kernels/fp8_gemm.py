@@ -1,0 +1,309 @@
+"""Soft-FP8 GEMM: ``y[M, N] = x[M, K] @ dequant(W)^T`` with W kept as e4m3 bits in memory.
+
+W is ``[N, K]`` uint8 (e4m3fn codes) with DeepSeek-V3 block scales
+(``weight_scale_inv [ceil(N/128), ceil(K/128)]`` fp32) or per-channel scales
+(``[N]`` fp32). The codes are widened to bf16 in registers by integer bit
+manipulation (``e4m3_widen.py``), so the kernel needs no FP8 hardware and
+compiles for sm_80/sm_86 and HIP; the MMA runs in bf16 on the tensor cores.
+
+One kernel serves every regime. It computes the transposed product
+``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T`` ("swap AB"): the many weight rows
+fill the MMA's M side and the few tokens of a decode step its narrow N side
+(16 minimum), and on Hopper the widened weight feeds the MMA straight from
+registers. Regimes differ only in their config:
+
+* decode (M <= 16): memory-bound; split-K so that every SM streams the
+  weight, fp32 partials summed by ``splitk_reduce_kernel``.
+* batched decode (M 32..256): still weight-bound; one M tile covers the batch
+  so each weight byte is read once.
+* prefill (M in the thousands): compute-bound; each K step widens a
+  ``[BLOCK_N, BLOCK_K]`` tile once and reuses it across the whole ``BLOCK_M``
+  tokens of the tile; grouped tile order keeps x and W tiles in L2.
+
+Block scales: with ``scale_on_acc`` the exact e4m3 values go into the MMA and
+each 128-wide K step's partial product is multiplied by its scale in fp32
+(exact operands, one FMA per accumulator element per K step); otherwise the
+scale is folded into the widened tile before the MMA (one bf16 rounding of
+``e4m3 * scale``, no per-step accumulator work, best when BLOCK_M is large).
+
+Bytes moved: N*K (weight) + 2*M*K (x) + 2*M*N (y) [+ 8*SPLIT_K*M*N partials].
+FLOPs: 2*M*N*K.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from chitu_core.kernels.e4m3_widen import e4m3_to_f16_x256
+
+SCALE_BLOCK = 128  # DeepSeek-V3 block size along N and K
+
+# scale_mode values (constexpr in the kernel)
+SCALE_BLOCK_ON_ACC = 0
+SCALE_BLOCK_ON_WEIGHT = 1
+SCALE_CHANNEL = 2
+
+
+def _interpreting() -> bool:
+    # Triton 3.9's interpreter multiplies bf16 dot operands as raw uint16 bits,
+    # so under TRITON_INTERPRET=1 the kernel upcasts its (bf16-valued) operands
+    # to fp32 before tl.dot: same values, a dot the interpreter gets right.
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class Fp8GemmConfig:
+    """Tile shape and launch parameters of ``fp8_gemm_kernel``.
+
+    split_k: number of K slices (1: no split); 0 picks it from the SM count.
+    scale_on_acc: block scales applied to the fp32 accumulator per K step
+        (exact operands) instead of folded into the widened weight tile.
+    """
+
+    block_n: int = 64
+    block_m: int = 16
+    block_k: int = 128
+    split_k: int = 0
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 4
+    scale_on_acc: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_m", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+        if self.split_k < 0:
+            raise ValueError(f"split_k must be >= 0 (0 = automatic), got {self.split_k}")
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_IN_FP32: tl.constexpr):
+    """acc + a @ b, fp32 accumulate; DOT_IN_FP32 only for the CPU interpreter."""
+    if DOT_IN_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def fp8_gemm_kernel(
+    x_ptr,  # [M, K] bf16/fp16, K contiguous
+    w_ptr,  # [N, K] uint8 e4m3 codes, K contiguous
+    scale_ptr,  # block: [ceil(N/128), ceil(K/128)] fp32; channel: [N] fp32
+    bias_ptr,  # [N] or a dummy when HAS_BIAS is False
+    y_ptr,  # SPLIT_K == 1: [M, N] output; else [SPLIT_K, M, N] fp32 partials
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_sk,
+    stride_ym,
+    stride_ys,
+    k_tiles_per_split,
+    SCALE_MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_PTX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    # Grouped order: GROUP_M token tiles in a row share one weight tile in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    kt_begin = pid_k * k_tiles_per_split
+    kt_end = min(kt_begin + k_tiles_per_split, k_tiles)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows past the end re-read valid rows (no load masks along N/M); the store drops them.
+    rows_n = offs_n % N
+    rows_m = offs_m % M
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (kt_begin * BLOCK_K + offs_k)[None, :]
+    x_ptrs = x_ptr + rows_m[None, :] * stride_xm + (kt_begin * BLOCK_K + offs_k)[:, None]
+    if SCALE_MODE != 2:
+        s_ptrs = scale_ptr + (rows_n // 128) * stride_sn
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kt in range(kt_begin, kt_end):
+        if EVEN_K:
+            w_bits = tl.load(w_ptrs)  # [BLOCK_N, BLOCK_K] uint8
+            x_t = tl.load(x_ptrs)  # [BLOCK_K, BLOCK_M]
+        else:
+            k_ok = kt * BLOCK_K + offs_k < K
+            w_bits = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
+            x_t = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
+        w16 = e4m3_to_f16_x256(w_bits, USE_PTX)  # exact e4m3 / 256
+        if SCALE_MODE == 0:
+            s = tl.load(s_ptrs + (kt * BLOCK_K // 128) * stride_sk) * 256.0  # [BLOCK_N]
+            part = _dot(
+                w16.to(x_t.dtype), x_t, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), DOT_IN_FP32
+            )
+            acc += part * s[:, None]
+        elif SCALE_MODE == 1:
+            s = tl.load(s_ptrs + (kt * BLOCK_K // 128) * stride_sk) * 256.0
+            w = (w16.to(tl.float32) * s[:, None]).to(x_t.dtype)
+            acc = _dot(w, x_t, acc, DOT_IN_FP32)
+        else:
+            acc = _dot(w16.to(x_t.dtype), x_t, acc, DOT_IN_FP32)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+
+    if SCALE_MODE == 2:
+        acc = acc * (tl.load(scale_ptr + rows_n) * 256.0)[:, None]
+
+    out_mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows_n).to(tl.float32)[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(y_ptrs + pid_k * stride_ys, acc, mask=out_mask)
+
+
+@triton.jit
+def splitk_reduce_kernel(
+    ws_ptr,  # [SPLIT_K, M, N] fp32 partials, contiguous
+    bias_ptr,  # [N] or a dummy
+    y_ptr,  # [M, N] contiguous
+    num_elements,  # M * N
+    N,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """y = sum of the SPLIT_K partials (+ bias). Bytes: 4*SPLIT_K*M*N read, 2*M*N written."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_elements
+    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(ws_ptr + s * num_elements + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def pick_split_k(num_tiles: int, k_tiles: int, num_sms: int) -> int:
+    """Split K so that the grid covers the SMs in nearly whole waves.
+
+    Memory-bound decode needs every SM streaming weight: pick the split (<= 16,
+    at least 2 K tiles per slice) whose CTA count wastes the least of its last
+    wave, preferring fewer slices on ties (fewer fp32 partials).
+    """
+    best, best_eff = 1, 0.0
+    for split in range(1, 17):
+        per = triton.cdiv(k_tiles, split)
+        if per < 2 and split > 1:
+            break
+        eff_split = triton.cdiv(k_tiles, per)
+        ctas = num_tiles * eff_split
+        waves = triton.cdiv(ctas, num_sms)
+        eff = ctas / (waves * num_sms)
+        if ctas < 4 * num_sms:  # too few CTAs in flight to hide memory latency
+            eff *= 0.5 + 0.5 * ctas / (4 * num_sms)
+        if eff > best_eff + 0.02:
+            best, best_eff = eff_split, eff
+    return best
+
+
+def fp8_gemm(
+    x: torch.Tensor,
+    w_bits: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    channel: bool,
+    config: Fp8GemmConfig,
+    num_sms: int,
+    use_ptx: bool = False,
+) -> torch.Tensor:
+    """``y = x @ (e4m3(w_bits) * scale)^T + bias`` with the soft-FP8 kernel.
+
+    x: [M, K] bf16 or fp16 (row stride free, K contiguous). w_bits: [N, K] uint8
+    e4m3fn codes, K contiguous. scale: block ``[ceil(N/128), ceil(K/128)]`` fp32
+    (``channel=False``) or ``[N]`` fp32 (``channel=True``). bias: [N] or None.
+    Returns [M, N] in x.dtype. use_ptx: NVIDIA inline-PTX widening (CUDA only).
+    """
+    if x.dim() != 2 or w_bits.dim() != 2 or x.shape[1] != w_bits.shape[1]:
+        raise ValueError(
+            f"fp8_gemm needs x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w_bits.shape)}"
+        )
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"fp8_gemm takes bf16/fp16 activations, got {x.dtype}")
+    if w_bits.dtype != torch.uint8:
+        w_bits = w_bits.view(torch.uint8)
+    if x.stride(1) != 1 or w_bits.stride(1) != 1:
+        raise ValueError("fp8_gemm needs x and w with a contiguous last dimension")
+    m, k = x.shape
+    n = w_bits.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
+    cfg = config
+    if not channel and 128 % cfg.block_k:
+        raise ValueError(f"block-128 scales need block_k dividing 128, got {cfg.block_k}")
+    k_tiles = triton.cdiv(k, cfg.block_k)
+    num_tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    split = cfg.split_k or pick_split_k(num_tiles, k_tiles, num_sms)
+    per = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, per)
+    if channel:
+        mode, stride_sn, stride_sk = SCALE_CHANNEL, 0, 0
+    else:
+        mode = SCALE_BLOCK_ON_ACC if cfg.scale_on_acc else SCALE_BLOCK_ON_WEIGHT
+        stride_sn, stride_sk = scale.stride(0), scale.stride(1)
+    out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else scale
+    grid = (num_tiles, split)
+    fp8_gemm_kernel[grid](
+        x, w_bits, scale, bias_arg, out,
+        m, n, k,
+        x.stride(0), w_bits.stride(0), stride_sn, stride_sk,
+        n, m * n, per,
+        SCALE_MODE=mode,
+        HAS_BIAS=has_bias and split == 1,
+        SPLIT_K=split,
+        EVEN_K=k % cfg.block_k == 0,
+        USE_PTX=use_ptx,
+        BLOCK_N=cfg.block_n,
+        BLOCK_M=cfg.block_m,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        DOT_IN_FP32=_interpreting(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if split > 1:
+        block = 1024
+        splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            out, bias_arg, y, m * n, n,
+            SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=block, num_warps=4,
+        )  # fmt: skip
+    return y

@@ -1,0 +1,275 @@
+"""HF-format checkpoint directory -> a model on the active backend.
+
+Tensors are read lazily from memory-mapped safetensors files (``safe_open``),
+one at a time, moved to the device, and dropped: the checkpoint is never held
+in RAM twice. FP8 weights stay FP8 with their ``weight_scale_inv``; bf16
+weights can be quantized to FP8 block-128 at load (``quantize="fp8"``). Nothing
+is ever unpickled: only ``config.json``, ``*.safetensors`` and the index are read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from chitu_core.errors import CheckpointError
+from chitu_core.quant import (
+    FORMAT_FP8_BLOCK128,
+    FORMAT_UNQUANTIZED,
+    FP8_BLOCK_SIZE,
+    QuantizedWeight,
+    quantize_fp8,
+)
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+QUANTIZE_CHOICES = ("fp8",)
+_FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """``config.json`` of a checkpoint directory as a dict (CheckpointError if absent or invalid)."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: missing (is {path} an HF-format model directory?)")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path}: invalid JSON: {exc}") from exc
+
+
+def _shard_map(path: Path) -> dict[str, Path]:
+    """Tensor name -> shard file, from the index or from the single file."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from exc
+        files = {name: path / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise CheckpointError(f"{shard}: shard listed in {INDEX_FILE} is missing")
+        return files
+    singles = sorted(path.glob("*.safetensors"))
+    if not singles:
+        raise CheckpointError(f"{path}: no *.safetensors files (and no {INDEX_FILE})")
+    files: dict[str, Path] = {}
+    for shard in singles:
+        for name in _open(shard).keys():
+            files[name] = shard
+    return files
+
+
+def _open(shard: Path):
+    try:
+        return safe_open(str(shard), framework="pt", device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorError, OSError...
+        raise CheckpointError(
+            f"{shard}: not a readable safetensors file (truncated or corrupt header?): {exc}"
+        ) from exc
+
+
+class CheckpointReader:
+    """Lazy access to a checkpoint's tensors, with the load-time dtype policy.
+
+    Models pull what they need by name: ``tensor`` for plain tensors,
+    ``linear`` for weights that go to ``ops.linear``/``ops.fused_moe``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        ops: Any,
+        dtype: torch.dtype,
+        device: torch.device,
+        quantize: str | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        if quantize is not None and quantize not in QUANTIZE_CHOICES:
+            raise ValueError(
+                f"quantize must be one of {QUANTIZE_CHOICES} or None, got {quantize!r}"
+            )
+        self.path = Path(path)
+        self.ops, self.dtype, self.device, self.quantize = ops, dtype, device, quantize
+        self._files = _shard_map(self.path)
+        self._handles: dict[Path, Any] = {}
+        self._used: set[str] = set()
+        self._progress = tqdm(
+            total=len(self._files),
+            desc="loading weights",
+            unit="tensor",
+            disable=not show_progress,
+            leave=False,
+        )
+
+    # -- plain tensors -----------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self._files
+
+    def names(self) -> list[str]:
+        return sorted(self._files)
+
+    def raw(self, name: str, shape: Iterable[int] | None = None) -> torch.Tensor:
+        """The tensor as stored (CPU, memory-mapped), shape-checked."""
+        if name not in self._files:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        shard = self._files[name]
+        if shard not in self._handles:
+            self._handles[shard] = _open(shard)
+        try:
+            tensor = self._handles[shard].get_tensor(name)
+        except Exception as exc:
+            raise CheckpointError(f"{shard}: cannot read tensor {name!r}: {exc}") from exc
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{shard}: tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(shape)}"
+            )
+        if name not in self._used:
+            self._used.add(name)
+            self._progress.update(1)
+        return tensor
+
+    def tensor(
+        self, name: str, shape: Iterable[int] | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """A plain tensor (norm weight, embedding, bias) on the device, floats cast to ``dtype``
+        (default: the compute dtype)."""
+        tensor = self.raw(name, shape)
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype or self.dtype)
+        return tensor.to(self.device)
+
+    # -- linear weights ----------------------------------------------------------------
+    def _read_linear(self, prefix: str, shape: tuple[int, int]) -> QuantizedWeight:
+        """``prefix.weight`` as stored: FP8 with its ``weight_scale_inv``, or dense in the compute dtype."""
+        weight = self.raw(f"{prefix}.weight", shape)
+        if weight.dtype in _FP8_DTYPES:
+            n, k = shape
+            scale_shape = (-(-n // FP8_BLOCK_SIZE), -(-k // FP8_BLOCK_SIZE))
+            scale = self.raw(f"{prefix}.weight_scale_inv", scale_shape).float()
+            return QuantizedWeight(
+                weight.to(self.device), scale.to(self.device), FORMAT_FP8_BLOCK128
+            )
+        return QuantizedWeight(weight.to(self.device, self.dtype), None, FORMAT_UNQUANTIZED)
+
+    def _apply_quantize(self, weight: QuantizedWeight) -> QuantizedWeight:
+        if self.quantize == "fp8" and weight.fmt == FORMAT_UNQUANTIZED:
+            return quantize_fp8(weight.weight, FORMAT_FP8_BLOCK128)
+        return weight
+
+    def linear_weight(
+        self, prefix: str, shape: tuple[int, int], quantize: bool = True
+    ) -> QuantizedWeight:
+        """``prefix.weight`` (+ ``prefix.weight_scale_inv`` for FP8) as a QuantizedWeight on the device.
+
+        FP8 stays FP8. Other weights become the compute dtype, or FP8 block-128
+        when the reader quantizes and ``quantize`` is True (False for the LM head,
+        which FP8 checkpoints also keep in bf16).
+        """
+        weight = self._read_linear(prefix, shape)
+        return self._apply_quantize(weight) if quantize else weight
+
+    def fused_linear_weight(
+        self, prefixes: list[str], shapes: list[tuple[int, int]]
+    ) -> QuantizedWeight:
+        """Several ``[N_i, K]`` weights concatenated along N (fused q/k/v, gate/up).
+
+        Dense parts are concatenated before quantizing, so the FP8 blocks of a
+        quantized fusion span part boundaries freely.
+        """
+        parts = [self._read_linear(p, s) for p, s in zip(prefixes, shapes, strict=True)]
+        return self._apply_quantize(self.concat(parts))
+
+    def concat(self, parts: list[QuantizedWeight]) -> QuantizedWeight:
+        """Concatenate ``[N_i, K]`` weights of one format along N."""
+        fmt = parts[0].fmt
+        if any(p.fmt != fmt for p in parts):
+            raise CheckpointError(
+                f"{self.path}: cannot fuse weights of formats {[p.fmt for p in parts]}"
+            )
+        if fmt == FORMAT_FP8_BLOCK128 and any(p.out_features % FP8_BLOCK_SIZE for p in parts[:-1]):
+            raise CheckpointError(
+                f"{self.path}: FP8 block weights of {[p.out_features for p in parts]} rows cannot be "
+                "fused: each part but the last must have a multiple of 128 rows"
+            )
+        scale = None if parts[0].scale is None else torch.cat([p.scale for p in parts])
+        return QuantizedWeight(torch.cat([p.weight for p in parts]), scale, fmt)
+
+    def stack(self, parts: list[QuantizedWeight]) -> QuantizedWeight:
+        """Stack ``E`` same-shaped ``[N, K]`` weights into ``[E, N, K]`` (MoE experts)."""
+        weight = torch.empty(
+            (len(parts), *parts[0].weight.shape), dtype=parts[0].weight.dtype, device=self.device
+        )
+        for i, part in enumerate(parts):
+            weight[i].copy_(part.weight)
+        scale = None if parts[0].scale is None else torch.stack([p.scale for p in parts])
+        return QuantizedWeight(weight, scale, parts[0].fmt)
+
+    def prepare(self, weight: QuantizedWeight) -> Any:
+        """Hand a weight to the backend's ``prepare_weight`` (once per weight, at load)."""
+        return self.ops.prepare_weight(weight.weight, weight.scale, weight.fmt)
+
+    def linear(self, prefix: str, shape: tuple[int, int], quantize: bool = True) -> Any:
+        """``prepare(linear_weight(prefix, shape, quantize))``."""
+        return self.prepare(self.linear_weight(prefix, shape, quantize))
+
+    def dense_weight(self, weight: torch.Tensor) -> QuantizedWeight:
+        """An already loaded dense tensor (e.g. tied embeddings) as an unquantized weight."""
+        return QuantizedWeight(weight, None, FORMAT_UNQUANTIZED)
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def finish(self, ignore: Iterable[str] = ()) -> None:
+        """Close the progress bar; log tensors the model did not use (``ignore`` are regexes
+        of names skipped on purpose, e.g. DeepSeek's MTP layer)."""
+        self._progress.close()
+        patterns = [re.compile(p) for p in ignore]
+        unused = [n for n in self._files if n not in self._used]
+        skipped = [n for n in unused if any(p.match(n) for p in patterns)]
+        if skipped:
+            logger.info("skipped %d tensors on purpose (%s...)", len(skipped), skipped[0])
+        others = [n for n in unused if n not in skipped]
+        if others:
+            logger.warning("%d checkpoint tensors were not used, e.g. %s", len(others), others[:3])
+        self._handles.clear()
+
+
+def load_model(
+    path: str | Path,
+    ops: Any,
+    dtype: torch.dtype | None = None,
+    quantize: str | None = None,
+    show_progress: bool = True,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Build the model of an HF checkpoint directory on ``ops``'s backend.
+
+    Args:
+        path: directory with ``config.json`` and ``*.safetensors``.
+        ops: the bound backend ``Ops``.
+        dtype: compute dtype (default: the backend's ``compute_dtype``).
+        quantize: ``"fp8"`` to quantize bf16 linear weights to FP8 block-128 at load.
+
+    Returns ``(model, config)``. Raises ``CheckpointError`` naming the file and tensor
+    for a bad checkpoint, and for an unsupported ``model_type``.
+    """
+    from chitu_core.models.registry import model_class
+
+    config = read_config(path)
+    cls = model_class(config, Path(path) / "config.json")
+    dtype = dtype or getattr(torch, ops.info.compute_dtype)
+    device = ops.device(0)
+    reader = CheckpointReader(path, ops, dtype, device, quantize, show_progress)
+    model = cls(config, ops, dtype, device)
+    with torch.no_grad():
+        model.load(reader)
+    reader.finish(getattr(model, "skipped_weights", ()))
+    return model, config

@@ -1,0 +1,1 @@
+"""Model architectures; each computes only through the bound ``Ops`` and torch math."""

@@ -1,0 +1,72 @@
+"""What the engine hands a model each step, and what every model provides.
+
+Models are plain ``torch.nn.Module`` subclasses that compute only through the
+bound ``Ops`` table and torch tensor math, so they run on any backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    """One engine step: ``B`` sequences contributing ``T`` new tokens in total.
+
+    Tokens are packed sequence by sequence. Keys/values of the new tokens are
+    written to ``slot_mapping`` before attention reads the cache, so a sequence's
+    cache holds its whole context (``context_lens``) during the step.
+    """
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64, position of each token in its sequence
+    slot_mapping: torch.Tensor  # [T] int64, cache slot of each token
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32, cached tokens after this step's writes
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32, prefix sums of new tokens per sequence
+    last_token_indices: torch.Tensor  # [B] int64, index in T of each sequence's last token
+    is_decode: bool  # every sequence has exactly one new token (T == B)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.shape[0]
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    """Per-layer paged-cache geometry of a model.
+
+    Each layer gets a key cache ``[num_blocks, block_size, num_kv_heads, key_dim]``
+    and, unless ``value_dim`` is None (MLA's latent cache), a value cache with
+    ``value_dim``.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    key_dim: int
+    value_dim: int | None
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        per_layer = self.num_kv_heads * (self.key_dim + (self.value_dim or 0))
+        return self.num_layers * per_layer * torch.empty((), dtype=dtype).element_size()
+
+
+# A layer's caches: (key_cache, value_cache or None).
+LayerCache = tuple[torch.Tensor, torch.Tensor | None]
+
+
+class CausalLM(Protocol):
+    """What the engine needs from a model class registered in ``models/registry.py``."""
+
+    def __init__(self, config: Any, ops: Any, dtype: torch.dtype, device: torch.device) -> None: ...
+
+    def load(self, reader: Any) -> None:
+        """Pull every weight from a ``CheckpointReader`` and prepare it with the backend."""
+
+    def kv_cache_layout(self) -> KVCacheLayout: ...
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[LayerCache]) -> torch.Tensor:
+        """Logits of each sequence's last token: ``[B, vocab]`` fp32."""

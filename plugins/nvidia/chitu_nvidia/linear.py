@@ -1,0 +1,82 @@
+"""``chitu_linear`` on NVIDIA GPUs: cuBLAS for dense weights, soft or native FP8 for FP8 ones."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from chitu_core.kernels.fp8_gemm import fp8_gemm
+from chitu_core.quant import FORMAT_FP8_BLOCK128, FORMAT_FP8_CHANNEL, FORMAT_UNQUANTIZED
+from chitu_nvidia.configs import NATIVE_FP8_MIN_M, soft_fp8_config
+from chitu_nvidia.weight import NvidiaWeight, prepare_weight
+
+logger = logging.getLogger(__name__)
+
+
+def force_soft_fp8() -> bool:
+    """``CHITU_FORCE_SOFT_FP8=1`` runs the Ampere soft-FP8 path on any GPU."""
+    return os.environ.get("CHITU_FORCE_SOFT_FP8", "0") not in ("", "0")
+
+
+@functools.cache
+def device_props(index: int) -> tuple[tuple[int, int], int]:
+    """(compute capability, multiprocessor count) of a CUDA device, cached."""
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def _as_handle(weight) -> NvidiaWeight:
+    if isinstance(weight, NvidiaWeight):
+        return weight
+    # A QuantizedWeight from the generic prepare_weight (or a test): repack once here.
+    return prepare_weight(weight.weight, weight.scale, weight.fmt)
+
+
+def linear(
+    x: torch.Tensor, weight, bias: torch.Tensor | None, native: bool | None = None
+) -> torch.Tensor:
+    """``y = x @ W^T + bias``. x: [M, K] (leading dims allowed) bf16/fp16/fp32; returns x.dtype.
+
+    native: None picks by compute capability and ``CHITU_FORCE_SOFT_FP8``; True/False forces.
+    """
+    w = _as_handle(weight)
+    if w.weight.dim() != 2:
+        raise ValueError(
+            f"linear takes an [N, K] weight, got {tuple(w.weight.shape)}; stacked experts go to fused_moe"
+        )
+    if w.fmt == FORMAT_UNQUANTIZED:
+        return F.linear(x, w.weight.to(x.dtype), bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x.dtype == torch.float32:
+        # No fp32 tensor-core path: dequantize (exact in fp32) and use cuBLAS.
+        y = F.linear(x2, w.as_quantized().dequantize(torch.float32), bias)
+        return y.reshape(*lead, -1)
+    capability, num_sms = device_props(x.device.index or 0)
+    m = x2.shape[0]
+    if native is None:
+        native = (
+            w.fmt == FORMAT_FP8_BLOCK128
+            and not force_soft_fp8()
+            and capability >= (8, 9)
+            and m >= NATIVE_FP8_MIN_M.get(capability, NATIVE_FP8_MIN_M[(9, 0)])
+        )
+    if native:
+        from chitu_nvidia.native_fp8 import native_config, native_fp8_gemm
+
+        y = native_fp8_gemm(x2, w.fp8_view(), w.scale, bias, native_config(m))
+    else:
+        y = fp8_gemm(
+            x2, w.weight, w.scale, bias,
+            channel=w.fmt == FORMAT_FP8_CHANNEL,
+            config=soft_fp8_config(capability, m),
+            num_sms=num_sms,
+            use_ptx=torch.version.hip is None,
+        )  # fmt: skip
+    return y.reshape(*lead, -1)

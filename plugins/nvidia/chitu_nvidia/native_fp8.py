@@ -1,0 +1,152 @@
+"""Native FP8 GEMM for sm_89+ (Ada, Hopper): DeepSeek-style W8A8 with block scales.
+
+The activation is quantized per token and 128-wide K group (``act_quant_kernel``,
+scale = amax / 448), then ``w8a8_block_gemm_kernel`` runs the FP8 tensor-core
+MMA and applies ``x_scale[m, k/128] * w_scale[n/128, k/128]`` to each 128-wide K
+step's partial product in fp32. Uses ``tl.float8e4nv``: does NOT compile for
+sm_80/sm_86 (that is what the soft path is for).
+
+Bytes: N*K (weight) + 3*M*K (x read, x_fp8 written and read) + 2*M*N (y).
+FLOPs: 2*M*N*K at FP8 tensor-core rate.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from chitu_core.kernels.fp8_gemm import Fp8GemmConfig
+
+
+@triton.jit
+def act_quant_kernel(
+    x_ptr,  # [M, K] bf16/fp16
+    xq_ptr,  # [M, K] fp8e4nv
+    xs_ptr,  # [M, ceil(K/128)] fp32
+    K,
+    stride_xm,
+    num_groups,
+    GROUPS_PER_PROGRAM: tl.constexpr,
+):
+    row = tl.program_id(0)
+    g = tl.program_id(1) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
+    offs = g[:, None] * 128 + tl.arange(0, 128)[None, :]
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / 448.0  # [G]
+    q = (x / s[:, None]).to(tl.float8e4nv)
+    tl.store(xq_ptr + row * K + offs, q, mask=mask)
+    tl.store(xs_ptr + row * num_groups + g, s, mask=g < num_groups)
+
+
+@triton.jit
+def w8a8_block_gemm_kernel(
+    a_ptr,  # [M, K] fp8e4nv
+    as_ptr,  # [M, ceil(K/128)] fp32
+    b_ptr,  # [N, K] fp8e4nv
+    bs_ptr,  # [ceil(N/128), ceil(K/128)] fp32
+    bias_ptr,
+    c_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    stride_bsn,
+    stride_bsk,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    BLOCK_K: tl.constexpr = 128
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_m = offs_m % M
+    rows_n = offs_n % N
+    num_groups = tl.cdiv(K, BLOCK_K)
+    a_ptrs = a_ptr + rows_m[:, None] * K + offs_k[None, :]
+    b_ptrs = b_ptr + rows_n[None, :] * K + offs_k[:, None]
+    as_ptrs = as_ptr + rows_m * num_groups
+    bs_ptrs = bs_ptr + (rows_n // 128) * stride_bsn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(0, num_groups):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = kt * BLOCK_K + offs_k < K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        a_s = tl.load(as_ptrs + kt)
+        b_s = tl.load(bs_ptrs + kt * stride_bsk)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * N + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] bf16 -> (x_fp8 [M, K] float8_e4m3fn, x_scale [M, ceil(K/128)] fp32)."""
+    m, k = x.shape
+    groups = triton.cdiv(k, 128)
+    xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    xs = torch.empty((m, groups), dtype=torch.float32, device=x.device)
+    gpp = 8
+    act_quant_kernel[(m, triton.cdiv(groups, gpp))](
+        x, xq, xs, k, x.stride(0), groups, GROUPS_PER_PROGRAM=gpp
+    )
+    return xq, xs
+
+
+def native_fp8_gemm(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: Fp8GemmConfig,
+) -> torch.Tensor:
+    """``y = x @ (w_fp8 * w_scale)^T + bias`` on FP8 tensor cores (sm_89+).
+
+    x: [M, K] bf16/fp16; w_fp8: [N, K] float8_e4m3fn; w_scale: block
+    ``[ceil(N/128), ceil(K/128)]`` fp32. Uses config.block_m/block_n/group_m/num_warps/num_stages
+    (block_n must be <= 128 and divide it). Returns [M, N] in x.dtype.
+    """
+    m, k = x.shape
+    n = w_fp8.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    xq, xs = act_quant(x)
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    w8a8_block_gemm_kernel[grid](
+        xq, xs, w_fp8, w_scale, bias if bias is not None else w_scale, y,
+        m, n, k, w_scale.stride(0), w_scale.stride(1),
+        HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return y
+
+
+NATIVE_DEFAULT = Fp8GemmConfig(block_n=128, block_m=128, num_warps=8, num_stages=4)
+NATIVE_SMALL_M = Fp8GemmConfig(block_n=64, block_m=16, num_warps=4, num_stages=4)
+
+
+def native_config(m: int) -> Fp8GemmConfig:
+    return NATIVE_SMALL_M if m <= 16 else NATIVE_DEFAULT

@@ -1,0 +1,153 @@
+"""Numerics checks of the portable soft-FP8 kernels, run under TRITON_INTERPRET=1.
+
+Not collected by pytest (no ``test_`` prefix): ``test_interpreter.py`` runs each
+``case_*`` in a fresh subprocess with the interpreter switched on before triton
+is imported, so compiled-kernel tests in the same pytest run are unaffected.
+Also usable on a GPU (``python tests/kernels/interp_cases.py --device cuda``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from chitu_core.kernels.e4m3_widen import e4m3_widen
+from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm
+from chitu_core.quant import (
+    dequantize_block_fp8,
+    dequantize_channel_fp8,
+    e4m3_bits_to_float,
+    quantize_block_fp8,
+    quantize_channel_fp8,
+)
+
+DEVICE = "cpu"
+USE_PTX = False
+ALL_CODES = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+NAN_CODES = (0x7F, 0xFF)
+
+
+def same_values(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Bit-level agreement of values: equal (signed zeros too) or both NaN."""
+    both_nan = out.isnan() & ref.isnan()
+    equal = (out == ref) & (torch.signbit(out) == torch.signbit(ref))
+    return bool((both_nan | equal).all())
+
+
+def assert_close_to_exact(y, x, w_ref, bias, operand_rounding: bool) -> None:
+    """y [M, N] vs the fp64 product of exact operands, within one output rounding.
+
+    Bound per element: one bf16 rounding of the result (2^-8 relative, covering the
+    interpreter's truncating casts) plus the fp32 accumulation error, or the bf16
+    rounding of each e4m3*scale operand when the scale is folded into the weight.
+    """
+    xd = x.double().cpu()
+    ref = xd @ w_ref.T
+    if bias is not None:
+        ref = ref + bias.double().cpu()
+    mag = xd.abs() @ w_ref.abs().T
+    slack = 2.0**-8 if operand_rounding else 2.0**-16
+    tol = 2.0**-8 * ref.abs() + slack * mag + 1e-30
+    err = (y.double().cpu() - ref).abs()
+    assert bool((err <= tol).all()), f"max err/tol {(err / tol).max().item():.3g}"
+    assert not y.isnan().any()
+
+
+def case_widen_all_codes() -> None:
+    ref = e4m3_bits_to_float(ALL_CODES)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = e4m3_widen(ALL_CODES.to(DEVICE), dtype, use_ptx=USE_PTX).float().cpu()
+        assert same_values(out, ref), (
+            f"{dtype}: codes {torch.nonzero(out != ref).flatten().tolist()}"
+        )
+
+
+def _all_codes_weight(n_rows: int) -> torch.Tensor:
+    """[n_rows, 256] codes: each row every finite code (NaN codes -> 0) in its own order."""
+    finite = ALL_CODES.clone()
+    finite[list(NAN_CODES)] = 0
+    rows = [finite[torch.randperm(256)] for _ in range(n_rows)]
+    return torch.stack(rows)
+
+
+def case_gemm_all_codes() -> None:
+    """Every code through the GEMM: one-hot x picks single weights, so y is exact."""
+    torch.manual_seed(0)
+    n = 20
+    bits = _all_codes_weight(n)
+    bits[n - 2, 17] = 0x7F  # NaN rows: every output of the row is NaN
+    bits[n - 1, 200] = 0xFF
+    x = torch.eye(256, dtype=torch.bfloat16)  # M = K = 256
+    for channel in (False, True):
+        if channel:
+            scale = 2.0 ** torch.randint(-4, 4, (n,)).float()
+            w_ref = e4m3_bits_to_float(bits).double() * scale.double()[:, None]
+        else:
+            scale = 2.0 ** torch.randint(-4, 4, (1, 2)).float()
+            w_ref = dequantize_block_fp8(bits, scale, torch.float64)
+        for cfg in (Fp8GemmConfig(block_n=16, block_m=64, split_k=1),
+                    Fp8GemmConfig(block_n=32, block_m=16, split_k=2, scale_on_acc=False)):  # fmt: skip
+            y = fp8_gemm(x.to(DEVICE), bits.to(DEVICE), scale.to(DEVICE), None,
+                         channel=channel, config=cfg, num_sms=4, use_ptx=USE_PTX).float().cpu()  # fmt: skip
+            ref = w_ref.T.float()  # y[m, n] = W[n, m]
+            assert same_values(y[:, : n - 2], ref[:, : n - 2]), f"channel={channel} {cfg}"
+            assert bool(y[:, n - 2 :].isnan().all()), "NaN codes must give NaN rows"
+
+
+def case_gemm_shapes() -> None:
+    """Random data, tails (N, K not multiples of 128), M = 0/1/small/odd, bias, split-K."""
+    torch.manual_seed(1)
+    shapes = [(1, 200, 300), (5, 130, 257), (33, 64, 384), (0, 64, 128), (3, 64, 0)]
+    cfgs = [
+        Fp8GemmConfig(block_n=64, block_m=16, split_k=1),
+        Fp8GemmConfig(block_n=32, block_m=16, split_k=3),
+        Fp8GemmConfig(block_n=64, block_m=32, block_k=64, split_k=0, scale_on_acc=False),
+    ]
+    for m, n, k in shapes:
+        w = torch.randn(n, k) * 0.05
+        x = (torch.randn(m, k) * 2).bfloat16()
+        bias = torch.randn(n).bfloat16()
+        for channel in (False, True):
+            if channel:
+                wq, s = quantize_channel_fp8(w)
+                w_ref = dequantize_channel_fp8(wq, s, torch.float64)
+            else:
+                wq, s = quantize_block_fp8(w)
+                w_ref = dequantize_block_fp8(wq, s, torch.float64)
+            for cfg in cfgs:
+                for b in (None, bias):
+                    y = fp8_gemm(x.to(DEVICE), wq.to(DEVICE).view(torch.uint8), s.to(DEVICE),
+                                 None if b is None else b.to(DEVICE), channel=channel, config=cfg,
+                                 num_sms=4, use_ptx=USE_PTX)  # fmt: skip
+                    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+                    rounding = not channel and not cfg.scale_on_acc
+                    assert_close_to_exact(y, x, w_ref, b, rounding)
+
+
+def case_subnormal_heavy() -> None:
+    """Small weights quantized with a large block scale: many codes are e4m3 subnormals."""
+    torch.manual_seed(2)
+    n, k = 128, 256
+    bits = torch.randint(0, 8, (n, k), dtype=torch.uint8) | (
+        torch.randint(0, 2, (n, k), dtype=torch.uint8) << 7
+    )
+    bits[:, :4] = 0x7E  # keep a large value so the block is not all tiny
+    s = torch.rand(1, 2) + 0.5
+    x = torch.randn(4, k).bfloat16()
+    w_ref = dequantize_block_fp8(bits, s, torch.float64)
+    y = fp8_gemm(x.to(DEVICE), bits.to(DEVICE), s.to(DEVICE), None, channel=False,
+                 config=Fp8GemmConfig(split_k=1), num_sms=4, use_ptx=USE_PTX)  # fmt: skip
+    assert_close_to_exact(y, x, w_ref, None, operand_rounding=False)
+
+
+CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args[:1] == ["--device"]:
+        DEVICE, args = args[1], args[2:]
+        USE_PTX = DEVICE == "cuda" and torch.version.hip is None
+    for name in args or list(CASES):
+        CASES[name]()
+        print(f"ok {name} (device={DEVICE}, ptx={USE_PTX})")
