@@ -1,2 +1,3 @@
 """Chitu core: models, engine, hook contract."""
+
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The ``chitu`` command line: ``chitu plugins``, ``chitu demo``.
+"""The ``chitu`` command line: ``plugins``, ``demo``, ``generate``, ``demo-model``.
 
 Each command is a small function; user-facing options map onto library calls here
 and nowhere else.
@@ -80,6 +80,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that builds an engine (generate, serve, bench)."""
+    p.add_argument("--backend", default="auto", help="backend name or 'auto' (default)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype")
+    p.add_argument(
+        "--quantize", choices=["fp8"], help="quantize bf16 linear weights to FP8 at load"
+    )
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: from free memory)")
+    p.add_argument("--kv-cache-gb", type=float, help="KV-cache size in GiB")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch")
+    p.add_argument("--max-model-len", type=int, help="context length (prompt + output)")
+
+
+def engine_config(args: argparse.Namespace, model: str):
+    """Map the CLI options onto an EngineConfig (the one place that does so)."""
+    from chitu_core.engine.llm_engine import EngineConfig
+
+    return EngineConfig(
+        model=model,
+        backend=args.backend,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        kv_cache_gb=args.kv_cache_gb,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Complete one prompt and print the completion to stdout."""
+    from chitu_core.demo_model import ensure_demo_model
+    from chitu_core.engine.llm_engine import LLMEngine
+    from chitu_core.engine.sampling import SamplingParams
+
+    model = args.model or str(ensure_demo_model())
+    engine = LLMEngine(engine_config(args, model))
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    prompt = args.prompt
+    if args.chat:
+        prompt = engine.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    completion = engine.generate([prompt], params)[0]
+    print(completion.text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chitu", description="Chitu LLM inference engine")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -95,6 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=1000, help="output features")
     p.add_argument("-k", type=int, default=700, help="input features")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="complete a prompt and print the completion")
+    p.add_argument(
+        "--model", help="HF-format model directory (default: the built-in random demo model)"
+    )
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as a user message (chat template)"
+    )
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    add_engine_options(p)
+    p.set_defaults(func=cmd_generate)
+
+    from chitu_core.demo_model import add_demo_model_command
+
+    add_demo_model_command(sub)
     return parser
 
 
@@ -106,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except ChituError as exc:
+    except (ChituError, ValueError) as exc:
         print(f"chitu: error: {exc}", file=sys.stderr)
         return 2
 

@@ -29,3 +29,7 @@ class CheckpointError(ChituError):
 
 class UnsupportedModelError(CheckpointError):
     """``config.json`` names a ``model_type``/architecture Chitu does not implement."""
+
+
+class TokenizerError(ChituError):
+    """tokenizer.json / tokenizer_config.json missing or invalid, or no chat template."""

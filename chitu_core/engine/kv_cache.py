@@ -8,6 +8,7 @@ No prefix caching: every block has exactly one owner.
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from collections.abc import Iterable
 
@@ -22,19 +23,25 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _check_int(name: str, value: object, minimum: int, why: str = "") -> int:
+    """``value`` as an int (numpy ints welcome), or ``ValueError`` if it isn't one >= minimum."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{why}, got {value!r}")
+    return number
+
+
 class BlockManager:
     """Hands out KV blocks ``1 .. num_blocks - 1`` (block 0 is the scratch block)."""
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
-        if not isinstance(num_blocks, int) or num_blocks < 2:
-            raise ValueError(
-                f"num_blocks must be an int >= 2 (block {SCRATCH_BLOCK_ID} is reserved as "
-                f"scratch), got {num_blocks!r}"
-            )
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-        self.num_blocks = num_blocks
-        self.block_size = block_size
+        self.num_blocks = _check_int(
+            "num_blocks", num_blocks, 2, f" (block {SCRATCH_BLOCK_ID} is reserved as scratch)"
+        )
+        self.block_size = _check_int("block_size", block_size, 1)
         self.free_block_ids: deque[int] = deque(range(SCRATCH_BLOCK_ID + 1, num_blocks))
 
     @property

@@ -11,9 +11,12 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from chitu_core.backend import Ops
 
 # OpenAI's limits, so a request the official API accepts is accepted here too.
 MAX_TEMPERATURE = 2.0
@@ -32,6 +35,55 @@ def _is_int(value: object) -> bool:
 def _in_range(value: object, low: float, high: float) -> bool:
     """low <= value <= high for a real number; NaN and non-numbers fail."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def _as_tuple(name: str, value: object) -> tuple:
+    """A tuple from a list/tuple (a lone string for ``stop``); anything else is a ValueError."""
+    if isinstance(value, str) and name == "stop":
+        return (value,)
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list or tuple, got {value!r}")
+    return tuple(value)
+
+
+def _valid_stop(stop: tuple) -> bool:
+    return len(stop) <= MAX_NUM_STOP_STRINGS and all(
+        isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in stop
+    )
+
+
+# (field, is valid, what a valid value is): checked in this order by SamplingParams.
+_RULES = (
+    ("max_tokens", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("temperature", lambda v: _in_range(v, 0, MAX_TEMPERATURE), f"in [0, {MAX_TEMPERATURE}]"),
+    ("top_p", lambda v: _in_range(v, 0, 1) and v > 0, "in (0, 1]"),
+    ("top_k", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 disables it)"),
+    ("min_p", lambda v: _in_range(v, 0, 1), "in [0, 1]"),
+    (
+        "seed",
+        lambda v: v is None or (_is_int(v) and _MIN_SEED <= v <= _MAX_SEED),
+        "None or an integer in [-2**63, 2**64)",
+    ),
+    ("presence_penalty", lambda v: _in_range(v, -MAX_ABS_PENALTY, MAX_ABS_PENALTY), "in [-2, 2]"),
+    ("frequency_penalty", lambda v: _in_range(v, -MAX_ABS_PENALTY, MAX_ABS_PENALTY), "in [-2, 2]"),
+    (
+        "repetition_penalty",
+        lambda v: _in_range(v, 0, math.inf) and 0 < v < math.inf,
+        "a finite number > 0",
+    ),
+    (
+        "stop",
+        _valid_stop,
+        f"at most {MAX_NUM_STOP_STRINGS} non-empty strings of at most "
+        f"{MAX_STOP_STRING_CHARS} characters",
+    ),
+    ("stop_token_ids", lambda v: all(_is_int(t) and t >= 0 for t in v), "integers >= 0"),
+    (
+        "logprobs",
+        lambda v: v is None or (_is_int(v) and 0 <= v <= MAX_LOGPROBS),
+        f"None or an integer in [0, {MAX_LOGPROBS}]",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -62,39 +114,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Frozen: normalise list inputs (JSON arrays) to tuples so params stay hashable.
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        object.__setattr__(self, "stop", stop)
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", _as_tuple("stop", self.stop))
+        object.__setattr__(self, "stop_token_ids", _as_tuple("stop_token_ids", self.stop_token_ids))
 
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not _in_range(self.temperature, 0.0, MAX_TEMPERATURE):
-            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE}], got {self.temperature!r}")
-        if not _in_range(self.top_p, 0.0, 1.0) or self.top_p == 0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if not _in_range(self.min_p, 0.0, 1.0):
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if self.seed is not None and not (_is_int(self.seed) and _MIN_SEED <= self.seed <= _MAX_SEED):
-            raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {self.seed!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
+        for name, is_valid, expected in _RULES:
             value = getattr(self, name)
-            if not _in_range(value, -MAX_ABS_PENALTY, MAX_ABS_PENALTY):
-                raise ValueError(f"{name} must be in [-{MAX_ABS_PENALTY}, {MAX_ABS_PENALTY}], got {value!r}")
-        rep = self.repetition_penalty
-        if not (_in_range(rep, 0.0, math.inf) and 0 < rep < math.inf):
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
-        if len(stop) > MAX_NUM_STOP_STRINGS:
-            raise ValueError(f"stop takes at most {MAX_NUM_STOP_STRINGS} strings, got {len(stop)}")
-        for s in stop:
-            if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_STRING_CHARS:
-                raise ValueError(f"stop strings must be non-empty str of at most {MAX_STOP_STRING_CHARS} characters, got {s!r}")
-        for t in self.stop_token_ids:
-            if not _is_int(t) or t < 0:
-                raise ValueError(f"stop_token_ids must be integers >= 0, got {t!r}")
-        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+            if not is_valid(value):
+                raise ValueError(f"{name} must be {expected}, got {value!r}")
 
     @property
     def is_greedy(self) -> bool:
@@ -102,7 +128,11 @@ class SamplingParams:
 
     @property
     def uses_penalties(self) -> bool:
-        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+        return (
+            self.repetition_penalty != 1
+            or self.presence_penalty != 0
+            or self.frequency_penalty != 0
+        )
 
 
 @dataclass(frozen=True)
@@ -177,11 +207,17 @@ def apply_penalties(
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(is_seen, penalised, logits)
 
-    count_rows = [i for i, p in enumerate(params) if p.presence_penalty != 0 or p.frequency_penalty != 0]
+    count_rows = [
+        i for i, p in enumerate(params) if p.presence_penalty != 0 or p.frequency_penalty != 0
+    ]
     if count_rows:
-        rows, tokens = _token_index(count_rows, [output_token_ids[i] for i in count_rows], vocab_size, device)
+        rows, tokens = _token_index(
+            count_rows, [output_token_ids[i] for i in count_rows], vocab_size, device
+        )
         counts = torch.zeros(batch, vocab_size, dtype=logits.dtype, device=device)
-        counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=logits.dtype), accumulate=True)
+        counts.index_put_(
+            (rows, tokens), torch.ones_like(tokens, dtype=logits.dtype), accumulate=True
+        )
         frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
         presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
         logits = logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
@@ -201,7 +237,9 @@ def apply_min_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch
         return logits
     device = logits.device
     active = torch.tensor(is_active, device=device)
-    min_p = torch.tensor([p.min_p if a else 1.0 for p, a in zip(params, is_active, strict=True)], device=device)
+    min_p = torch.tensor(
+        [p.min_p if a else 1.0 for p, a in zip(params, is_active, strict=True)], device=device
+    )
     temperature = torch.tensor([p.temperature for p in params], device=device)
     offset = torch.where(active, temperature * torch.log(min_p), -math.inf)  # [B]
     threshold = logits.max(dim=-1).values + offset
@@ -215,7 +253,7 @@ class Sampler:
     live on (the small per-row parameter tensors are built there).
     """
 
-    def __init__(self, ops: Any, device: torch.device | str) -> None:
+    def __init__(self, ops: Ops, device: torch.device | str) -> None:
         self.ops = ops
         self.device = torch.device(device)
 
@@ -240,8 +278,12 @@ class Sampler:
         ``top`` list is sorted by logprob; ties come in no stated order.
         """
         batch = logits.shape[0]
-        for name, values in (("params", params), ("generators", generators),
-                             ("output_token_ids", output_token_ids), ("prompt_token_ids", prompt_token_ids)):
+        for name, values in (
+            ("params", params),
+            ("generators", generators),
+            ("output_token_ids", output_token_ids),
+            ("prompt_token_ids", prompt_token_ids),
+        ):
             if len(values) != batch:
                 raise ValueError(f"Sampler: {len(values)} {name} for {batch} rows of logits")
         if batch == 0:
@@ -249,16 +291,25 @@ class Sampler:
         raw_logits = logits.float()
         logits = apply_penalties(raw_logits, params, output_token_ids, prompt_token_ids)
         logits = apply_min_p(logits, params)
-        temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=self.device)
+        temperatures = torch.tensor(
+            [p.temperature for p in params], dtype=torch.float32, device=self.device
+        )
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=self.device)
         top_ks = torch.tensor([p.top_k for p in params], dtype=torch.int32, device=self.device)
-        sampled = self.ops.sample(logits, temperatures, top_ps, top_ks, list(generators))  # [B] int64
+        sampled = self.ops.sample(
+            logits, temperatures, top_ps, top_ks, list(generators)
+        )  # [B] int64
         token_ids = sampled.tolist()
-        return SampleResult(token_ids=token_ids, logprobs=_logprobs(raw_logits, sampled, token_ids, params))
+        return SampleResult(
+            token_ids=token_ids, logprobs=_logprobs(raw_logits, sampled, token_ids, params)
+        )
 
 
 def _logprobs(
-    raw_logits: torch.Tensor, sampled: torch.Tensor, token_ids: list[int], params: Sequence[SamplingParams]
+    raw_logits: torch.Tensor,
+    sampled: torch.Tensor,
+    token_ids: list[int],
+    params: Sequence[SamplingParams],
 ) -> list[TokenLogprobs | None]:
     """Per-row ``TokenLogprobs`` for rows that ask; one log-softmax and one top-k over those rows only."""
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]

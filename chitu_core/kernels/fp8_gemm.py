@@ -98,7 +98,7 @@ def fp8_gemm_kernel(
     w_ptr,  # [N, K] uint8 e4m3 codes, K contiguous
     scale_ptr,  # block: [ceil(N/128), ceil(K/128)] fp32; channel: [N] fp32
     bias_ptr,  # [N] or a dummy when HAS_BIAS is False
-    y_ptr,  # SPLIT_K == 1: [M, N] output; else [SPLIT_K, M, N] fp32 partials
+    y_ptr,  # [M, N] output, or [split, M, N] fp32 partials when WRITE_PARTIAL
     M,
     N,
     K,
@@ -111,7 +111,7 @@ def fp8_gemm_kernel(
     k_tiles_per_split,
     SCALE_MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr,
     EVEN_K: tl.constexpr,
     USE_PTX: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -177,7 +177,7 @@ def fp8_gemm_kernel(
 
     out_mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-    if SPLIT_K == 1:
+    if not WRITE_PARTIAL:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rows_n).to(tl.float32)[:, None]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
@@ -187,20 +187,20 @@ def fp8_gemm_kernel(
 
 @triton.jit
 def splitk_reduce_kernel(
-    ws_ptr,  # [SPLIT_K, M, N] fp32 partials, contiguous
+    ws_ptr,  # [split_k, M, N] fp32 partials, contiguous
     bias_ptr,  # [N] or a dummy
     y_ptr,  # [M, N] contiguous
     num_elements,  # M * N
     N,
-    SPLIT_K: tl.constexpr,
+    split_k,
     HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """y = sum of the SPLIT_K partials (+ bias). Bytes: 4*SPLIT_K*M*N read, 2*M*N written."""
+    """y = sum of the split_k partials (+ bias). Bytes: 4*split_k*M*N read, 2*M*N written."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_elements
     acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
+    for s in range(1, split_k):
         acc += tl.load(ws_ptr + s * num_elements + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
@@ -289,7 +289,7 @@ def fp8_gemm(
         n, m * n, per,
         SCALE_MODE=mode,
         HAS_BIAS=has_bias and split == 1,
-        SPLIT_K=split,
+        WRITE_PARTIAL=split > 1,
         EVEN_K=k % cfg.block_k == 0,
         USE_PTX=use_ptx,
         BLOCK_N=cfg.block_n,
@@ -303,7 +303,7 @@ def fp8_gemm(
     if split > 1:
         block = 1024
         splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            out, bias_arg, y, m * n, n,
-            SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=block, num_warps=4,
+            out, bias_arg, y, m * n, n, split,
+            HAS_BIAS=has_bias, BLOCK=block, num_warps=4,
         )  # fmt: skip
     return y

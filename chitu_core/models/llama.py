@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from chitu_core.models.base import ForwardBatch, KVCacheLayout, LayerCache
-from chitu_core.models.rotary import cos_sin_cache
+from chitu_core.models.rotary import cos_sin_cache, rope_settings
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class LlamaConfig:
         hidden = config["hidden_size"]
         # Qwen2 checkpoints have biases on q/k/v without saying so in config.json.
         bias = config.get("attention_bias", config.get("model_type") == "qwen2")
+        rope_theta, rope_scaling = rope_settings(config)
         result = cls(
             vocab_size=config["vocab_size"],
             hidden_size=hidden,
@@ -48,8 +49,8 @@ class LlamaConfig:
             num_key_value_heads=config.get("num_key_value_heads") or heads,
             head_dim=config.get("head_dim") or hidden // heads,
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=config.get("rope_theta", 10000.0),
-            rope_scaling=config.get("rope_scaling"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             max_position_embeddings=config.get("max_position_embeddings", 4096),
             tie_word_embeddings=config.get("tie_word_embeddings", False),
             attention_bias=bool(bias),

@@ -96,3 +96,19 @@ def cos_sin_cache(
     angles = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
     table = torch.cat([angles.cos(), angles.sin()], dim=-1) * attention_factor
     return table.to(device)
+
+
+def rope_settings(
+    config: dict[str, Any], default_theta: float = 10000.0
+) -> tuple[float, dict | None]:
+    """``(rope_theta, rope_scaling)`` from config.json, in either layout.
+
+    transformers < 5 writes ``rope_theta`` and ``rope_scaling``; transformers 5 writes one
+    ``rope_parameters`` dict holding ``rope_theta`` and the scaling fields.
+    """
+    params = dict(config.get("rope_parameters") or {})
+    theta = config.get("rope_theta") or params.pop("rope_theta", None) or default_theta
+    scaling = config.get("rope_scaling")
+    if scaling is None and params.get("rope_type", params.get("type", "default")) != "default":
+        scaling = params
+    return float(theta), scaling

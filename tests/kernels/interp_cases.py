@@ -28,18 +28,23 @@ ALL_CODES = torch.arange(256, dtype=torch.int32).to(torch.uint8)
 NAN_CODES = (0x7F, 0xFF)
 
 
-def same_values(out: torch.Tensor, ref: torch.Tensor) -> bool:
-    """Bit-level agreement of values: equal (signed zeros too) or both NaN."""
+def same_values(out: torch.Tensor, ref: torch.Tensor, signed_zeros: bool = True) -> bool:
+    """Agreement of values: equal (signed zeros too, unless told) or both NaN.
+
+    A GEMM sums +0 products into each output, so a -0 weight comes out +0 there.
+    """
     both_nan = out.isnan() & ref.isnan()
-    equal = (out == ref) & (torch.signbit(out) == torch.signbit(ref))
+    equal = out == ref
+    if signed_zeros:
+        equal &= torch.signbit(out) == torch.signbit(ref)
     return bool((both_nan | equal).all())
 
 
 def assert_close_to_exact(y, x, w_ref, bias, operand_rounding: bool) -> None:
     """y [M, N] vs the fp64 product of exact operands, within one output rounding.
 
-    Bound per element: one bf16 rounding of the result (2^-8 relative, covering the
-    interpreter's truncating casts) plus the fp32 accumulation error, or the bf16
+    Bound per element: one bf16 rounding of the result (2^-7 relative: one ulp, as
+    the interpreter's casts truncate) plus the fp32 accumulation error, or the bf16
     rounding of each e4m3*scale operand when the scale is folded into the weight.
     """
     xd = x.double().cpu()
@@ -48,7 +53,7 @@ def assert_close_to_exact(y, x, w_ref, bias, operand_rounding: bool) -> None:
         ref = ref + bias.double().cpu()
     mag = xd.abs() @ w_ref.abs().T
     slack = 2.0**-8 if operand_rounding else 2.0**-16
-    tol = 2.0**-8 * ref.abs() + slack * mag + 1e-30
+    tol = 2.0**-7 * ref.abs() + slack * mag + 1e-30
     err = (y.double().cpu() - ref).abs()
     assert bool((err <= tol).all()), f"max err/tol {(err / tol).max().item():.3g}"
     assert not y.isnan().any()
@@ -91,7 +96,7 @@ def case_gemm_all_codes() -> None:
             y = fp8_gemm(x.to(DEVICE), bits.to(DEVICE), scale.to(DEVICE), None,
                          channel=channel, config=cfg, num_sms=4, use_ptx=USE_PTX).float().cpu()  # fmt: skip
             ref = w_ref.T.float()  # y[m, n] = W[n, m]
-            assert same_values(y[:, : n - 2], ref[:, : n - 2]), f"channel={channel} {cfg}"
+            assert same_values(y[:, : n - 2], ref[:, : n - 2], False), f"channel={channel} {cfg}"
             assert bool(y[:, n - 2 :].isnan().all()), "NaN codes must give NaN rows"
 
 
@@ -109,7 +114,11 @@ def case_gemm_shapes() -> None:
         x = (torch.randn(m, k) * 2).bfloat16()
         bias = torch.randn(n).bfloat16()
         for channel in (False, True):
-            if channel:
+            if k == 0:  # nothing to quantize: an empty weight with unit scales
+                wq = torch.empty((n, 0), dtype=torch.uint8)
+                s = torch.ones(n) if channel else torch.ones(-(-n // 128), 0)
+                w_ref = torch.empty((n, 0), dtype=torch.float64)
+            elif channel:
                 wq, s = quantize_channel_fp8(w)
                 w_ref = dequantize_channel_fp8(wq, s, torch.float64)
             else:

@@ -36,7 +36,7 @@ def _gemm_source(scale_mode: int, split_k: int, use_ptx: bool, block_n: int, blo
         "stride_ym": "i32", "stride_ys": "i32", "k_tiles_per_split": "i32",
     }  # fmt: skip
     constexprs = {
-        "SCALE_MODE": scale_mode, "HAS_BIAS": True, "SPLIT_K": split_k, "EVEN_K": True,
+        "SCALE_MODE": scale_mode, "HAS_BIAS": True, "WRITE_PARTIAL": split_k > 1, "EVEN_K": True,
         "USE_PTX": use_ptx, "BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_K": 128,
         "GROUP_M": 8, "DOT_IN_FP32": False,
     }  # fmt: skip
@@ -78,8 +78,8 @@ def _widen_source(use_ptx: bool):
 
 def _reduce_source():
     sig = {"ws_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "num_elements": "i32", "N": "i32",
-           "SPLIT_K": "constexpr", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
-    return ASTSource(splitk_reduce_kernel, sig, {"SPLIT_K": 4, "HAS_BIAS": True, "BLOCK": 1024})
+           "split_k": "i32", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
+    return ASTSource(splitk_reduce_kernel, sig, {"HAS_BIAS": True, "BLOCK": 1024})
 
 
 @pytest.mark.parametrize("target", CUDA_TARGETS, ids=lambda t: f"sm_{t.arch}")

@@ -67,7 +67,7 @@ def _varlen(q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens,
         k = _gather_context(key_cache, block_tables[b], context_len)
         v = k if value_cache is None else _gather_context(value_cache, block_tables[b], context_len)
         # Queries in chunks bound the fp64 scores of a long prefill; a chunk
-        # ending at query i sees the context truncated after i's position.
+        # needs the context only up to its last query's position.
         first_pos = context_len - (end - begin)
         for i in range(begin, end, QUERIES_PER_CHUNK):
             stop = min(i + QUERIES_PER_CHUNK, end)

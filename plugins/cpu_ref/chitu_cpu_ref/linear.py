@@ -46,7 +46,8 @@ def dense_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> 
     raise ValueError(f"cpu_ref: unknown weight format {fmt!r}")
 
 
-def _check_handle(handle: QuantizedWeight) -> None:
+def check_handle(handle: QuantizedWeight) -> None:
+    """Raise TypeError unless ``handle`` came from ``chitu_prepare_weight``."""
     if not isinstance(handle, QuantizedWeight):
         raise TypeError(
             f"cpu_ref expects weight handles from its chitu_prepare_weight "
@@ -76,7 +77,7 @@ def chitu_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Te
 
     Returns ``[M, N]`` in ``x.dtype``, computed in fp64 and rounded once.
     """
-    _check_handle(weight)
+    check_handle(weight)
     x64 = x.double()
     num_rows = weight.out_features
     y = x64.new_empty(x.shape[0], num_rows)

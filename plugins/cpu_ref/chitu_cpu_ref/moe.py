@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from chitu_core.hookspecs import hookimpl
-from chitu_cpu_ref.linear import _check_handle, dense_weight
+from chitu_cpu_ref.linear import check_handle, dense_weight
 
 
 def _top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -91,11 +91,11 @@ def chitu_fused_moe(
     One expert at a time over the tokens routed to it, so only that expert's
     weights are widened to fp64.
     """
-    _check_handle(w13)
-    _check_handle(w2)
+    check_handle(w13)
+    check_handle(w2)
     x64 = x.double()
     out = torch.zeros_like(x64)
-    intermediate = w13.weight.shape[1] // 2
+    intermediate = w13.out_features // 2  # rows [0, I) gate, [I, 2I) up
     for expert in torch.unique(topk_ids).tolist():
         tokens, slots = torch.nonzero(topk_ids == expert, as_tuple=True)
         w13_e = dense_weight(w13.weight[expert], _expert_scale(w13, expert), w13.fmt)

@@ -64,8 +64,8 @@ def _sample_row(logits, temperature: float, top_p: float, top_k: int, generator)
     """One token id from one row of logits ``[V]`` (see chitu_sample)."""
     if temperature == 0.0:
         return int(torch.argmax(logits))  # documented: the first maximal index
-    if temperature < 0.0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature < 0.0 or top_p <= 0.0:
+        raise ValueError(f"need temperature >= 0 and top_p > 0, got {temperature} and {top_p}")
     probs = torch.softmax(logits.double() / temperature, dim=-1)
     # Most likely first; equal probabilities keep the lower id first.
     order = torch.sort(probs, descending=True, stable=True).indices
@@ -77,7 +77,7 @@ def _sample_row(logits, temperature: float, top_p: float, top_k: int, generator)
         # token while the mass before it is still short of top_p: the smallest
         # prefix that reaches top_p, and never empty.
         kept = kept / kept.sum()
-        mass_before = torch.cumsum(kept, dim=0) - kept
+        mass_before = torch.cat([kept.new_zeros(1), torch.cumsum(kept, dim=0)[:-1]])
         kept = kept[mass_before < top_p]
     choice = torch.multinomial(kept, 1, generator=generator)
     return int(order[choice])

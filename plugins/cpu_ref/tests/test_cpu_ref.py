@@ -257,7 +257,7 @@ def _dense_experts(w8, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fmt", ["unquantized", "fp8_block128"])
+@pytest.mark.parametrize("fmt", ["unquantized", "fp8_block128", "fp8_channel"])
 def test_fused_moe_vs_per_token_loop(fmt, dtype):
     g = _gen(6)
     num_experts, hidden, inter, tokens = 4, 160, 8, 6
@@ -267,6 +267,12 @@ def test_fused_moe_vs_per_token_loop(fmt, dtype):
         h13 = ref.chitu_prepare_weight(w13, None, fmt)
         h2 = ref.chitu_prepare_weight(w2, None, fmt)
         dense13, dense2 = w13.double(), w2.double()
+    elif fmt == "fp8_channel":
+        w13, w2 = _random_fp8((4, 16, 160), g), _random_fp8((4, 160, 8), g)
+        s13, s2 = torch.rand(4, 16, generator=g) * 0.01, torch.rand(4, 160, generator=g) * 0.01
+        h13, h2 = ref.chitu_prepare_weight(w13, s13, fmt), ref.chitu_prepare_weight(w2, s2, fmt)
+        dense13 = w13.to(torch.float64) * s13.double()[..., None]
+        dense2 = w2.to(torch.float64) * s2.double()[..., None]
     else:
         w13, w2 = _random_fp8((4, 16, 160), g), _random_fp8((4, 160, 8), g)
         s13, s2 = torch.rand(4, 1, 2, generator=g) * 0.01, torch.rand(4, 2, 1, generator=g) * 0.01

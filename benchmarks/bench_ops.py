@@ -1,0 +1,206 @@
+"""Soft-FP8 GEMM vs native FP8, cuBLAS bf16, naive dequant+matmul and the FP8 roofline.
+
+Usage (on an NVIDIA GPU; the plugin need not be installed):
+
+    PYTHONPATH=.:plugins/nvidia python benchmarks/bench_ops.py --out results.json [--tune tune.json]
+
+For every (K, N) of BENCHMARKS.md and M in {1, 4, 16, 64, 256, 1024, 4096}
+times each path with ``triton.testing.do_bench`` (CUDA events, median, L2
+flushed before every call so weights come from HBM), checks each result
+against an fp32 reference of the exact dequantized weight, prints a table and
+writes JSON rows ``{K, N, M, soft_fp8_us, native_fp8_us, cublas_bf16_us,
+naive_us, roofline_us, max_rel_err, ...}`` under a header (GPU, torch, triton).
+``--tune`` first sweeps a few soft-FP8 configs per M regime and uses the winners.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm
+from chitu_core.quant import dequantize_block_fp8, quantize_block_fp8
+
+SHAPES = [  # (K, N): DeepSeek-V3, then Llama-8B
+    (7168, 18432), (18432, 7168), (7168, 2112), (1536, 24576), (7168, 129280),
+    (4096, 6144), (4096, 28672), (14336, 4096),
+]  # fmt: skip
+MS = [1, 4, 16, 64, 256, 1024, 4096]
+HBM_BYTES_PER_S = 3.02e12  # measured copy bandwidth of the H100 (BENCHMARKS.md)
+BF16_FLOPS_PER_S = 989e12  # H100 SXM dense bf16 peak
+
+C = Fp8GemmConfig
+TUNE_SPACE = {
+    16: [C(block_n=bn, block_m=16, num_warps=w, num_stages=st)
+         for bn, w, st in [(32, 4, 4), (64, 4, 3), (64, 4, 4), (64, 4, 6), (128, 4, 4), (128, 8, 4)]],
+    64: [C(block_n=bn, block_m=bm, num_warps=w, num_stages=st, scale_on_acc=acc)
+         for bn, bm, w, st, acc in [(64, 64, 4, 4, True), (128, 64, 4, 3, True), (128, 64, 8, 4, True),
+                                    (64, 64, 4, 4, False), (128, 64, 8, 3, False)]],
+    256: [C(block_n=bn, block_m=bm, num_warps=w, num_stages=st, scale_on_acc=acc)
+          for bn, bm, w, st, acc in [(128, 128, 8, 3, False), (128, 128, 8, 4, True), (64, 128, 4, 4, False),
+                                     (128, 256, 8, 3, False), (256, 128, 8, 3, False), (128, 64, 4, 4, False)]],
+    1 << 62: [C(block_n=bn, block_m=bm, split_k=1, num_warps=w, num_stages=st, scale_on_acc=acc)
+              for bn, bm, w, st, acc in [(128, 128, 8, 3, False), (128, 256, 8, 3, False), (256, 128, 8, 3, False),
+                                         (128, 128, 8, 4, False), (128, 256, 8, 4, False), (128, 128, 8, 3, True)]],
+}  # fmt: skip
+TUNE_CASES = {16: [(7168, 18432, 1), (18432, 7168, 16), (4096, 14336, 4)],
+              64: [(7168, 18432, 64), (18432, 7168, 32)],
+              256: [(7168, 18432, 128), (18432, 7168, 256)],
+              1 << 62: [(7168, 18432, 4096), (18432, 7168, 1024)]}  # fmt: skip
+
+
+def bench_us(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def roofline_us(m: int, n: int, k: int) -> float:
+    bytes_moved = n * k + 2 * m * k + 2 * m * n
+    return max(bytes_moved / HBM_BYTES_PER_S, 2 * m * n * k / BF16_FLOPS_PER_S) * 1e6
+
+
+def make_weight(n, k):
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    wq, s = quantize_block_fp8(w)
+    return wq, s
+
+
+def time_config(x, wq, s, cfg, num_sms) -> float:
+    """Median us of one soft-FP8 config; inf if it does not build (e.g. out of shared memory)."""
+    try:
+        return bench_us(
+            lambda: fp8_gemm(
+                x, wq, s, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True
+            )
+        )
+    except Exception as e:  # noqa: BLE001
+        print(f"  skip {cfg}: {type(e).__name__}")
+        return float("inf")
+
+
+def tune(num_sms, budget_s):
+    """Sum of times over each regime's cases per config; the smallest sum wins."""
+    t0 = time.time()
+    best = {}
+    for max_m, cfgs in TUNE_SPACE.items():
+        totals = [0.0] * len(cfgs)
+        for k, n, m in TUNE_CASES[max_m]:
+            wq, s = make_weight(n, k)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            for i, cfg in enumerate(cfgs):
+                over = time.time() - t0 > budget_s
+                us = (
+                    float("inf")
+                    if over or totals[i] == float("inf")
+                    else time_config(x, wq, s, cfg, num_sms)
+                )
+                print(f"  tune M<={max_m} K={k} N={n} M={m} {cfg}: {us:.1f} us", flush=True)
+                totals[i] += us
+        i_best = min(range(len(cfgs)), key=totals.__getitem__)
+        best[max_m] = cfgs[i_best]
+        print(f"best M<={max_m}: {cfgs[i_best]}", flush=True)
+    return best
+
+
+def measure(k, n, m, wq, s, w_bf16, w_f32, cap, num_sms, configs) -> dict:
+    """One table row: every path on the same data, errors vs the fp32 exact reference."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ w_f32.T
+    cfg = configs.soft_fp8_config(cap, m)
+
+    def err(y):
+        return ((y.float() - ref).norm() / ref.norm()).item()
+
+    def soft():
+        return fp8_gemm(x, wq, s, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True)
+
+    row = {"K": k, "N": n, "M": m, "soft_config": dataclasses.asdict(cfg)}
+    row["soft_fp8_us"] = bench_us(soft)
+    row["max_rel_err"] = err(soft())
+    row["native_fp8_us"] = None
+    if cap >= (8, 9):
+        from chitu_nvidia.native_fp8 import native_config, native_fp8_gemm
+
+        def native():
+            return native_fp8_gemm(x, wq.view(torch.float8_e4m3fn), s, None, native_config(m))
+
+        row["native_fp8_us"] = bench_us(native)
+        row["native_rel_err"] = err(native())
+    row["cublas_bf16_us"] = bench_us(lambda: F.linear(x, w_bf16))
+    row["cublas_rel_err"] = err(F.linear(x, w_bf16))
+    row["naive_us"] = bench_us(lambda: F.linear(x, dequantize_block_fp8(wq, s, torch.bfloat16)))
+    row["roofline_us"] = roofline_us(m, n, k)
+    row["pct_roofline"] = 100 * row["roofline_us"] / row["soft_fp8_us"]
+    row["speedup_vs_cublas"] = row["cublas_bf16_us"] / row["soft_fp8_us"]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="gemm.json")
+    ap.add_argument("--tune", default=None, help="sweep configs first, write the winners here")
+    ap.add_argument("--tune-budget-s", type=float, default=180)
+    ap.add_argument("--shapes", default="all", help="'all' or comma list of KxN")
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    args = ap.parse_args()
+
+    from chitu_nvidia import configs, linear
+
+    props = torch.cuda.get_device_properties(0)
+    cap = (props.major, props.minor)
+    num_sms = props.multi_processor_count
+    if args.tune:
+        best = tune(num_sms, args.tune_budget_s)
+        table = tuple(configs.ConfigRow(mm, cfg) for mm, cfg in sorted(best.items()))
+        configs.SOFT_FP8_TABLES[cap] = table
+        with open(args.tune, "w") as f:
+            json.dump({str(mm): dataclasses.asdict(c) for mm, c in best.items()}, f, indent=1)
+    shapes = (
+        SHAPES
+        if args.shapes == "all"
+        else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    )
+    ms = [int(m) for m in args.ms.split(",")]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows = []
+    header = f"{'K':>6} {'N':>6} {'M':>5} | {'soft':>8} {'native':>8} {'cublas':>8} {'naive':>8} {'roof':>8} | {'%roof':>5} {'xcublas':>7} {'err':>8}"  # noqa: E501
+    print(header, flush=True)
+    for k, n in shapes:
+        wq, s = make_weight(n, k)
+        w_bf16 = dequantize_block_fp8(wq, s, torch.bfloat16)
+        w_f32 = dequantize_block_fp8(wq, s, torch.float32)
+        for m in ms:
+            row = measure(k, n, m, wq, s, w_bf16, w_f32, cap, num_sms, configs)
+            rows.append(row)
+            nat_us = row["native_fp8_us"] or float("nan")
+            print(f"{k:>6} {n:>6} {m:>5} | {row['soft_fp8_us']:8.1f} {nat_us:8.1f} {row['cublas_bf16_us']:8.1f} "
+                  f"{row['naive_us']:8.1f} {row['roofline_us']:8.1f} | {row['pct_roofline']:5.1f} "
+                  f"{row['speedup_vs_cublas']:7.2f} {row['max_rel_err']:8.1e}", flush=True)  # fmt: skip
+        torch.cuda.empty_cache()
+    out = {
+        "gpu": props.name,
+        "compute_capability": f"{props.major}.{props.minor}",
+        "num_sms": num_sms,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "timing": "triton.testing.do_bench median, L2 flushed before each call",
+        "roofline": f"max(bytes / {HBM_BYTES_PER_S:.3g} B/s, 2MNK / {BF16_FLOPS_PER_S:.3g} FLOP/s)",
+        "soft_fp8_table": {
+            str(r.max_m): dataclasses.asdict(r.config) for r in configs.SOFT_FP8_TABLES.get(cap, ())
+        },
+        "rows": rows,
+    }
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    linear.device_props.cache_clear()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+"""Random-weight demo checkpoints in HF format (``chitu demo-model``).
+
+A fresh machine has no model to serve; ``ensure_demo_model`` writes a small
+DeepSeek-V3-shaped checkpoint once (FP8 block weights with ``weight_scale_inv``,
+like the published one) under the cache directory so the engine can start at
+once. The weights are RANDOM: the README, config.json (``chitu_demo``) and the
+CLI all say so. The files are what a real checkpoint carries (config.json,
+two safetensors shards with their index, generation_config.json, tokenizer)
+and load in HF transformers as well as in Chitu. A seeded generator makes the
+files identical on every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from chitu_core.demo_tokenizer import (
+    BOS_TOKEN,
+    END_OF_TEXT_TOKEN,
+    EOS_TOKEN,
+    special_token_ids,
+    write_demo_tokenizer,
+)
+from chitu_core.quant import quantize_block_fp8
+
+ARCHS = ("deepseek_v3", "llama")
+SIZES = ("tiny", "small")
+NUM_SHARDS = 2
+# Bump when the generated files change, so cached demo models are rewritten.
+DEMO_VERSION = 1
+RANDOM_NOTICE = "random weights"
+
+_DEEPSEEK_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        vocab_size=512, hidden_size=256, intermediate_size=384, moe_intermediate_size=128,
+        num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
+        q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+        n_shared_experts=1, max_position_embeddings=2048, original_max_position_embeddings=512,
+    ),
+    "small": dict(
+        vocab_size=512, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+        num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8,
+        q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+        n_shared_experts=1, max_position_embeddings=4096, original_max_position_embeddings=1024,
+    ),
+}  # fmt: skip
+
+_LLAMA_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+        original_max_position_embeddings=512,
+    ),
+    "small": dict(
+        vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+        original_max_position_embeddings=1024,
+    ),
+}  # fmt: skip
+
+
+def _token_ids(vocab_size: int) -> dict[str, Any]:
+    ids = special_token_ids(vocab_size)
+    return {
+        "bos_token_id": ids[BOS_TOKEN],
+        "eos_token_id": ids[EOS_TOKEN],
+        "pad_token_id": ids[END_OF_TEXT_TOKEN],
+    }
+
+
+def _deepseek_config(size: str) -> dict[str, Any]:
+    s = dict(_DEEPSEEK_SIZES[size])
+    original = s.pop("original_max_position_embeddings")
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        **s,
+        "num_key_value_heads": s["num_attention_heads"],
+        "routed_scaling_factor": 2.5,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "norm_topk_prob": True,
+        "moe_layer_freq": 1,
+        "num_nextn_predict_layers": 0,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 4.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "original_max_position_embeddings": original,
+        },
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        **_token_ids(s["vocab_size"]),
+    }
+
+
+def _llama_config(size: str) -> dict[str, Any]:
+    s = dict(_LLAMA_SIZES[size])
+    original = s.pop("original_max_position_embeddings")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **s,
+        "head_dim": s["hidden_size"] // s["num_attention_heads"],
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": original,
+        },
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        **_token_ids(s["vocab_size"]),
+    }
+
+
+# Tensor kinds: "embed" (std 1), "linear" (std 1/sqrt(fan_in), FP8-able), "head" (the LM
+# head, std 1/sqrt(fan_in), never FP8), "norm" (1 + small noise), "gate" (MoE router,
+# bf16), "bias" (e_score_correction_bias, fp32, small).
+def _deepseek_tensors(c: dict[str, Any]) -> list[tuple[str, tuple[int, ...], str]]:
+    h, heads = c["hidden_size"], c["num_attention_heads"]
+    nope, rope, v = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    q_rank, kv_rank = c["q_lora_rank"], c["kv_lora_rank"]
+    specs: list[tuple[str, tuple[int, ...], str]] = [
+        ("model.embed_tokens.weight", (c["vocab_size"], h), "embed")
+    ]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        a = f"{p}.self_attn"
+        specs += [
+            (f"{p}.input_layernorm.weight", (h,), "norm"),
+            (f"{a}.q_a_proj.weight", (q_rank, h), "linear"),
+            (f"{a}.q_a_layernorm.weight", (q_rank,), "norm"),
+            (f"{a}.q_b_proj.weight", (heads * (nope + rope), q_rank), "linear"),
+            (f"{a}.kv_a_proj_with_mqa.weight", (kv_rank + rope, h), "linear"),
+            (f"{a}.kv_a_layernorm.weight", (kv_rank,), "norm"),
+            (f"{a}.kv_b_proj.weight", (heads * (nope + v), kv_rank), "linear"),
+            (f"{a}.o_proj.weight", (h, heads * v), "linear"),
+            (f"{p}.post_attention_layernorm.weight", (h,), "norm"),
+        ]
+        if i < c["first_k_dense_replace"]:
+            specs += _swiglu(f"{p}.mlp", h, c["intermediate_size"])
+            continue
+        experts, inter = c["n_routed_experts"], c["moe_intermediate_size"]
+        specs += [
+            (f"{p}.mlp.gate.weight", (experts, h), "gate"),
+            (f"{p}.mlp.gate.e_score_correction_bias", (experts,), "bias"),
+        ]
+        for e in range(experts):
+            specs += _swiglu(f"{p}.mlp.experts.{e}", h, inter)
+        specs += _swiglu(f"{p}.mlp.shared_experts", h, c["n_shared_experts"] * inter)
+    specs += [
+        ("model.norm.weight", (h,), "norm"),
+        ("lm_head.weight", (c["vocab_size"], h), "head"),
+    ]
+    return specs
+
+
+def _llama_tensors(c: dict[str, Any]) -> list[tuple[str, tuple[int, ...], str]]:
+    h, d = c["hidden_size"], c["head_dim"]
+    q_rows, kv_rows = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+    specs: list[tuple[str, tuple[int, ...], str]] = [
+        ("model.embed_tokens.weight", (c["vocab_size"], h), "embed")
+    ]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        specs += [
+            (f"{p}.input_layernorm.weight", (h,), "norm"),
+            (f"{p}.self_attn.q_proj.weight", (q_rows, h), "linear"),
+            (f"{p}.self_attn.k_proj.weight", (kv_rows, h), "linear"),
+            (f"{p}.self_attn.v_proj.weight", (kv_rows, h), "linear"),
+            (f"{p}.self_attn.o_proj.weight", (h, q_rows), "linear"),
+            (f"{p}.post_attention_layernorm.weight", (h,), "norm"),
+            *_swiglu(f"{p}.mlp", h, c["intermediate_size"]),
+        ]
+    specs += [
+        ("model.norm.weight", (h,), "norm"),
+        ("lm_head.weight", (c["vocab_size"], h), "head"),
+    ]
+    return specs
+
+
+def _swiglu(prefix: str, hidden: int, inter: int) -> list[tuple[str, tuple[int, ...], str]]:
+    return [
+        (f"{prefix}.gate_proj.weight", (inter, hidden), "linear"),
+        (f"{prefix}.up_proj.weight", (inter, hidden), "linear"),
+        (f"{prefix}.down_proj.weight", (hidden, inter), "linear"),
+    ]
+
+
+def _random_tensors(
+    specs: list[tuple[str, tuple[int, ...], str]], seed: int, fp8: bool
+) -> dict[str, torch.Tensor]:
+    """Draw every tensor from one seeded generator, in ``specs`` order."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, shape, kind in specs:
+        noise = torch.randn(shape, generator=gen)
+        if kind == "norm":
+            tensors[name] = (1.0 + 0.1 * noise).to(torch.bfloat16)
+        elif kind == "bias":
+            tensors[name] = 0.01 * noise  # fp32, like the real checkpoint
+        elif kind == "embed":
+            tensors[name] = noise.to(torch.bfloat16)
+        else:  # linear, head, gate: std 1/sqrt(fan_in) keeps activations O(1)
+            weight = (noise / math.sqrt(shape[-1])).to(torch.bfloat16)
+            if kind == "linear" and fp8:
+                prefix = name.removesuffix(".weight")
+                tensors[name], tensors[f"{prefix}.weight_scale_inv"] = quantize_block_fp8(weight)
+            else:
+                tensors[name] = weight
+    return tensors
+
+
+def _write_shards(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``model-0000i-of-0000N.safetensors`` split by bytes, plus the index."""
+    names = list(tensors)
+    sizes = [tensors[n].numel() * tensors[n].element_size() for n in names]
+    total = sum(sizes)
+    shards: list[list[str]] = [[] for _ in range(NUM_SHARDS)]
+    shard_of: dict[str, int] = {}
+    written = 0
+    for name, size in zip(names, sizes, strict=True):
+        weight_name = name.removesuffix("_scale_inv")  # a scale stays with its weight
+        shard = shard_of.get(
+            weight_name, min(NUM_SHARDS - 1, written * NUM_SHARDS // max(total, 1))
+        )
+        shard_of[name] = shard
+        shards[shard].append(name)
+        written += size
+    weight_map: dict[str, str] = {}
+    for i, shard_names in enumerate(shards):
+        filename = f"model-{i + 1:05d}-of-{NUM_SHARDS:05d}.safetensors"
+        save_file(
+            {n: tensors[n].contiguous() for n in shard_names},
+            str(path / filename),
+            metadata={"format": "pt"},
+        )
+        weight_map.update(dict.fromkeys(shard_names, filename))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _write_json(path / "model.safetensors.index.json", index)
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    path.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def write_demo_model(
+    path: str | Path,
+    arch: str = "deepseek_v3",
+    size: str = "tiny",
+    seed: int = 0,
+    fp8: bool | None = None,
+) -> Path:
+    """Write a random-weight HF checkpoint of ``arch`` and ``size`` into ``path``.
+
+    Args:
+        path: directory (created if missing; existing files of the same names are replaced).
+        arch: ``"deepseek_v3"`` (MLA + MoE) or ``"llama"`` (dense GQA, llama3 rope).
+        size: ``"tiny"`` (tests) or ``"small"`` (the default served demo; fast on a CPU).
+        seed: seeds the weights; the same arguments always give the same files.
+        fp8: store linear weights as FP8 e4m3 with 128x128 ``weight_scale_inv``
+            (default: True for deepseek_v3, as published, False for llama).
+
+    Returns the directory. Raises ValueError for an unknown arch or size.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown demo arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown demo size {size!r}; choose one of {', '.join(SIZES)}")
+    fp8 = (arch == "deepseek_v3") if fp8 is None else fp8
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = _deepseek_config(size) if arch == "deepseek_v3" else _llama_config(size)
+    specs = _deepseek_tensors(config) if arch == "deepseek_v3" else _llama_tensors(config)
+    config.update(
+        torch_dtype="bfloat16",
+        dtype="bfloat16",
+        chitu_demo=RANDOM_NOTICE,
+        chitu_demo_version=DEMO_VERSION,
+    )
+    if fp8:
+        config["quantization_config"] = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+        }
+    _write_shards(path, _random_tensors(specs, seed, fp8))
+    _write_json(path / "config.json", config)
+    ids = _token_ids(config["vocab_size"])
+    generation = {
+        "bos_token_id": ids["bos_token_id"],
+        "eos_token_id": [ids["eos_token_id"], ids["pad_token_id"]],
+        "pad_token_id": ids["pad_token_id"],
+    }
+    _write_json(path / "generation_config.json", generation)
+    write_demo_tokenizer(
+        path, config["vocab_size"], model_max_length=config["max_position_embeddings"]
+    )
+    kind = "FP8 block-128" if fp8 else "bf16"
+    (path / "README.md").write_text(
+        "RANDOM WEIGHTS: this checkpoint was generated by `chitu demo-model` and its output is meaningless.\n"
+        "\n"
+        f"A {size} {arch} model ({kind} weights, seed {seed}) in HF format, for trying Chitu\n"
+        "(and its tests) without downloading a real model. Do not use it for anything else.\n"
+    )
+    return path
+
+
+def default_demo_model_dir(arch: str = "deepseek_v3", size: str = "small") -> Path:
+    """Where the demo model is cached: ``$CHITU_CACHE_DIR/demo-<arch>-<size>`` or
+    ``~/.cache/chitu/demo-<arch>-<size>``."""
+    root = os.environ.get("CHITU_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "chitu"
+    return base / f"demo-{arch}-{size}"
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return config.get("chitu_demo_version") == DEMO_VERSION
+
+
+def ensure_demo_model(arch: str = "deepseek_v3", size: str = "small") -> Path:
+    """The cached demo model, written once (into a temporary directory, then renamed,
+    so a crash or a concurrent writer never leaves a half-written model behind)."""
+    target = default_demo_model_dir(arch, size)
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write_demo_model(tmp, arch, size)
+        if target.exists():  # an older demo version: move it aside, then drop it
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.rename(target, stale / "model")
+            shutil.rmtree(stale, ignore_errors=True)
+        os.rename(tmp, target)
+    except OSError:
+        if not _is_complete(target):  # not just a concurrent writer that got there first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _cmd_demo_model(args: argparse.Namespace) -> int:
+    path = write_demo_model(
+        args.path, args.arch, args.size, args.seed, False if args.no_fp8 else None
+    )
+    print(f"wrote a {args.size} {args.arch} demo model with RANDOM weights to {path}")
+    return 0
+
+
+def add_demo_model_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``chitu demo-model PATH [--arch] [--size] [--seed] [--no-fp8]``."""
+    p = subparsers.add_parser(
+        "demo-model", help="write a small random-weight checkpoint (HF format) to PATH"
+    )
+    p.add_argument("path", type=Path, help="output directory")
+    p.add_argument(
+        "--arch", choices=ARCHS, default="deepseek_v3", help="architecture (default: deepseek_v3)"
+    )
+    p.add_argument("--size", choices=SIZES, default="small", help="model size (default: small)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    p.add_argument(
+        "--no-fp8", action="store_true", help="bf16 weights (deepseek_v3 defaults to FP8 block-128)"
+    )
+    p.set_defaults(func=_cmd_demo_model)
+    return p

@@ -1,0 +1,70 @@
+"""NVIDIA plugin checks that need no GPU: weight handles, hook names, native kernels compile for sm_90."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from chitu_core import hookspecs
+from chitu_core.quant import FORMAT_FP8_BLOCK128, FORMAT_UNQUANTIZED, quantize_block_fp8
+
+pytest.importorskip("triton")
+from chitu_nvidia import plugin  # noqa: E402
+from chitu_nvidia.weight import NvidiaWeight  # noqa: E402
+
+
+def test_hookimpl_names_match_specs():
+    import inspect
+
+    for name, fn in vars(plugin).items():
+        if name.startswith("chitu_") and callable(fn):
+            spec = getattr(hookspecs, name)
+            impl_args = list(inspect.signature(fn).parameters)
+            spec_args = list(inspect.signature(spec).parameters)
+            assert set(impl_args) <= set(spec_args), name
+
+
+def test_prepare_weight_keeps_fp8_one_byte():
+    w, s = quantize_block_fp8(torch.randn(300, 260))
+    h = plugin.chitu_prepare_weight(w, s, FORMAT_FP8_BLOCK128)
+    assert isinstance(h, NvidiaWeight)
+    assert h.weight.dtype == torch.uint8 and h.weight.element_size() == 1
+    assert torch.equal(h.weight, w.view(torch.uint8))
+    assert h.out_features == 300 and h.in_features == 260 and h.num_experts is None
+    torch.testing.assert_close(h.as_quantized().dequantize(), h.as_quantized().dequantize())
+
+
+def test_prepare_weight_experts_and_dense():
+    w, s = quantize_block_fp8(torch.randn(4, 256, 128))
+    h = plugin.chitu_prepare_weight(w, s, FORMAT_FP8_BLOCK128)
+    assert h.num_experts == 4 and h.scale.shape == (4, 2, 1)
+    d = plugin.chitu_prepare_weight(torch.randn(8, 16).bfloat16(), None, FORMAT_UNQUANTIZED)
+    assert d.weight.dtype == torch.bfloat16 and d.scale is None
+    with pytest.raises(ValueError):
+        plugin.chitu_prepare_weight(w, None, FORMAT_FP8_BLOCK128)
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiles kernels"
+)
+def test_native_fp8_kernels_compile_for_sm90():
+    import triton
+    from chitu_nvidia.native_fp8 import act_quant_kernel, w8a8_block_gemm_kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", 90, 32)
+    sig = {"x_ptr": "*bf16", "xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
+           "num_groups": "i32", "GROUPS_PER_PROGRAM": "constexpr"}  # fmt: skip
+    triton.compile(ASTSource(act_quant_kernel, sig, {"GROUPS_PER_PROGRAM": 8}), target=target)
+    sig = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32",
+           "bias_ptr": "*bf16", "c_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+           "stride_bsn": "i32", "stride_bsk": "i32"}  # fmt: skip
+    const = {"HAS_BIAS": True, "EVEN_K": True, "BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}
+    sig.update(dict.fromkeys(const, "constexpr"))
+    k = triton.compile(
+        ASTSource(w8a8_block_gemm_kernel, sig, const), target=target, options={"num_warps": 8}
+    )
+    assert "cubin" in k.asm

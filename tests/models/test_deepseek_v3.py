@@ -1,0 +1,256 @@
+"""DeepSeek-V3 on cpu_ref: parity with HF transformers, FP8 vs dequantized, MLA, MTP skip.
+
+All on the tiny random demo checkpoint (``chitu_core.demo_model``), in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import allocate_caches, hf_greedy, run_greedy, single_sequence_batch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from chitu_core.backend import load_backend
+from chitu_core.demo_model import write_demo_model
+from chitu_core.loader import load_model
+from chitu_core.models.deepseek_v3 import DeepseekV3Config
+from chitu_core.quant import dequantize_block_fp8
+
+PROMPT = [3, 77, 12, 400, 5, 9, 250, 31, 8, 100, 42, 7]  # 12 tokens
+NUM_NEW_TOKENS = 32
+# Both sides compute in fp32 from the same bf16 weights; they differ only in
+# summation order (absorbed vs expanded attention, cpu_ref's fp64 GEMMs vs
+# torch's fp32 ones). Measured: ~2.4e-6 on logits of magnitude ~3. 1e-4 leaves
+# margin for other BLAS builds while a real bug moves logits by far more
+# (swapping the rope pairing: 1.1; dropping the YaRN mscale: 2.3).
+HF_LOGIT_ATOL = 1e-4
+# FP8 run vs its dequantized fp32 twin: the same weights up to one fp32 rounding
+# of e4m3 * scale (cpu_ref keeps the FP8 product exact in fp64). Measured ~1e-6.
+FP8_LOGIT_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return load_backend("cpu_ref")
+
+
+@pytest.fixture(scope="module")
+def bf16_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_model(tmp_path_factory.mktemp("ds_bf16"), "deepseek_v3", "tiny", fp8=False)
+
+
+@pytest.fixture(scope="module")
+def fp8_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_model(tmp_path_factory.mktemp("ds_fp8"), "deepseek_v3", "tiny", fp8=True)
+
+
+def _load(path: Path, ops):
+    model, _ = load_model(path, ops, torch.float32, show_progress=False)
+    return model
+
+
+def test_logits_and_greedy_match_hf_transformers(bf16_ckpt: Path, ops) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(bf16_ckpt, dtype=torch.float32)
+    hf_logits, hf_tokens = hf_greedy(hf, PROMPT, NUM_NEW_TOKENS)
+
+    logits, tokens = run_greedy(_load(bf16_ckpt, ops), ops, PROMPT, NUM_NEW_TOKENS)
+
+    max_diff = (logits - hf_logits).abs().max().item()
+    assert max_diff < HF_LOGIT_ATOL, f"max |logit diff| vs HF = {max_diff:.3g}"
+    assert tokens == hf_tokens
+
+
+def _dequantized_twin(src: Path, dst: Path) -> Path:
+    """Copy of an FP8 checkpoint whose linear weights are the dequantized values, in fp32."""
+    shutil.copytree(src, dst)
+    index_path = dst / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    tensors = {}
+    for shard in sorted(dst.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    for name in [n for n in tensors if n.endswith(".weight_scale_inv")]:
+        weight = name.removesuffix("_scale_inv")
+        tensors[weight] = dequantize_block_fp8(tensors[weight], tensors.pop(name), torch.float32)
+        del index["weight_map"][name]
+    for shard in sorted(set(index["weight_map"].values())):
+        names = [n for n, f in index["weight_map"].items() if f == shard]
+        save_file({n: tensors[n] for n in names}, dst / shard, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    config = json.loads((dst / "config.json").read_text())
+    del config["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_fp8_checkpoint_matches_its_dequantized_twin(fp8_ckpt: Path, tmp_path: Path, ops) -> None:
+    fp8_model = _load(fp8_ckpt, ops)
+    assert fp8_model.layers[1].mlp.w13.weight.dtype == torch.float8_e4m3fn  # stays FP8
+    twin = _load(_dequantized_twin(fp8_ckpt, tmp_path / "twin"), ops)
+
+    logits, tokens = run_greedy(fp8_model, ops, PROMPT, NUM_NEW_TOKENS)
+    twin_logits, twin_tokens = run_greedy(twin, ops, PROMPT, NUM_NEW_TOKENS)
+
+    max_diff = (logits - twin_logits).abs().max().item()
+    assert max_diff < FP8_LOGIT_ATOL, f"max |logit diff| FP8 vs dequantized = {max_diff:.3g}"
+    assert tokens == twin_tokens
+
+
+def _naive_mla(
+    attn, cfg: DeepseekV3Config, kv_b: torch.Tensor, x: torch.Tensor, cos_sin
+) -> torch.Tensor:
+    """Textbook MLA in fp64: expand the latent into per-head keys and values with the
+    checkpoint's ``kv_b_proj``, then causal softmax attention, then ``o_proj``."""
+    tokens, heads = x.shape[0], cfg.num_attention_heads
+    n, r = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    q_nope, q_pe, latent = attn.project(x, torch.arange(tokens), cos_sin)
+    c_kv, k_pe = latent[:, 0, :r].double(), latent[:, 0, r:].double()  # [T, R], [T, P]
+    kv = (c_kv @ kv_b.double().t()).view(tokens, heads, n + cfg.v_head_dim)
+    k_nope, v = kv[..., :n], kv[..., n:]  # [T, H, N], [T, H, V]
+    k = torch.cat([k_nope, k_pe[:, None].expand(-1, heads, -1)], dim=-1)  # [T, H, N+P]
+    q = torch.cat([q_nope, q_pe], dim=-1).double()  # [T, H, N+P]
+    scores = torch.einsum("shd,thd->hst", q, k) * cfg.softmax_scale  # [H, T, T]
+    causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    out = torch.einsum("hst,thv->shv", probs, v)  # [T, H, V]
+    return attn.ops.linear(out.reshape(tokens, -1).float(), attn.o, None)
+
+
+@torch.inference_mode()
+def test_absorbed_mla_matches_naive_mla(bf16_ckpt: Path, ops) -> None:
+    model = _load(bf16_ckpt, ops)
+    cfg, attn, block_size = model.cfg, model.layers[0].attn, 4
+    with safe_open(str(next(bf16_ckpt.glob("*00001*.safetensors"))), "pt") as shard:
+        kv_b = shard.get_tensor("model.layers.0.self_attn.kv_b_proj.weight").float()
+    tokens = 10
+    x = torch.randn(tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    expected = _naive_mla(attn, cfg, kv_b, x, model.cos_sin)
+
+    block_ids = [1, 2, 3]
+    (cache,) = allocate_caches(model, ops, 4, block_size)[:1]
+    prefill = single_sequence_batch(list(range(tokens)), 0, block_ids, block_size, model.device)
+    torch.testing.assert_close(
+        attn(x, prefill, cache, model.cos_sin), expected, atol=1e-5, rtol=1e-5
+    )
+
+    # Decode: one token per step over the latent cache the earlier steps wrote.
+    (cache,) = allocate_caches(model, ops, 4, block_size)[:1]
+    decoded = [
+        attn(
+            x[t : t + 1],
+            single_sequence_batch([0], t, block_ids, block_size, model.device),
+            cache,
+            model.cos_sin,
+        )
+        for t in range(tokens)
+    ]
+    torch.testing.assert_close(torch.cat(decoded), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mtp_layer_is_skipped_with_a_log_line(
+    bf16_ckpt: Path, tmp_path: Path, ops, caplog: pytest.LogCaptureFixture
+) -> None:
+    ckpt = shutil.copytree(bf16_ckpt, tmp_path / "with_mtp")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    (ckpt / "config.json").write_text(json.dumps(config))
+    mtp_layer = config["num_hidden_layers"]
+    hidden = config["hidden_size"]
+    mtp = {  # a few of the real MTP layer's tensors
+        f"model.layers.{mtp_layer}.{name}": torch.ones(shape, dtype=torch.bfloat16)
+        for name, shape in [
+            ("enorm.weight", (hidden,)),
+            ("hnorm.weight", (hidden,)),
+            ("eh_proj.weight", (hidden, 2 * hidden)),
+            ("input_layernorm.weight", (hidden,)),
+            ("shared_head.head.weight", (config["vocab_size"], hidden)),
+        ]
+    }
+    save_file(mtp, ckpt / "mtp.safetensors", metadata={"format": "pt"})
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update(dict.fromkeys(mtp, "mtp.safetensors"))
+    index_path.write_text(json.dumps(index))
+
+    with caplog.at_level(logging.INFO):
+        model = _load(ckpt, ops)
+    skip_lines = [r for r in caplog.records if "multi-token-prediction" in r.getMessage()]
+    assert len(skip_lines) == 1 and skip_lines[0].levelno == logging.INFO
+    assert f"model.layers.{mtp_layer}" in skip_lines[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(model.layers) == mtp_layer
+
+    logits, _ = run_greedy(model, ops, PROMPT, 1)
+    reference, _ = run_greedy(_load(bf16_ckpt, ops), ops, PROMPT, 1)
+    torch.testing.assert_close(logits, reference, atol=0, rtol=0)
+
+
+def test_tied_embeddings_match_hf(bf16_ckpt: Path, tmp_path: Path, ops) -> None:
+    transformers = pytest.importorskip("transformers")
+    ckpt = shutil.copytree(bf16_ckpt, tmp_path / "tied")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (ckpt / "config.json").write_text(json.dumps(config))
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = ckpt / index["weight_map"].pop("lm_head.weight")
+    index_path.write_text(json.dumps(index))
+    tensors = load_file(shard)
+    del tensors["lm_head.weight"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    with torch.inference_mode():
+        hf_logits = hf(torch.tensor([PROMPT])).logits[0, -1]
+    logits, _ = run_greedy(_load(ckpt, ops), ops, PROMPT, 1)
+    assert (logits - hf_logits).abs().max().item() < HF_LOGIT_ATOL
+
+
+def test_kv_cache_layout_is_the_latent(bf16_ckpt: Path, ops) -> None:
+    layout = _load(bf16_ckpt, ops).kv_cache_layout()
+    assert (layout.num_layers, layout.num_kv_heads, layout.key_dim, layout.value_dim) == (
+        3,
+        1,
+        128 + 16,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("n_group", 3, "n_group"),
+        ("topk_group", 8, "topk_group"),
+        ("num_experts_per_tok", 7, "num_experts_per_tok"),
+        ("qk_rope_head_dim", 15, "even"),
+        ("scoring_func", "relu", "scoring_func"),
+        ("kv_lora_rank", None, "kv_lora_rank"),
+    ],
+)
+def test_bad_config_raises_value_error(bf16_ckpt: Path, field: str, value, message: str) -> None:
+    config = json.loads((bf16_ckpt / "config.json").read_text())
+    if value is None:
+        del config[field]
+    else:
+        config[field] = value
+    with pytest.raises(ValueError, match=message):
+        DeepseekV3Config.from_dict(config)
+
+
+def test_demo_checkpoint_is_labelled_random_and_reproducible(
+    fp8_ckpt: Path, tmp_path: Path
+) -> None:
+    assert "RANDOM" in (fp8_ckpt / "README.md").read_text().splitlines()[0]
+    config = json.loads((fp8_ckpt / "config.json").read_text())
+    assert config["chitu_demo"] == "random weights"
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    assert len(list(fp8_ckpt.glob("model-*-of-00002.safetensors"))) == 2
+    again = write_demo_model(tmp_path / "again", "deepseek_v3", "tiny", fp8=True)
+    for shard in fp8_ckpt.glob("*.safetensors"):
+        assert (again / shard.name).read_bytes() == shard.read_bytes()
