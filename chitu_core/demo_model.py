@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -32,6 +33,8 @@ from chitu_core.demo_tokenizer import (
     write_demo_tokenizer,
 )
 from chitu_core.quant import quantize_block_fp8
+
+logger = logging.getLogger(__name__)
 
 ARCHS = ("deepseek_v3", "llama")
 SIZES = ("tiny", "small")
@@ -71,6 +74,15 @@ _LLAMA_SIZES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+# Fields both architectures share; the rest is per architecture and size.
+_COMMON: dict[str, Any] = dict(
+    hidden_act="silu", attention_bias=False, attention_dropout=0.0, initializer_range=0.02,
+    tie_word_embeddings=False, use_cache=True,
+)  # fmt: skip
+
+Spec = tuple[str, tuple[int, ...], str]  # (tensor name, shape, kind)
+
+
 def _token_ids(vocab_size: int) -> dict[str, Any]:
     ids = special_token_ids(vocab_size)
     return {
@@ -80,65 +92,38 @@ def _token_ids(vocab_size: int) -> dict[str, Any]:
     }
 
 
-def _deepseek_config(size: str) -> dict[str, Any]:
-    s = dict(_DEEPSEEK_SIZES[size])
-    original = s.pop("original_max_position_embeddings")
+def _config(arch: str, size: str) -> dict[str, Any]:
+    """config.json as the published checkpoints of ``arch`` write it, at demo ``size``."""
+    if arch == "deepseek_v3":
+        s = dict(_DEEPSEEK_SIZES[size])
+        rope_scaling = dict(
+            type="yarn", factor=4.0, mscale=1.0, mscale_all_dim=1.0, beta_fast=32, beta_slow=1,
+            original_max_position_embeddings=s.pop("original_max_position_embeddings"),
+        )  # fmt: skip
+        specific = dict(
+            num_key_value_heads=s["num_attention_heads"], routed_scaling_factor=2.5,
+            topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, moe_layer_freq=1,
+            num_nextn_predict_layers=0, rms_norm_eps=1e-6, rope_theta=10000.0,
+        )  # fmt: skip
+        architecture = "DeepseekV3ForCausalLM"
+    else:
+        s = dict(_LLAMA_SIZES[size])
+        rope_scaling = dict(
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=s.pop("original_max_position_embeddings"),
+        )  # fmt: skip
+        specific = dict(
+            head_dim=s["hidden_size"] // s["num_attention_heads"], mlp_bias=False,
+            rms_norm_eps=1e-5, rope_theta=500000.0,
+        )  # fmt: skip
+        architecture = "LlamaForCausalLM"
     return {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "deepseek_v3",
+        "architectures": [architecture],
+        "model_type": arch,
         **s,
-        "num_key_value_heads": s["num_attention_heads"],
-        "routed_scaling_factor": 2.5,
-        "topk_method": "noaux_tc",
-        "scoring_func": "sigmoid",
-        "norm_topk_prob": True,
-        "moe_layer_freq": 1,
-        "num_nextn_predict_layers": 0,
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "rope_scaling": {
-            "type": "yarn",
-            "factor": 4.0,
-            "mscale": 1.0,
-            "mscale_all_dim": 1.0,
-            "beta_fast": 32,
-            "beta_slow": 1,
-            "original_max_position_embeddings": original,
-        },
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "tie_word_embeddings": False,
-        "use_cache": True,
-        **_token_ids(s["vocab_size"]),
-    }
-
-
-def _llama_config(size: str) -> dict[str, Any]:
-    s = dict(_LLAMA_SIZES[size])
-    original = s.pop("original_max_position_embeddings")
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        **s,
-        "head_dim": s["hidden_size"] // s["num_attention_heads"],
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": original,
-        },
-        "attention_bias": False,
-        "mlp_bias": False,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "tie_word_embeddings": False,
-        "use_cache": True,
+        **specific,
+        "rope_scaling": rope_scaling,
+        **_COMMON,
         **_token_ids(s["vocab_size"]),
     }
 
@@ -146,70 +131,61 @@ def _llama_config(size: str) -> dict[str, Any]:
 # Tensor kinds: "embed" (std 1), "linear" (std 1/sqrt(fan_in), FP8-able), "head" (the LM
 # head, std 1/sqrt(fan_in), never FP8), "norm" (1 + small noise), "gate" (MoE router,
 # bf16), "bias" (e_score_correction_bias, fp32, small).
-def _deepseek_tensors(c: dict[str, Any]) -> list[tuple[str, tuple[int, ...], str]]:
+def _tensor_specs(arch: str, c: dict[str, Any]) -> list[Spec]:
+    """Every tensor of the checkpoint, in file order."""
+    h, vocab = c["hidden_size"], c["vocab_size"]
+    layer = _deepseek_layer if arch == "deepseek_v3" else _llama_layer
+    specs: list[Spec] = [("model.embed_tokens.weight", (vocab, h), "embed")]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        specs += [
+            (f"{p}.input_layernorm.weight", (h,), "norm"),
+            *layer(c, i),
+            (f"{p}.post_attention_layernorm.weight", (h,), "norm"),
+        ]
+    return specs + [("model.norm.weight", (h,), "norm"), ("lm_head.weight", (vocab, h), "head")]
+
+
+def _deepseek_layer(c: dict[str, Any], i: int) -> list[Spec]:
     h, heads = c["hidden_size"], c["num_attention_heads"]
     nope, rope, v = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
     q_rank, kv_rank = c["q_lora_rank"], c["kv_lora_rank"]
-    specs: list[tuple[str, tuple[int, ...], str]] = [
-        ("model.embed_tokens.weight", (c["vocab_size"], h), "embed")
+    a, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+    specs: list[Spec] = [
+        (f"{a}.q_a_proj.weight", (q_rank, h), "linear"),
+        (f"{a}.q_a_layernorm.weight", (q_rank,), "norm"),
+        (f"{a}.q_b_proj.weight", (heads * (nope + rope), q_rank), "linear"),
+        (f"{a}.kv_a_proj_with_mqa.weight", (kv_rank + rope, h), "linear"),
+        (f"{a}.kv_a_layernorm.weight", (kv_rank,), "norm"),
+        (f"{a}.kv_b_proj.weight", (heads * (nope + v), kv_rank), "linear"),
+        (f"{a}.o_proj.weight", (h, heads * v), "linear"),
     ]
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        a = f"{p}.self_attn"
-        specs += [
-            (f"{p}.input_layernorm.weight", (h,), "norm"),
-            (f"{a}.q_a_proj.weight", (q_rank, h), "linear"),
-            (f"{a}.q_a_layernorm.weight", (q_rank,), "norm"),
-            (f"{a}.q_b_proj.weight", (heads * (nope + rope), q_rank), "linear"),
-            (f"{a}.kv_a_proj_with_mqa.weight", (kv_rank + rope, h), "linear"),
-            (f"{a}.kv_a_layernorm.weight", (kv_rank,), "norm"),
-            (f"{a}.kv_b_proj.weight", (heads * (nope + v), kv_rank), "linear"),
-            (f"{a}.o_proj.weight", (h, heads * v), "linear"),
-            (f"{p}.post_attention_layernorm.weight", (h,), "norm"),
-        ]
-        if i < c["first_k_dense_replace"]:
-            specs += _swiglu(f"{p}.mlp", h, c["intermediate_size"])
-            continue
-        experts, inter = c["n_routed_experts"], c["moe_intermediate_size"]
-        specs += [
-            (f"{p}.mlp.gate.weight", (experts, h), "gate"),
-            (f"{p}.mlp.gate.e_score_correction_bias", (experts,), "bias"),
-        ]
-        for e in range(experts):
-            specs += _swiglu(f"{p}.mlp.experts.{e}", h, inter)
-        specs += _swiglu(f"{p}.mlp.shared_experts", h, c["n_shared_experts"] * inter)
+    if i < c["first_k_dense_replace"]:
+        return specs + _swiglu(mlp, h, c["intermediate_size"])
+    experts, inter = c["n_routed_experts"], c["moe_intermediate_size"]
     specs += [
-        ("model.norm.weight", (h,), "norm"),
-        ("lm_head.weight", (c["vocab_size"], h), "head"),
+        (f"{mlp}.gate.weight", (experts, h), "gate"),
+        (f"{mlp}.gate.e_score_correction_bias", (experts,), "bias"),
     ]
-    return specs
+    for e in range(experts):
+        specs += _swiglu(f"{mlp}.experts.{e}", h, inter)
+    return specs + _swiglu(f"{mlp}.shared_experts", h, c["n_shared_experts"] * inter)
 
 
-def _llama_tensors(c: dict[str, Any]) -> list[tuple[str, tuple[int, ...], str]]:
+def _llama_layer(c: dict[str, Any], i: int) -> list[Spec]:
     h, d = c["hidden_size"], c["head_dim"]
     q_rows, kv_rows = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
-    specs: list[tuple[str, tuple[int, ...], str]] = [
-        ("model.embed_tokens.weight", (c["vocab_size"], h), "embed")
+    a = f"model.layers.{i}.self_attn"
+    return [
+        (f"{a}.q_proj.weight", (q_rows, h), "linear"),
+        (f"{a}.k_proj.weight", (kv_rows, h), "linear"),
+        (f"{a}.v_proj.weight", (kv_rows, h), "linear"),
+        (f"{a}.o_proj.weight", (h, q_rows), "linear"),
+        *_swiglu(f"model.layers.{i}.mlp", h, c["intermediate_size"]),
     ]
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        specs += [
-            (f"{p}.input_layernorm.weight", (h,), "norm"),
-            (f"{p}.self_attn.q_proj.weight", (q_rows, h), "linear"),
-            (f"{p}.self_attn.k_proj.weight", (kv_rows, h), "linear"),
-            (f"{p}.self_attn.v_proj.weight", (kv_rows, h), "linear"),
-            (f"{p}.self_attn.o_proj.weight", (h, q_rows), "linear"),
-            (f"{p}.post_attention_layernorm.weight", (h,), "norm"),
-            *_swiglu(f"{p}.mlp", h, c["intermediate_size"]),
-        ]
-    specs += [
-        ("model.norm.weight", (h,), "norm"),
-        ("lm_head.weight", (c["vocab_size"], h), "head"),
-    ]
-    return specs
 
 
-def _swiglu(prefix: str, hidden: int, inter: int) -> list[tuple[str, tuple[int, ...], str]]:
+def _swiglu(prefix: str, hidden: int, inter: int) -> list[Spec]:
     return [
         (f"{prefix}.gate_proj.weight", (inter, hidden), "linear"),
         (f"{prefix}.up_proj.weight", (inter, hidden), "linear"),
@@ -217,9 +193,7 @@ def _swiglu(prefix: str, hidden: int, inter: int) -> list[tuple[str, tuple[int, 
     ]
 
 
-def _random_tensors(
-    specs: list[tuple[str, tuple[int, ...], str]], seed: int, fp8: bool
-) -> dict[str, torch.Tensor]:
+def _random_tensors(specs: list[Spec], seed: int, fp8: bool) -> dict[str, torch.Tensor]:
     """Draw every tensor from one seeded generator, in ``specs`` order."""
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
@@ -300,8 +274,8 @@ def write_demo_model(
     fp8 = (arch == "deepseek_v3") if fp8 is None else fp8
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = _deepseek_config(size) if arch == "deepseek_v3" else _llama_config(size)
-    specs = _deepseek_tensors(config) if arch == "deepseek_v3" else _llama_tensors(config)
+    config = _config(arch, size)
+    specs = _tensor_specs(arch, config)
     config.update(
         torch_dtype="bfloat16",
         dtype="bfloat16",
@@ -359,6 +333,7 @@ def ensure_demo_model(arch: str = "deepseek_v3", size: str = "small") -> Path:
     target = default_demo_model_dir(arch, size)
     if _is_complete(target):
         return target
+    logger.info("writing the %s %s demo model (random weights) to %s", size, arch, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
