@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,13 +27,16 @@ PROMPT = [3, 77, 12, 400, 5, 9, 250, 31, 8, 100, 42, 7]  # 12 tokens
 NUM_NEW_TOKENS = 32
 # Both sides compute in fp32 from the same bf16 weights; they differ only in
 # summation order (absorbed vs expanded attention, cpu_ref's fp64 GEMMs vs
-# torch's fp32 ones). Measured: ~2.4e-6 on logits of magnitude ~3. 1e-4 leaves
+# torch's fp32 ones). Measured: ~2e-6 on logits of magnitude ~3. 1e-4 leaves
 # margin for other BLAS builds while a real bug moves logits by far more
 # (swapping the rope pairing: 1.1; dropping the YaRN mscale: 2.3).
 HF_LOGIT_ATOL = 1e-4
 # FP8 run vs its dequantized fp32 twin: the same weights up to one fp32 rounding
 # of e4m3 * scale (cpu_ref keeps the FP8 product exact in fp64). Measured ~1e-6.
 FP8_LOGIT_ATOL = 1e-4
+# One MLA layer, absorbed (fp32, paged cache) vs naive (fp64, expanded K/V): only
+# summation order and fp32 rounding differ. Measured ~1e-6 on outputs of magnitude ~1.
+MLA_ATOL = MLA_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -67,32 +71,32 @@ def test_logits_and_greedy_match_hf_transformers(bf16_ckpt: Path, ops) -> None:
     assert tokens == hf_tokens
 
 
-def _dequantized_twin(src: Path, dst: Path) -> Path:
-    """Copy of an FP8 checkpoint whose linear weights are the dequantized values, in fp32."""
-    shutil.copytree(src, dst)
-    index_path = dst / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    tensors = {}
-    for shard in sorted(dst.glob("*.safetensors")):
+def _edited_copy(src: Path, dst: Path, edit: Callable[[dict, dict], None]) -> Path:
+    """Copy of checkpoint ``src`` in ``dst`` after ``edit(config, tensors)``, as one
+    ``model.safetensors`` (tokenizer and other files copied unchanged)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    config = json.loads((src / "config.json").read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(src.glob("*.safetensors")):
         tensors.update(load_file(shard))
+    edit(config, tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def _dequantize(config: dict, tensors: dict) -> None:
+    """FP8 weights -> their exact dequantized values in fp32; no quantization_config."""
     for name in [n for n in tensors if n.endswith(".weight_scale_inv")]:
         weight = name.removesuffix("_scale_inv")
         tensors[weight] = dequantize_block_fp8(tensors[weight], tensors.pop(name), torch.float32)
-        del index["weight_map"][name]
-    for shard in sorted(set(index["weight_map"].values())):
-        names = [n for n, f in index["weight_map"].items() if f == shard]
-        save_file({n: tensors[n] for n in names}, dst / shard, metadata={"format": "pt"})
-    index_path.write_text(json.dumps(index))
-    config = json.loads((dst / "config.json").read_text())
     del config["quantization_config"]
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
 
 
 def test_fp8_checkpoint_matches_its_dequantized_twin(fp8_ckpt: Path, tmp_path: Path, ops) -> None:
     fp8_model = _load(fp8_ckpt, ops)
     assert fp8_model.layers[1].mlp.w13.weight.dtype == torch.float8_e4m3fn  # stays FP8
-    twin = _load(_dequantized_twin(fp8_ckpt, tmp_path / "twin"), ops)
+    twin = _load(_edited_copy(fp8_ckpt, tmp_path / "twin", _dequantize), ops)
 
     logits, tokens = run_greedy(fp8_model, ops, PROMPT, NUM_NEW_TOKENS)
     twin_logits, twin_tokens = run_greedy(twin, ops, PROMPT, NUM_NEW_TOKENS)
@@ -126,8 +130,10 @@ def _naive_mla(
 def test_absorbed_mla_matches_naive_mla(bf16_ckpt: Path, ops) -> None:
     model = _load(bf16_ckpt, ops)
     cfg, attn, block_size = model.cfg, model.layers[0].attn, 4
-    with safe_open(str(next(bf16_ckpt.glob("*00001*.safetensors"))), "pt") as shard:
-        kv_b = shard.get_tensor("model.layers.0.self_attn.kv_b_proj.weight").float()
+    kv_b_name = "model.layers.0.self_attn.kv_b_proj.weight"
+    index = json.loads((bf16_ckpt / "model.safetensors.index.json").read_text())
+    with safe_open(str(bf16_ckpt / index["weight_map"][kv_b_name]), "pt") as shard:
+        kv_b = shard.get_tensor(kv_b_name).float()  # [H*(N+V), R] as stored
     tokens = 10
     x = torch.randn(tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     expected = _naive_mla(attn, cfg, kv_b, x, model.cos_sin)
@@ -136,7 +142,7 @@ def test_absorbed_mla_matches_naive_mla(bf16_ckpt: Path, ops) -> None:
     (cache,) = allocate_caches(model, ops, 4, block_size)[:1]
     prefill = single_sequence_batch(list(range(tokens)), 0, block_ids, block_size, model.device)
     torch.testing.assert_close(
-        attn(x, prefill, cache, model.cos_sin), expected, atol=1e-5, rtol=1e-5
+        attn(x, prefill, cache, model.cos_sin), expected, atol=MLA_ATOL, rtol=MLA_RTOL
     )
 
     # Decode: one token per step over the latent cache the earlier steps wrote.
@@ -150,34 +156,27 @@ def test_absorbed_mla_matches_naive_mla(bf16_ckpt: Path, ops) -> None:
         )
         for t in range(tokens)
     ]
-    torch.testing.assert_close(torch.cat(decoded), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(decoded), expected, atol=MLA_ATOL, rtol=MLA_RTOL)
 
 
 def test_mtp_layer_is_skipped_with_a_log_line(
     bf16_ckpt: Path, tmp_path: Path, ops, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ckpt = shutil.copytree(bf16_ckpt, tmp_path / "with_mtp")
-    config = json.loads((ckpt / "config.json").read_text())
-    config["num_nextn_predict_layers"] = 1
-    (ckpt / "config.json").write_text(json.dumps(config))
-    mtp_layer = config["num_hidden_layers"]
-    hidden = config["hidden_size"]
-    mtp = {  # a few of the real MTP layer's tensors
-        f"model.layers.{mtp_layer}.{name}": torch.ones(shape, dtype=torch.bfloat16)
-        for name, shape in [
+    config = json.loads((bf16_ckpt / "config.json").read_text())
+    mtp_layer, hidden = config["num_hidden_layers"], config["hidden_size"]
+
+    def add_mtp_layer(config: dict, tensors: dict) -> None:
+        config["num_nextn_predict_layers"] = 1
+        for name, shape in [  # a few of the real MTP layer's tensors
             ("enorm.weight", (hidden,)),
             ("hnorm.weight", (hidden,)),
             ("eh_proj.weight", (hidden, 2 * hidden)),
             ("input_layernorm.weight", (hidden,)),
             ("shared_head.head.weight", (config["vocab_size"], hidden)),
-        ]
-    }
-    save_file(mtp, ckpt / "mtp.safetensors", metadata={"format": "pt"})
-    index_path = ckpt / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    index["weight_map"].update(dict.fromkeys(mtp, "mtp.safetensors"))
-    index_path.write_text(json.dumps(index))
+        ]:
+            tensors[f"model.layers.{mtp_layer}.{name}"] = torch.ones(shape, dtype=torch.bfloat16)
 
+    ckpt = _edited_copy(bf16_ckpt, tmp_path / "with_mtp", add_mtp_layer)
     with caplog.at_level(logging.INFO):
         model = _load(ckpt, ops)
     skip_lines = [r for r in caplog.records if "multi-token-prediction" in r.getMessage()]
@@ -193,18 +192,40 @@ def test_mtp_layer_is_skipped_with_a_log_line(
 
 def test_tied_embeddings_match_hf(bf16_ckpt: Path, tmp_path: Path, ops) -> None:
     transformers = pytest.importorskip("transformers")
-    ckpt = shutil.copytree(bf16_ckpt, tmp_path / "tied")
-    config = json.loads((ckpt / "config.json").read_text())
-    config["tie_word_embeddings"] = True
-    (ckpt / "config.json").write_text(json.dumps(config))
-    index_path = ckpt / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    shard = ckpt / index["weight_map"].pop("lm_head.weight")
-    index_path.write_text(json.dumps(index))
-    tensors = load_file(shard)
-    del tensors["lm_head.weight"]
-    save_file(tensors, shard, metadata={"format": "pt"})
 
+    def tie(config: dict, tensors: dict) -> None:
+        config["tie_word_embeddings"] = True
+        del tensors["lm_head.weight"]
+
+    ckpt = _edited_copy(bf16_ckpt, tmp_path / "tied", tie)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    with torch.inference_mode():
+        hf_logits = hf(torch.tensor([PROMPT])).logits[0, -1]
+    logits, _ = run_greedy(_load(ckpt, ops), ops, PROMPT, 1)
+    assert (logits - hf_logits).abs().max().item() < HF_LOGIT_ATOL
+
+
+def test_plain_q_proj_without_q_lora_matches_hf(bf16_ckpt: Path, tmp_path: Path, ops) -> None:
+    """``q_lora_rank: null`` (DeepSeek-V2-Lite style): one ``q_proj`` instead of q_a/q_b."""
+    transformers = pytest.importorskip("transformers")
+
+    def plain_q(config: dict, tensors: dict) -> None:
+        config["q_lora_rank"] = None
+        rows = config["num_attention_heads"] * (
+            config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
+        )
+        gen = torch.Generator().manual_seed(2)
+        for i in range(config["num_hidden_layers"]):
+            a = f"model.layers.{i}.self_attn"
+            for name in ("q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"):
+                del tensors[f"{a}.{name}"]
+            q = (
+                torch.randn(rows, config["hidden_size"], generator=gen)
+                / config["hidden_size"] ** 0.5
+            )
+            tensors[f"{a}.q_proj.weight"] = q.to(torch.bfloat16)
+
+    ckpt = _edited_copy(bf16_ckpt, tmp_path / "plain_q", plain_q)
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     with torch.inference_mode():
         hf_logits = hf(torch.tensor([PROMPT])).logits[0, -1]
