@@ -57,7 +57,7 @@ def linear(
     if x.dtype == torch.float32:
         # No fp32 tensor-core path: dequantize (exact in fp32) and use cuBLAS.
         y = F.linear(x2, w.as_quantized().dequantize(torch.float32), bias)
-        return y.reshape(*lead, -1)
+        return y.reshape(*lead, y.shape[-1])
     capability, num_sms = device_props(x.device.index or 0)
     m = x2.shape[0]
     if native is None:
@@ -79,4 +79,4 @@ def linear(
             num_sms=num_sms,
             use_ptx=torch.version.hip is None,
         )  # fmt: skip
-    return y.reshape(*lead, -1)
+    return y.reshape(*lead, y.shape[-1])
