@@ -130,6 +130,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a model (default: the built-in random demo model) with the OpenAI API."""
+    import os
+
+    from chitu_core.demo_model import ensure_demo_model
+    from chitu_core.serve.server import serve
+
+    model = args.model or str(ensure_demo_model())
+    serve(
+        engine_config(args, model),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("CHITU_API_KEY"),
+        served_model_name=args.served_model_name,
+        skip_conformance=args.skip_conformance,
+        max_body_bytes=args.max_body_bytes,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chitu", description="Chitu LLM inference engine")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -160,6 +180,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     add_engine_options(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server")
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="HF-format model directory (default: the built-in random demo model)",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=21002)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set CHITU_API_KEY)")
+    p.add_argument(
+        "--served-model-name", help="model id clients use (default: the model directory name)"
+    )
+    p.add_argument(
+        "--skip-conformance", action="store_true", help="serve without a certificate (not advised)"
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body"
+    )
+    add_engine_options(p)
+    p.set_defaults(func=cmd_serve)
 
     from chitu_core.demo_model import add_demo_model_command
 

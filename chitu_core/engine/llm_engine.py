@@ -29,6 +29,17 @@ from chitu_core.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 
+class StepError(RuntimeError):
+    """A step failed (e.g. a backend exception); ``seq_ids`` were aborted, others are intact."""
+
+    def __init__(self, seq_ids: list[int], cause: BaseException) -> None:
+        super().__init__(
+            f"engine step failed for sequences {seq_ids}: {type(cause).__name__}: {cause}"
+        )
+        self.seq_ids = seq_ids
+        self.cause = cause
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything needed to build an engine; the CLI maps its options onto this."""
@@ -150,16 +161,7 @@ class LLMEngine:
     # -- requests ----------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Queue a prompt; returns its sequence id. ValueError if it cannot fit the context."""
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(prompt_token_ids)} tokens; this engine's context is "
-                f"{self.max_model_len} tokens (prompt plus at least one generated token)"
-            )
-        vocab = self.model_config["vocab_size"]
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        self.check_prompt(prompt_token_ids)
         seq_id = next(self._seq_ids)
         generator = make_generator(params.seed, self.device) if params.seed is not None else None
         request = _Request(
@@ -172,6 +174,27 @@ class LLMEngine:
         self.scheduler.add(seq)
         self._seqs[seq_id] = seq
         return seq_id
+
+    def check_prompt(self, prompt_token_ids: list[int], max_tokens: int | None = None) -> None:
+        """Raise ValueError (with a message for the user) if the prompt cannot be served.
+
+        Reads only configuration, so any thread may call it.
+        """
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this engine's context is "
+                f"{self.max_model_len} tokens (prompt plus at least one generated token)"
+            )
+        if max_tokens is not None and len(prompt_token_ids) + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"the prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
+                f"the context of {self.max_model_len} tokens"
+            )
+        vocab = self.model_config["vocab_size"]
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
 
     def abort(self, seq_id: int) -> bool:
         """Stop a request and free its KV blocks; False if it was unknown or already done."""
@@ -187,20 +210,27 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        logits = self.runner.execute(batch.seqs, batch.num_new_tokens)
-        self.scheduler.after_step(batch)
-        ready = [i for i, is_ready in enumerate(batch.sample_mask) if is_ready]
-        if not ready:
-            return []
-        seqs = [batch.seqs[i] for i in ready]
-        requests: list[_Request] = [seq.request for seq in seqs]
-        result = self.sampler(
-            logits[ready],
-            [r.params for r in requests],
-            [r.generator for r in requests],
-            [seq.output_token_ids for seq in seqs],
-            [seq.prompt_token_ids for seq in seqs],
-        )
+        try:
+            logits = self.runner.execute(batch.seqs, batch.num_new_tokens)
+            self.scheduler.after_step(batch)
+            ready = [i for i, is_ready in enumerate(batch.sample_mask) if is_ready]
+            if not ready:
+                return []
+            seqs = [batch.seqs[i] for i in ready]
+            requests: list[_Request] = [seq.request for seq in seqs]
+            result = self.sampler(
+                logits[ready],
+                [r.params for r in requests],
+                [r.generator for r in requests],
+                [seq.output_token_ids for seq in seqs],
+                [seq.prompt_token_ids for seq in seqs],
+            )
+        except Exception as exc:
+            # A backend fault fails the sequences of this step only; the engine goes on.
+            failed = [seq.seq_id for seq in batch.seqs]
+            for seq_id in failed:
+                self.abort(seq_id)
+            raise StepError(failed, exc) from exc
         outputs = []
         for seq, request, token_id, logprobs in zip(
             seqs, requests, result.token_ids, result.logprobs, strict=True

@@ -1,0 +1,75 @@
+"""``chitu serve``: build the engine (after the conformance gate) and run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import uvicorn
+
+from chitu_core.engine.llm_engine import EngineConfig, LLMEngine
+from chitu_core.serve.app import ServerSettings, create_app
+from chitu_core.serve.async_engine import AsyncEngine
+from chitu_core.serve.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+def certified_demotions(backend: str, skip_conformance: bool) -> tuple[str, ...]:
+    """Ops to demote to generic after the conformance gate; () when there is no gate to run."""
+    try:
+        from conformance.gate import ensure_certified
+    except (
+        ImportError
+    ):  # the conformance package is part of the distribution; guard a partial install
+        logger.warning("conformance suite not importable: serving without a certificate check")
+        return ()
+    return tuple(ensure_certified(backend, skip=skip_conformance))
+
+
+def resolve_backend_name(backend: str) -> str:
+    """The concrete backend ``auto`` stands for (the gate certifies a named backend)."""
+    from chitu_core.backend import discover_backends, select_backend
+
+    return select_backend(backend, discover_backends()).name
+
+
+def serve(
+    config: EngineConfig,
+    host: str = "127.0.0.1",
+    port: int = 21002,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    skip_conformance: bool = False,
+    graceful_timeout_s: float = 30.0,
+    max_body_bytes: int = 4 * 1024 * 1024,
+) -> None:
+    """Run the OpenAI-compatible server until SIGINT/SIGTERM.
+
+    On SIGTERM uvicorn stops accepting connections, lets in-flight requests
+    finish for up to ``graceful_timeout_s`` seconds, then the engine aborts what is
+    left and its thread stops.
+    """
+    backend = resolve_backend_name(config.backend)
+    demote = certified_demotions(backend, skip_conformance)
+    if demote:
+        logger.warning(
+            "conformance: ops %s failed on this device and use the generic implementation", demote
+        )
+    config = EngineConfig(
+        **{**config.__dict__, "backend": backend, "demote_ops": tuple(config.demote_ops) + demote}
+    )
+    engine = LLMEngine(config)
+    metrics = ServerMetrics()
+    name = served_model_name or Path(str(config.model)).name
+    app = create_app(
+        AsyncEngine(engine, metrics), ServerSettings(name, api_key, max_body_bytes), metrics
+    )
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        logger.warning(
+            "serving on %s without --api-key: anyone who can reach this port can use it", host
+        )
+    logger.info("serving %s on http://%s:%d/v1 (backend %s)", name, host, port, backend)
+    uvicorn.run(
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_timeout_s
+    )
