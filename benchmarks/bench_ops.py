@@ -37,23 +37,32 @@ HBM_BYTES_PER_S = 3.02e12  # H100 copy bandwidth (BENCHMARKS.md); re-measured at
 BF16_FLOPS_PER_S = 989e12  # H100/H200 SXM dense bf16 peak
 
 C = Fp8GemmConfig
-TUNE_SPACE = {
-    16: [C(block_n=bn, block_m=16, num_warps=w, num_stages=st)
-         for bn, w, st in [(32, 4, 4), (64, 4, 3), (64, 4, 4), (64, 4, 6), (128, 4, 4), (128, 8, 4)]],
-    64: [C(block_n=bn, block_m=bm, num_warps=w, num_stages=st, scale_on_acc=acc)
-         for bn, bm, w, st, acc in [(64, 64, 4, 4, True), (128, 64, 4, 3, True), (128, 64, 8, 4, True),
-                                    (64, 64, 4, 4, False), (128, 64, 8, 3, False)]],
-    256: [C(block_n=bn, block_m=bm, num_warps=w, num_stages=st, scale_on_acc=acc)
-          for bn, bm, w, st, acc in [(128, 128, 8, 3, False), (128, 128, 8, 4, True), (64, 128, 4, 4, False),
-                                     (128, 256, 8, 3, False), (256, 128, 8, 3, False), (128, 64, 4, 4, False)]],
-    1 << 62: [C(block_n=bn, block_m=bm, split_k=1, num_warps=w, num_stages=st, scale_on_acc=acc)
-              for bn, bm, w, st, acc in [(128, 128, 8, 3, False), (128, 256, 8, 3, False), (256, 128, 8, 3, False),
-                                         (128, 128, 8, 4, False), (128, 256, 8, 4, False), (128, 128, 8, 3, True)]],
+G = dict(kind="gemv")
+TUNE_SPACE = {  # max_m -> candidates (kinds: see Fp8GemmConfig)
+    1: [C(**G, block_m=1, block_n=bn, num_warps=w, num_stages=1, prefetch=pf)
+        for bn, w, pf in [(64, 8, False), (64, 8, True), (32, 4, True), (64, 4, True), (128, 8, True),
+                          (32, 4, False)]],
+    4: [C(**G, block_m=4, block_n=bn, num_warps=w, num_stages=1, prefetch=pf)
+        for bn, w, pf in [(32, 4, True), (64, 8, True), (32, 4, False)]]
+       + [C(**G, block_m=16, block_n=64, num_warps=4, num_stages=3)],
+    16: [C(**G, block_m=16, block_n=bn, num_warps=w, num_stages=st, split_k=sk, prefetch=pf)
+         for bn, w, st, sk, pf in [(64, 4, 3, 0, False), (64, 4, 3, 4, False), (32, 4, 3, 0, False),
+                                   (64, 4, 1, 0, True), (64, 8, 1, 0, True)]],
+    64: [C(kind="swap", block_n=64, block_m=64, block_k=128, num_warps=4, num_stages=st, scale_on_acc=True)
+         for st in (3, 4)]
+        + [C(**G, block_m=64, block_n=bn, num_warps=4, num_stages=st, prefetch=pf)
+           for bn, st, pf in [(64, 3, False), (64, 1, True), (128, 3, False)]],
+    256: [C(kind="dequant"),
+          C(kind="swap", block_n=128, block_m=256, block_k=64, num_warps=8, num_stages=3, scale_on_acc=False),
+          C(kind="mm", block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=4, scale_on_acc=False)],
+    1 << 62: [C(kind="dequant")],
 }  # fmt: skip
-TUNE_CASES = {16: [(7168, 18432, 1), (18432, 7168, 16), (4096, 14336, 4)],
+TUNE_CASES = {1: [(7168, 18432, 1), (18432, 7168, 1), (7168, 2112, 1)],
+              4: [(7168, 18432, 4), (4096, 14336, 4)],
+              16: [(7168, 18432, 16), (18432, 7168, 16)],
               64: [(7168, 18432, 64), (18432, 7168, 32)],
-              256: [(7168, 18432, 128), (18432, 7168, 256)],
-              1 << 62: [(7168, 18432, 4096), (18432, 7168, 1024)]}  # fmt: skip
+              256: [(7168, 18432, 256), (18432, 7168, 128)],
+              1 << 62: [(7168, 18432, 4096)]}  # fmt: skip
 
 
 def bench_us(make_call, num_copies: int = 1) -> float:
@@ -115,6 +124,9 @@ def tune(num_sms, budget_s):
     t0 = time.time()
     best = {}
     for max_m, cfgs in TUNE_SPACE.items():
+        if len(cfgs) == 1:
+            best[max_m] = cfgs[0]
+            continue
         totals = [0.0] * len(cfgs)
         for k, n, m in TUNE_CASES[max_m]:
             wq, s = make_weight(n, k)
@@ -211,6 +223,10 @@ def main() -> None:
     ms = [int(m) for m in args.ms.split(",")]
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
+
+    def dump(rows_so_far):  # after every row, so a run cut short still leaves its rows
+        write_json(args.out, rows_so_far, props, configs, cap, num_sms)
+
     header = f"{'K':>6} {'N':>6} {'M':>5} | {'soft':>8} {'native':>8} {'cublas':>8} {'naive':>8} {'roof':>8} | {'%roof':>5} {'xcublas':>7} {'err':>8}"  # noqa: E501
     print(header, flush=True)
     for k, n in shapes:
@@ -224,7 +240,13 @@ def main() -> None:
             print(f"{k:>6} {n:>6} {m:>5} | {row['soft_fp8_us']:8.1f} {nat_us:8.1f} {row['cublas_bf16_us']:8.1f} "
                   f"{row['naive_us']:8.1f} {row['roofline_us']:8.1f} | {row['pct_roofline']:5.1f} "
                   f"{row['speedup_vs_cublas']:7.2f} {row['max_rel_err']:8.1e}", flush=True)  # fmt: skip
+            dump(rows)
         torch.cuda.empty_cache()
+    dump(rows)
+    linear.device_props.cache_clear()
+
+
+def write_json(path, rows, props, configs, cap, num_sms) -> None:
     out = {
         "gpu": props.name,
         "compute_capability": f"{props.major}.{props.minor}",
@@ -240,9 +262,8 @@ def main() -> None:
         },
         "rows": rows,
     }
-    with open(args.out, "w") as f:
+    with open(path, "w") as f:
         json.dump(out, f, indent=1)
-    linear.device_props.cache_clear()
 
 
 if __name__ == "__main__":

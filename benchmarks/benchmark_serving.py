@@ -568,8 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num-prompts", type=int, help="measured requests per level (default: --iterations)")
     add("--iterations", type=int, default=32, help="requests per level (default %(default)s)")
     add("--warmup", type=int, default=1, help="unmeasured warm-up requests (default %(default)s)")
-    add("--input-len", type=int, default=128, help="prompt length in words ~ tokens")
-    add("--output-len", "--seq-len", dest="output_len", type=int, default=128, help="max_tokens")
+    add("--input-len", type=int, default=128, help="prompt words ~ tokens (default %(default)s)")
+    add(
+        "--output-len",
+        "--seq-len",
+        dest="output_len",
+        type=int,
+        default=128,
+        help="max_tokens (default %(default)s)",
+    )
     add("--prompt-file", help="one prompt per line instead of random words")
     add("--stream", action=argparse.BooleanOptionalAction, default=True, help="SSE streaming")
     add("--ignore-eos", action="store_true", help='send "ignore_eos": true (vLLM, SGLang, Chitu)')
@@ -582,11 +589,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, show_progress: bool = True) -> int:
     """Run the benchmark from the command line; the exit code (1 when a request failed)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         model = args.model or discover_model(args.base_url, args.api_key, args.timeout)
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         cfg = BenchConfig(
             model=model,
             base_url=args.base_url,
@@ -603,9 +614,12 @@ def main(argv: list[str] | None = None, show_progress: bool = True) -> int:
             ignore_eos=args.ignore_eos,
             prompt_file=args.prompt_file,
         )
-        started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    except ValueError as exc:  # a bad option value
+        parser.error(str(exc))
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    try:
         reports = run_benchmark(cfg, show_progress=show_progress)
-    except (ValueError, BenchmarkError) as exc:
+    except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(

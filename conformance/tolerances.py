@@ -19,6 +19,20 @@ Bounds per compute dtype (unit roundoff u: fp32 2^-24, fp16 2^-11, bf16 2^-8):
 
 ``max_abs_rel`` is 4x ``rel_fro``: single elements near the top of the range
 may carry a few roundings more than the RMS.
+
+``moe_route`` weights are fp32 whatever the run's dtype (the spec says so) and
+are held to the fp32 bound; integer outputs (expert ids, sampled tokens) must
+be equal.
+
+Whole-model logits (``conformance/model_check.py``: the tiny demo models on the
+backend at its compute dtype against cpu_ref in fp32) compound the roundings of
+every layer, and in DeepSeek-V3 a rounding may flip a near-tied expert choice.
+Measured with the generic ops on the CPU: bf16 1.9e-2 (DeepSeek-V3 tiny), 6.8e-3
+(Llama tiny); fp32 1e-6. Bounds: fp32 1e-4, fp16 2e-2, bf16 6e-2, about 3x the
+measurements; a wrong op gives O(1) errors. Greedy tokens must match the
+oracle's until the first step where the oracle's own logits nearly tie between
+its token and the backend's (gap below ``max_abs_rel`` x the largest logit):
+from there on the two runs condition on different text and are not compared.
 """
 
 from __future__ import annotations
@@ -31,8 +45,12 @@ import torch
 REL_FRO_BY_DTYPE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
 MAX_ABS_REL_FACTOR = 4.0
 
+MODEL_REL_FRO_BY_DTYPE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
 # Ops whose result is copied, not computed: any difference is a bug.
-EXACT_OPS = frozenset({"store_kv", "all_gather"})
+EXACT_OPS = frozenset({"store_kv", "all_gather", "send", "recv", "allocate_kv_cache"})
+# Ops whose float outputs are fp32 whatever the activation dtype.
+FP32_OUTPUT_OPS = frozenset({"moe_route"})
 
 
 @dataclass(frozen=True)
@@ -67,6 +85,16 @@ def tolerance_for(op: str, dtype: torch.dtype) -> Tolerance:
     if dtype not in REL_FRO_BY_DTYPE:
         raise ValueError(f"no tolerance for dtype {dtype}; known: {list(REL_FRO_BY_DTYPE)}")
     rel = REL_FRO_BY_DTYPE[dtype]
+    return Tolerance(rel, rel * MAX_ABS_REL_FACTOR)
+
+
+def model_tolerance(dtype: torch.dtype) -> Tolerance:
+    """The bound on whole-model logits run at ``dtype`` (see the module docstring)."""
+    if dtype not in MODEL_REL_FRO_BY_DTYPE:
+        raise ValueError(
+            f"no model tolerance for dtype {dtype}; known: {list(MODEL_REL_FRO_BY_DTYPE)}"
+        )
+    rel = MODEL_REL_FRO_BY_DTYPE[dtype]
     return Tolerance(rel, rel * MAX_ABS_REL_FACTOR)
 
 

@@ -129,6 +129,9 @@ class LLMEngine:
             config.num_blocks,
             config.kv_cache_gb,
             config.memory_utilization,
+            # +1: block 0 is the scratch block
+            max_useful_blocks=config.max_num_seqs * -(-self._model_max_len() // config.block_size)
+            + 1,
         )
         self.block_manager = BlockManager(num_blocks, config.block_size)
         capacity = self.block_manager.num_usable_blocks * config.block_size
@@ -157,6 +160,10 @@ class LLMEngine:
             config.block_size,
             self.max_model_len,
         )
+
+    def _model_max_len(self) -> int:
+        model_max = self.model_config.get("max_position_embeddings", 4096)
+        return min(self.config.max_model_len or model_max, model_max)
 
     # -- requests ----------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:

@@ -26,11 +26,13 @@ def choose_num_blocks(
     num_blocks: int | None = None,
     kv_cache_gb: float | None = None,
     memory_utilization: float = 0.9,
+    max_useful_blocks: int | None = None,
 ) -> int:
     """Number of KV blocks: explicit, from a byte budget, or from the device's free memory.
 
     On accelerators the budget is ``free * memory_utilization`` after the weights are
-    loaded; on the host a quarter of available RAM, at most 4 GiB.
+    loaded; on the host a quarter of available RAM, at most 4 GiB. A budget is never
+    turned into more than ``max_useful_blocks`` (every sequence at full length).
     """
     bytes_per_block = layout.bytes_per_token(dtype) * block_size
     if num_blocks is not None:
@@ -45,6 +47,8 @@ def choose_num_blocks(
             else:
                 budget = int(free * memory_utilization)
         chosen = budget // bytes_per_block
+        if max_useful_blocks is not None:
+            chosen = min(chosen, max_useful_blocks)
     if chosen < 2:
         raise ValueError(
             f"KV cache too small: {chosen} blocks of {bytes_per_block} bytes "

@@ -60,9 +60,22 @@ def _interpreting() -> bool:
 class Fp8GemmConfig:
     """Tile shape and launch parameters of ``fp8_gemm_kernel``.
 
+    kind: which kernel runs it:
+        ``"gemv"``: ``fp8_gemv_kernel`` (decode, M <= 16): no tensor cores when
+            ``block_m <= 4`` (fp32 FMA), a small swap-AB ``tl.dot`` otherwise;
+            always ``block_k = 128`` (one scale block per step).
+        ``"mm"``: ``fp8_mm_kernel`` (batched decode and prefill): ``acc[M, N] = x @ W^T``
+            with the widened weight tile as the MMA's B operand, reused over the M tile.
+        ``"swap"``: ``fp8_gemm_kernel`` (swap-AB: ``acc[N, M] = W @ x^T``).
+        ``"dequant"``: widen the whole weight to a bf16 scratch buffer
+            (``dequant_kernel``), then cuBLAS (prefill fallback).
     split_k: number of K slices (1: no split); 0 picks it from the SM count.
     scale_on_acc: block scales applied to the fp32 accumulator per K step
         (exact operands) instead of folded into the widened weight tile.
+    fused_reduce: split-K partials summed by the last program of each output
+        tile (one launch, counters in a cached buffer) instead of a second kernel.
+        NVIDIA only (needs a PTX fence); ignored elsewhere.
+    prefetch: gemv only: load the next weight tile before using the current one.
     """
 
     block_n: int = 64
@@ -73,12 +86,22 @@ class Fp8GemmConfig:
     num_warps: int = 4
     num_stages: int = 4
     scale_on_acc: bool = True
+    kind: str = "swap"
+    fused_reduce: bool = True
+    prefetch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_m", "block_k"):
             v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+            least = 1 if (self.kind == "gemv" and name == "block_m") else 16
+            if v < least or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= {least}, got {v}")
+        if self.kind == "gemv" and 4 < self.block_m < 16:
+            raise ValueError(
+                f"gemv block_m must be 1, 2, 4 (FMA) or >= 16 (MMA), got {self.block_m}"
+            )
+        if self.kind not in ("gemv", "mm", "swap", "dequant"):
+            raise ValueError(f"kind must be gemv, mm, swap or dequant, got {self.kind!r}")
         if self.split_k < 0:
             raise ValueError(f"split_k must be >= 0 (0 = automatic), got {self.split_k}")
 
@@ -186,6 +209,309 @@ def fp8_gemm_kernel(
 
 
 @triton.jit
+def _fence_acq_rel(x, FENCE_PTX: tl.constexpr):
+    """``fence.acq_rel.gpu`` in every thread (NVIDIA); returns x so callers can order on it."""
+    if FENCE_PTX:
+        return tl.inline_asm_elementwise(
+            "fence.acq_rel.gpu;\n mov.b32 $0, $1;", "=r,r", [x],
+            dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    else:
+        return x
+
+
+@triton.jit
+def _store_or_reduce(
+    acc,  # fp32 tile, WITHOUT bias
+    bias,  # fp32 tile broadcastable to acc (ignored unless HAS_BIAS)
+    y_ptrs,  # pointers of the output tile
+    ws_ptrs,  # pointers of this tile in split 0 of the fp32 workspace [split, M, N]
+    out_mask,
+    pid_k,
+    n_split,
+    ws_split_stride,  # M * N
+    cnt_ptr,  # int32 counters, one per output tile, zero between launches
+    tile_id,
+    HAS_BIAS: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    FENCE_PTX: tl.constexpr,
+):
+    """Store the tile (no split), or its split-K partial; with FUSED_REDUCE the last
+    program to finish a tile sums all partials (in split order: deterministic), adds
+    the bias, writes y and re-arms the tile's counter (threadFenceReduction pattern:
+    stores, fence, barrier, one atomic ticket)."""
+    if n_split == 1:
+        if HAS_BIAS:
+            acc += bias
+        tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(ws_ptrs + pid_k * ws_split_stride, acc, mask=out_mask)
+        if FUSED_REDUCE:
+            t = _fence_acq_rel(tile_id, FENCE_PTX)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel")
+            if ticket == n_split - 1:
+                t2 = _fence_acq_rel(tile_id + ticket * 0, FENCE_PTX)
+                total = tl.load(ws_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                for sp in range(1, n_split):
+                    total += tl.load(
+                        ws_ptrs + sp * ws_split_stride,
+                        mask=out_mask,
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                if HAS_BIAS:
+                    total += bias
+                tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(cnt_ptr + t2, 0)
+
+
+@triton.jit
+def fp8_gemv_kernel(
+    x_ptr,  # [M, K] bf16/fp16, K contiguous
+    w_ptr,  # [N, K] uint8 e4m3 codes, K contiguous
+    scale_ptr,  # block: [ceil(N/128), ceil(K/128)] fp32; channel: [N] fp32
+    bias_ptr,  # [N] or a dummy
+    y_ptr,  # [M, N]
+    ws_ptr,  # [split, M, N] fp32 partials (split > 1) or a dummy
+    cnt_ptr,  # int32 [num N tiles] counters (FUSED_REDUCE) or a dummy
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_sk,
+    stride_ym,
+    k_tiles_per_split,
+    SCALE_MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    FENCE_PTX: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_PTX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    """Decode GEMV/skinny GEMM: each program streams a [BLOCK_N, 128] weight tile per
+    step (16-byte loads along K), widens it in registers and multiplies by the x
+    slice: fp32 FMA + a K reduction when BLOCK_M <= 4, a swap-AB ``tl.dot`` into a
+    [BLOCK_N, BLOCK_M] tile when BLOCK_M >= 16. The block scale multiplies the
+    per-step partial (one multiply per output element per 128 K), the widening's
+    2^-8 is undone once at the end. Bytes: N*K + 2*M*K*ceil(N/BLOCK_N) (L2) + partials."""
+    BLOCK_K: tl.constexpr = 128
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    kt_begin = pid_k * k_tiles_per_split
+    kt_end = min(kt_begin + k_tiles_per_split, k_tiles)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows_n = offs_n % N
+    rows_m = offs_m % M
+    k0 = kt_begin * BLOCK_K
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k0 + offs_k)[None, :]
+    if BLOCK_M == 1:
+        x_ptrs = x_ptr + k0 + offs_k
+    else:
+        x_ptrs = x_ptr + rows_m[None, :] * stride_xm + (k0 + offs_k)[:, None]  # [BK, BM]
+    if SCALE_MODE != 2:
+        s_ptrs = scale_ptr + (rows_n // 128) * stride_sn + kt_begin * stride_sk
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if PREFETCH:  # register double buffer: tile kt+1 is in flight while tile kt is used
+        k_lim = tl.where(kt_begin < kt_end, K, 0)
+        w_next = tl.load(w_ptrs, mask=(k0 + offs_k < k_lim)[None, :], other=0)
+    for kt in range(kt_begin, kt_end):
+        if PREFETCH:
+            w_bits = w_next
+            k_lim = tl.where(kt + 1 < kt_end, K, 0)
+            k_nx = (kt + 1) * BLOCK_K + offs_k
+            w_next = tl.load(w_ptrs + BLOCK_K, mask=(k_nx < k_lim)[None, :], other=0)
+        if EVEN_K:
+            if not PREFETCH:
+                w_bits = tl.load(w_ptrs)
+            xt = tl.load(x_ptrs)
+        else:
+            k_ok = kt * BLOCK_K + offs_k < K
+            if not PREFETCH:
+                w_bits = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
+            if BLOCK_M == 1:
+                xt = tl.load(x_ptrs, mask=k_ok, other=0.0)
+            else:
+                xt = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
+        w16 = e4m3_to_f16_x256(w_bits, USE_PTX)  # exact e4m3 / 256
+        if BLOCK_M == 1:
+            part = tl.sum(w16.to(tl.float32) * xt.to(tl.float32)[None, :], axis=1)[:, None]
+        elif BLOCK_M < 16:
+            prod = w16.to(tl.float32)[:, :, None] * xt.to(tl.float32)[None, :, :]
+            part = tl.sum(prod, axis=1)
+        else:
+            part = _dot(w16.to(xt.dtype), xt, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), DOT_IN_FP32)
+        if SCALE_MODE != 2:
+            acc += part * tl.load(s_ptrs)[:, None]
+            s_ptrs += stride_sk
+        else:
+            acc += part
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+
+    if SCALE_MODE == 2:
+        acc = acc * (tl.load(scale_ptr + rows_n) * 256.0)[:, None]
+    else:
+        acc = acc * 256.0  # WIDEN_SCALE_FIX
+    out_mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    ws_ptrs = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
+    bias = acc
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows_n).to(tl.float32)[:, None]
+    _store_or_reduce(acc, bias, y_ptrs, ws_ptrs, out_mask, pid_k, n_split, M * N, cnt_ptr, pid_n,
+                     HAS_BIAS, FUSED_REDUCE, FENCE_PTX)  # fmt: skip
+
+
+@triton.jit
+def fp8_mm_kernel(
+    x_ptr,  # [M, K] bf16/fp16, K contiguous
+    w_ptr,  # [N, K] uint8 e4m3 codes, K contiguous
+    scale_ptr,  # block: [ceil(N/128), ceil(K/128)] fp32; channel: [N] fp32
+    bias_ptr,  # [N] or a dummy
+    y_ptr,  # [M, N]
+    ws_ptr,  # [split, M, N] fp32 partials (split > 1) or a dummy
+    cnt_ptr,  # int32 [num tiles] counters (FUSED_REDUCE) or a dummy
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_sk,
+    stride_ym,
+    k_tiles_per_split,
+    SCALE_MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    FENCE_PTX: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_PTX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    """``acc[BLOCK_M, BLOCK_N] = x_tile @ widen(W_tile)^T``: the weight tile is widened
+    once per K step (to bf16, pre-scaled by its block scale with SCALE_MODE 1) and
+    used as the MMA's B operand for all BLOCK_M tokens of the tile."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    kt_begin = pid_k * k_tiles_per_split
+    kt_end = min(kt_begin + k_tiles_per_split, k_tiles)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_m = offs_m % M
+    rows_n = offs_n % N
+    k0 = kt_begin * BLOCK_K
+    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + (k0 + offs_k)[None, :]
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k0 + offs_k)[None, :]
+    if SCALE_MODE != 2:
+        s_ptrs = scale_ptr + (rows_n // 128) * stride_sn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(kt_begin, kt_end):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w_bits = tl.load(w_ptrs)
+        else:
+            k_ok = kt * BLOCK_K + offs_k < K
+            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            w_bits = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
+        w16 = e4m3_to_f16_x256(w_bits, USE_PTX)  # [BLOCK_N, BLOCK_K], exact e4m3 / 256
+        if SCALE_MODE == 0:
+            s = tl.load(s_ptrs + (kt * BLOCK_K // 128) * stride_sk)
+            part = _dot(
+                x, tl.trans(w16.to(x.dtype)), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_IN_FP32
+            )
+            acc += part * s[None, :]
+        elif SCALE_MODE == 1:
+            s = tl.load(s_ptrs + (kt * BLOCK_K // 128) * stride_sk) * 256.0
+            w = (w16.to(tl.float32) * s[:, None]).to(x.dtype)
+            acc = _dot(x, tl.trans(w), acc, DOT_IN_FP32)
+        else:
+            acc = _dot(x, tl.trans(w16.to(x.dtype)), acc, DOT_IN_FP32)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    if SCALE_MODE == 0:
+        acc = acc * 256.0
+    elif SCALE_MODE == 2:
+        acc = acc * (tl.load(scale_ptr + rows_n) * 256.0)[None, :]
+    out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+    bias = acc
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
+    _store_or_reduce(acc, bias, y_ptrs, ws_ptrs, out_mask, pid_k, n_split, M * N, cnt_ptr, pid,
+                     HAS_BIAS, FUSED_REDUCE, FENCE_PTX)  # fmt: skip
+
+
+@triton.jit
+def dequant_kernel(
+    w_ptr,  # [N, K] uint8 e4m3 codes
+    scale_ptr,  # block [ceil(N/128), ceil(K/128)] or channel [N] fp32
+    out_ptr,  # [N, K] bf16/fp16
+    N,
+    K,
+    stride_wn,
+    stride_sn,
+    stride_sk,
+    CHANNEL: tl.constexpr,
+    USE_PTX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out = bf16(e4m3(w) * scale): the whole-weight widening of the ``dequant`` prefill
+    path. Bytes: N*K read, 2*N*K written."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)  # K fastest: streaming order
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    bits = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0)
+    if CHANNEL:
+        s = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)[:, None]
+    else:
+        # BLOCK_N divides 128: one scale row per program, one scale per 128 K
+        s = tl.load(
+            scale_ptr
+            + (tl.program_id(1) * BLOCK_N // 128) * stride_sn
+            + (offs_k // 128) * stride_sk,
+            mask=offs_k < K,
+            other=0.0,
+        )[None, :]
+    v = e4m3_to_f16_x256(bits, USE_PTX).to(tl.float32) * (s * 256.0)
+    tl.store(
+        out_ptr + offs_n[:, None] * K + offs_k[None, :], v.to(out_ptr.dtype.element_ty), mask=mask
+    )
+
+
+@triton.jit
 def splitk_reduce_kernel(
     ws_ptr,  # [split_k, M, N] fp32 partials, contiguous
     bias_ptr,  # [N] or a dummy
@@ -230,6 +556,40 @@ def pick_split_k(num_tiles: int, k_tiles: int, num_sms: int) -> int:
     return best
 
 
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters for the fused split-K reduction, cached per device.
+
+    Each launch leaves them at zero again (the last program of a tile re-arms its
+    counter). One stream at a time: two fused split-K GEMMs running concurrently on
+    different streams of one device would share counters.
+    """
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def dequantize_to(
+    w_bits: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, channel: bool, use_ptx: bool
+) -> torch.Tensor:
+    """``bf16(e4m3(w) * scale)`` of a whole [N, K] weight with the Triton widening."""
+    n, k = w_bits.shape
+    out = torch.empty((n, k), dtype=dtype, device=w_bits.device)
+    if n == 0 or k == 0:
+        return out
+    bn, bk = 16, 512
+    stride_sn, stride_sk = (0, 0) if channel else (scale.stride(0), scale.stride(1))
+    dequant_kernel[(triton.cdiv(k, bk), triton.cdiv(n, bn))](
+        w_bits, scale, out, n, k, w_bits.stride(0), stride_sn, stride_sk,
+        CHANNEL=channel, USE_PTX=use_ptx, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
 def fp8_gemm(
     x: torch.Tensor,
     w_bits: torch.Tensor,
@@ -266,10 +626,19 @@ def fp8_gemm(
     if k == 0:
         return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
     cfg = config
-    if not channel and 128 % cfg.block_k:
-        raise ValueError(f"block-128 scales need block_k dividing 128, got {cfg.block_k}")
-    k_tiles = triton.cdiv(k, cfg.block_k)
-    num_tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    if cfg.kind == "dequant":
+        w = dequantize_to(w_bits, scale, x.dtype, channel=channel, use_ptx=use_ptx)
+        return torch.nn.functional.linear(x, w, bias)
+    block_k = 128 if cfg.kind == "gemv" else cfg.block_k
+    if not channel and 128 % block_k:
+        raise ValueError(f"block-128 scales need block_k dividing 128, got {block_k}")
+    k_tiles = triton.cdiv(k, block_k)
+    if cfg.kind == "gemv":
+        num_tiles = triton.cdiv(n, cfg.block_n)
+        if m > cfg.block_m:
+            raise ValueError(f"gemv config covers M <= {cfg.block_m}, got M = {m}")
+    else:
+        num_tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
     split = cfg.split_k or pick_split_k(num_tiles, k_tiles, num_sms)
     per = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, per)
@@ -278,32 +647,57 @@ def fp8_gemm(
     else:
         mode = SCALE_BLOCK_ON_ACC if cfg.scale_on_acc else SCALE_BLOCK_ON_WEIGHT
         stride_sn, stride_sk = scale.stride(0), scale.stride(1)
-    out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     has_bias = bias is not None
     bias_arg = bias if has_bias else scale
-    grid = (num_tiles, split)
-    fp8_gemm_kernel[grid](
-        x, w_bits, scale, bias_arg, out,
-        m, n, k,
-        x.stride(0), w_bits.stride(0), stride_sn, stride_sk,
-        n, m * n, per,
-        SCALE_MODE=mode,
-        HAS_BIAS=has_bias and split == 1,
-        WRITE_PARTIAL=split > 1,
-        EVEN_K=k % cfg.block_k == 0,
-        USE_PTX=use_ptx,
-        BLOCK_N=cfg.block_n,
-        BLOCK_M=cfg.block_m,
-        BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m,
-        DOT_IN_FP32=_interpreting(),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )  # fmt: skip
-    if split > 1:
+    if cfg.kind == "swap":
+        out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        fp8_gemm_kernel[(num_tiles, split)](
+            x, w_bits, scale, bias_arg, out,
+            m, n, k,
+            x.stride(0), w_bits.stride(0), stride_sn, stride_sk,
+            n, m * n, per,
+            SCALE_MODE=mode,
+            HAS_BIAS=has_bias and split == 1,
+            WRITE_PARTIAL=split > 1,
+            EVEN_K=k % cfg.block_k == 0,
+            USE_PTX=use_ptx,
+            BLOCK_N=cfg.block_n,
+            BLOCK_M=cfg.block_m,
+            BLOCK_K=cfg.block_k,
+            GROUP_M=cfg.group_m,
+            DOT_IN_FP32=_interpreting(),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )  # fmt: skip
+        fused = False
+        ws = out
+    else:
+        # The fused reduction needs a GPU-scope fence: inline PTX on NVIDIA; the
+        # interpreter runs programs one after another and needs none.
+        fused = split > 1 and cfg.fused_reduce and (use_ptx or _interpreting())
+        ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
+        cnt = _counters(x.device, num_tiles) if fused else ws
+        common = dict(
+            SCALE_MODE=mode, HAS_BIAS=has_bias, FUSED_REDUCE=fused,
+            FENCE_PTX=fused and use_ptx and not _interpreting(),
+            EVEN_K=k % block_k == 0, USE_PTX=use_ptx, DOT_IN_FP32=_interpreting(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        args = (x, w_bits, scale, bias_arg, y, ws, cnt, m, n, k,
+                x.stride(0), w_bits.stride(0), stride_sn, stride_sk, y.stride(0), per)  # fmt: skip
+        if cfg.kind == "gemv":
+            fp8_gemv_kernel[(num_tiles, split)](
+                *args, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, **common
+            )
+        else:
+            fp8_mm_kernel[(num_tiles, split)](
+                *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                GROUP_M=cfg.group_m, **common,
+            )  # fmt: skip
+    if split > 1 and not fused:
         block = 1024
         splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            out, bias_arg, y, m * n, n, split,
+            ws, bias_arg, y, m * n, n, split,
             HAS_BIAS=has_bias, BLOCK=block, num_warps=4,
         )  # fmt: skip
     return y

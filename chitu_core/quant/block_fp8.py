@@ -102,6 +102,13 @@ def dequantize_block_fp8(
     """
     bits = to_e4m3_bits(weight)
     check_block_scale(bits, weight_scale_inv)
-    *_, n, k = bits.shape
-    w = e4m3_bits_to_float(bits) * _expand_blocks(weight_scale_inv.float(), n, k)
-    return w.to(dtype)
+    *lead, n, k = bits.shape
+    scale = weight_scale_inv.float()
+    if n % FP8_BLOCK_SIZE or k % FP8_BLOCK_SIZE:
+        w = e4m3_bits_to_float(bits) * _expand_blocks(scale, n, k)
+        return w.to(dtype)
+    # Whole blocks: a broadcast over a block view, no [N, K] scale temporary.
+    nb, kb = n // FP8_BLOCK_SIZE, k // FP8_BLOCK_SIZE
+    blocks = e4m3_bits_to_float(bits).view(*lead, nb, FP8_BLOCK_SIZE, kb, FP8_BLOCK_SIZE)
+    w = blocks * scale[..., :, None, :, None]
+    return w.view(*lead, n, k).to(dtype)

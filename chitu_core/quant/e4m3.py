@@ -60,9 +60,29 @@ def e4m3_bits_to_float(bits: torch.Tensor) -> torch.Tensor:
     decode to NaN (keeping the sign, as torch does).
     """
     bits = to_e4m3_bits(bits)
+    if _has_native_float8(bits.device):
+        # torch's own conversion is exact (it defines the reference) and ~10x faster.
+        return bits.view(torch.float8_e4m3fn).float()
+    return decode_with_table(bits)
+
+
+def decode_with_table(bits: torch.Tensor) -> torch.Tensor:
+    """The same decode by integer bit manipulation, for devices whose torch has no float8."""
     # Gather from a 256-entry table; int32 indices keep the temporary at 4
     # bytes per element instead of int64's 8.
-    return _decode_table(bits.device)[bits.int()]
+    return _decode_table(bits.device)[to_e4m3_bits(bits).int()]
+
+
+@functools.cache
+def _has_native_float8(device: torch.device) -> bool:
+    if not hasattr(torch, "float8_e4m3fn"):
+        return False
+    try:
+        probe = torch.tensor([0x38, 0x01, 0x7F], dtype=torch.uint8, device=device)
+        values = probe.view(torch.float8_e4m3fn).float().cpu()
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return values[0].item() == 1.0 and values[1].item() == 2.0**-9 and values[2].isnan().item()
 
 
 def float_to_e4m3_bits(x: torch.Tensor) -> torch.Tensor:

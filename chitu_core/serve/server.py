@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from pathlib import Path
 
 import uvicorn
@@ -70,6 +72,22 @@ def serve(
             "serving on %s without --api-key: anyone who can reach this port can use it", host
         )
     logger.info("serving %s on http://%s:%d/v1 (backend %s)", name, host, port, backend)
-    uvicorn.run(
-        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_timeout_s
-    )
+    # uvicorn re-raises SIGTERM once its graceful shutdown is done; with the default handler
+    # that kills the process (exit status -15) although it shut down cleanly. Exit 0 instead.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly) if in_main else None
+    try:
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=graceful_timeout_s,
+        )
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)

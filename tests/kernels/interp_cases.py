@@ -100,6 +100,43 @@ def case_gemm_all_codes() -> None:
             assert bool(y[:, n - 2 :].isnan().all()), "NaN codes must give NaN rows"
 
 
+def case_gemv_all_codes() -> None:
+    """Every code through the decode kernels (M <= 16): a [18, 16] weight holding all
+    256 codes (NaN codes moved to two extra rows), x = eye(16), so y = W^T * scale."""
+    codes = ALL_CODES.clone()
+    codes[list(NAN_CODES)] = 0
+    bits = torch.zeros(18, 16, dtype=torch.uint8)
+    bits[:16] = codes.reshape(16, 16)
+    bits[16, 3] = 0x7F
+    bits[17, 9] = 0xFF
+    x = torch.eye(16, dtype=torch.bfloat16)
+    for channel in (False, True):
+        scale = 2.0 ** torch.randint(-4, 4, (18,) if channel else (1, 1)).float()
+        if channel:
+            w_ref = e4m3_bits_to_float(bits).double() * scale.double()[:, None]
+        else:
+            w_ref = dequantize_block_fp8(bits, scale, torch.float64)
+        for cfg in (Fp8GemmConfig(kind="gemv", block_n=16, block_m=16, split_k=1),
+                    Fp8GemmConfig(kind="gemv", block_n=32, block_m=16, split_k=1, num_stages=2),
+                    Fp8GemmConfig(kind="mm", block_n=16, block_m=16, split_k=1)):  # fmt: skip
+            y = fp8_gemm(x.to(DEVICE), bits.to(DEVICE), scale.to(DEVICE), None,
+                         channel=channel, config=cfg, num_sms=4, use_ptx=USE_PTX).float().cpu()  # fmt: skip
+            assert same_values(y[:, :16], w_ref.T.float()[:, :16], False), (
+                f"channel={channel} {cfg}"
+            )
+            assert bool(y[:, 16:].isnan().all()), "NaN codes must give NaN rows"
+        for m in (1, 3):  # FMA variants, one row at a time
+            cfg = Fp8GemmConfig(kind="gemv", block_n=16, block_m=1 if m == 1 else 4, split_k=1)
+            for r in range(0, 16, m):
+                xs = x[r : r + m]
+                y = fp8_gemm(xs.to(DEVICE), bits.to(DEVICE), scale.to(DEVICE), None,
+                             channel=channel, config=cfg, num_sms=4, use_ptx=USE_PTX).float().cpu()  # fmt: skip
+                assert same_values(y[:, :16], w_ref.T.float()[r : r + m, :16], False), (
+                    f"{cfg} row {r}"
+                )
+                assert bool(y[:, 16:].isnan().all()), "NaN codes must give NaN rows"
+
+
 def case_gemm_shapes() -> None:
     """Random data, tails (N, K not multiples of 128), M = 0/1/small/odd, bias, split-K."""
     torch.manual_seed(1)
@@ -108,6 +145,18 @@ def case_gemm_shapes() -> None:
         Fp8GemmConfig(block_n=64, block_m=16, split_k=1),
         Fp8GemmConfig(block_n=32, block_m=16, split_k=3),
         Fp8GemmConfig(block_n=64, block_m=32, block_k=64, split_k=0, scale_on_acc=False),
+        Fp8GemmConfig(kind="mm", block_n=32, block_m=16, block_k=64, split_k=3),
+        Fp8GemmConfig(
+            kind="mm", block_n=64, block_m=32, split_k=2, scale_on_acc=False, fused_reduce=False
+        ),
+        Fp8GemmConfig(kind="dequant"),
+    ]
+    gemv_cfgs = [
+        Fp8GemmConfig(kind="gemv", block_n=32, block_m=1, split_k=2, prefetch=True),
+        Fp8GemmConfig(kind="gemv", block_n=16, block_m=4, split_k=1, prefetch=True),
+        Fp8GemmConfig(kind="gemv", block_n=32, block_m=16, split_k=3),
+        Fp8GemmConfig(kind="gemv", block_n=64, block_m=16, split_k=2, fused_reduce=False),
+        Fp8GemmConfig(kind="gemv", block_n=16, block_m=64, split_k=0, prefetch=True),
     ]
     for m, n, k in shapes:
         w = torch.randn(n, k) * 0.05
@@ -124,13 +173,14 @@ def case_gemm_shapes() -> None:
             else:
                 wq, s = quantize_block_fp8(w)
                 w_ref = dequantize_block_fp8(wq, s, torch.float64)
-            for cfg in cfgs:
+            fits = [c for c in gemv_cfgs if m <= c.block_m]
+            for cfg in cfgs + fits:
                 for b in (None, bias):
                     y = fp8_gemm(x.to(DEVICE), wq.to(DEVICE).view(torch.uint8), s.to(DEVICE),
                                  None if b is None else b.to(DEVICE), channel=channel, config=cfg,
                                  num_sms=4, use_ptx=USE_PTX)  # fmt: skip
                     assert y.shape == (m, n) and y.dtype == torch.bfloat16
-                    rounding = not channel and not cfg.scale_on_acc
+                    rounding = cfg.kind == "dequant" or (not channel and not cfg.scale_on_acc)
                     assert_close_to_exact(y, x, w_ref, b, rounding)
 
 

@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-CASES = ["widen_all_codes", "gemm_all_codes", "gemm_shapes", "subnormal_heavy"]
+CASES = ["widen_all_codes", "gemm_all_codes", "gemv_all_codes", "gemm_shapes", "subnormal_heavy"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -174,3 +174,11 @@ def test_views_share_storage():
         to_e4m3_bits(torch.zeros(4))
     with pytest.raises(ValueError, match="uint8"):
         as_float8(torch.zeros(4, dtype=torch.int8))
+
+
+def test_table_decode_equals_native_decode_for_all_codes():
+    from chitu_core.quant.e4m3 import decode_with_table
+
+    table = decode_with_table(ALL_CODES)
+    native = ALL_CODES.view(torch.float8_e4m3fn).float()
+    assert torch.equal(table.view(torch.int32), native.view(torch.int32))

@@ -37,10 +37,14 @@ def dense_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> 
     values = e4m3_bits_to_float(weight).double()
     n, k = weight.shape[-2:]
     if fmt == FORMAT_FP8_BLOCK128:
-        rows = torch.arange(n, device=weight.device) // BLOCK
-        cols = torch.arange(k, device=weight.device) // BLOCK
-        per_element = scale[..., rows[:, None], cols[None, :]]  # scale[n // 128, k // 128]
-        return values * per_element.double()
+        # W[n, k] = value[n, k] * scale[n // 128, k // 128]: pad to whole blocks, then broadcast.
+        nb, kb = -(-n // BLOCK), -(-k // BLOCK)
+        padded = torch.nn.functional.pad(values, (0, kb * BLOCK - k, 0, nb * BLOCK - n))
+        blocks = padded.view(*values.shape[:-2], nb, BLOCK, kb, BLOCK)
+        dense = (blocks * scale.double()[..., :, None, :, None]).view(
+            *values.shape[:-2], nb * BLOCK, kb * BLOCK
+        )
+        return dense[..., :n, :k]
     if fmt == FORMAT_FP8_CHANNEL:
         return values * scale.double()[..., :, None]  # scale[n]
     raise ValueError(f"cpu_ref: unknown weight format {fmt!r}")

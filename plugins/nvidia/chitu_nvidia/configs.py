@@ -20,40 +20,24 @@ class ConfigRow:
 
 _C = Fp8GemmConfig
 
-# Ampere (sm_80/86): untuned defaults (no Ampere card available); sized for
-# ~100 KB of shared memory per CTA at most.
+# Ampere (sm_80/86): not measured (no Ampere card here); the Hopper winners, whose
+# shared memory (<= 32 KB a program) fits Ampere. M <= 64: the GEMV kernel (FMA at
+# M = 1, a swap-AB tl.dot above); from M = 65 on: widen the weight to bf16 once and
+# call cuBLAS.
 _SM80 = (
-    ConfigRow(16, _C(block_n=64, block_m=16, split_k=0, num_warps=4, num_stages=4)),
-    ConfigRow(64, _C(block_n=64, block_m=64, split_k=0, num_warps=4, num_stages=3)),
-    ConfigRow(
-        256, _C(block_n=128, block_m=128, split_k=0, num_warps=8, num_stages=3, scale_on_acc=False)
-    ),
-    ConfigRow(
-        1 << 62,
-        _C(
-            block_n=128,
-            block_m=128,
-            block_k=64,
-            split_k=1,
-            num_warps=8,
-            num_stages=3,
-            scale_on_acc=False,
-        ),
-    ),
+    ConfigRow(1, _C(kind="gemv", block_m=1, block_n=64, num_warps=8, num_stages=1)),
+    ConfigRow(16, _C(kind="gemv", block_m=16, block_n=64, num_warps=4, num_stages=3)),
+    ConfigRow(64, _C(kind="gemv", block_m=64, block_n=64, num_warps=4, num_stages=3)),
+    ConfigRow(1 << 62, _C(kind="dequant")),
 )
 
-# Hopper (sm_90): measured on an H200 (benchmarks/results/gemm-h200-2026-11-26.json);
-# M<=16 and M<=64 rows as benchmarked there, M<=256 and prefill rows the winners of
-# the first (launch-overhead-timed) sweep of that session: prefill 128x256 tiles ran
-# 2601 us vs 3616 us for 128x128 at M=4096, K=7168, N=18432.
+# Hopper (sm_90): winners of ``bench_ops.py --tune`` on an H200
+# (benchmarks/results/gemm-h200-2026-11-26.json, ``soft_fp8_table``).
 _SM90 = (
-    ConfigRow(16, _C(block_n=32, block_m=16, split_k=0, num_warps=4, num_stages=4)),
-    ConfigRow(64, _C(block_n=64, block_m=64, split_k=0, num_warps=4, num_stages=4)),
-    ConfigRow(256, _C(block_n=128, block_m=128, split_k=0, num_warps=8, num_stages=4)),
-    ConfigRow(
-        1 << 62,
-        _C(block_n=128, block_m=256, split_k=1, num_warps=8, num_stages=3, scale_on_acc=False),
-    ),
+    ConfigRow(1, _C(kind="gemv", block_m=1, block_n=64, num_warps=8, num_stages=1)),
+    ConfigRow(16, _C(kind="gemv", block_m=16, block_n=64, num_warps=4, num_stages=3)),
+    ConfigRow(64, _C(kind="gemv", block_m=64, block_n=64, num_warps=4, num_stages=3)),
+    ConfigRow(1 << 62, _C(kind="dequant")),
 )
 
 SOFT_FP8_TABLES: dict[tuple[int, int], tuple[ConfigRow, ...]] = {

@@ -6,6 +6,10 @@ MMA and applies ``x_scale[m, k/128] * w_scale[n/128, k/128]`` to each 128-wide K
 step's partial product in fp32. Uses ``tl.float8e4nv``: does NOT compile for
 sm_80/sm_86 (that is what the soft path is for).
 
+From ``SCALED_MM_MIN_M`` tokens on, the GEMM itself goes to cuBLAS through
+``torch._scaled_mm`` with the same block scales where this torch supports it
+(the first call per device finds out), else the Triton kernel below.
+
 Bytes: N*K (weight) + 3*M*K (x read, x_fp8 written and read) + 2*M*N (y).
 FLOPs: 2*M*N*K at FP8 tensor-core rate.
 """
@@ -114,12 +118,40 @@ def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, xs
 
 
+_SCALED_MM_BLOCKWISE: dict = {}
+
+
+def _scaled_mm_blockwise(xq, xs, w_fp8, w_scale, out_dtype):
+    """cuBLAS block-scaled FP8 GEMM through ``torch._scaled_mm`` (1x128 activation
+    groups, 128x128 weight blocks; torch 2.11 + CUDA 13 on sm_90). The layouts it
+    accepts: activation scales outer-dim-major ``[M, K/128]`` with stride (1, M),
+    weight scales as ``[K/128, N/128]`` (the transpose of ``weight_scale_inv``)."""
+    return torch._scaled_mm(
+        xq, w_fp8.t(), scale_a=xs.t().contiguous().t(), scale_b=w_scale.t(), out_dtype=out_dtype
+    )
+
+
+def _try_scaled_mm(xq, xs, w_fp8, w_scale, out_dtype):
+    """``_scaled_mm_blockwise`` or None where this torch/GPU rejects block scales
+    (remembered per device: later calls go straight to the Triton kernel)."""
+    key = (xq.device.type, xq.device.index)
+    if _SCALED_MM_BLOCKWISE.get(key, True):
+        try:
+            y = _scaled_mm_blockwise(xq, xs, w_fp8, w_scale, out_dtype)
+            _SCALED_MM_BLOCKWISE[key] = True
+            return y
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+            _SCALED_MM_BLOCKWISE[key] = False
+    return None
+
+
 def native_fp8_gemm(
     x: torch.Tensor,
     w_fp8: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
     config: Fp8GemmConfig,
+    use_scaled_mm: bool | None = None,
 ) -> torch.Tensor:
     """``y = x @ (w_fp8 * w_scale)^T + bias`` on FP8 tensor cores (sm_89+).
 
@@ -133,6 +165,12 @@ def native_fp8_gemm(
     if m == 0 or n == 0:
         return y
     xq, xs = act_quant(x)
+    if use_scaled_mm is None:
+        use_scaled_mm = m >= SCALED_MM_MIN_M
+    if use_scaled_mm:
+        y = _try_scaled_mm(xq, xs, w_fp8, w_scale, x.dtype)
+        if y is not None:
+            return y if bias is None else y.add_(bias)
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
     w8a8_block_gemm_kernel[grid](
         xq, xs, w_fp8, w_scale, bias if bias is not None else w_scale, y,
@@ -143,6 +181,10 @@ def native_fp8_gemm(
     )  # fmt: skip
     return y
 
+
+# torch._scaled_mm (cuBLAS) from this many tokens on, where it takes block scales:
+# on an H200 it ran M=4096 7168x18432 in 942 us against 1752 us for the Triton kernel.
+SCALED_MM_MIN_M = 128
 
 NATIVE_DEFAULT = Fp8GemmConfig(block_n=128, block_m=128, num_warps=8, num_stages=4)
 NATIVE_SMALL_M = Fp8GemmConfig(block_n=64, block_m=16, num_warps=4, num_stages=4)

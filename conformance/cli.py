@@ -1,0 +1,121 @@
+"""``chitu conformance``: run the suite for a backend, write the reports and the certificate.
+
+``add_conformance_command(subparsers)`` registers the command on the ``chitu``
+parser; ``python -m conformance.cli`` runs the same command standalone.
+Exit code: 0 when every check passed, 1 when an op or a model failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from chitu_core.backend import OP_NAMES
+
+MAX_PRINTED_FAILURES = 20
+
+
+def _op_list(text: str) -> tuple[str, ...]:
+    if text == "all":
+        return OP_NAMES
+    ops = tuple(op.strip() for op in text.split(",") if op.strip())
+    unknown = [op for op in ops if op not in OP_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown op(s) {', '.join(unknown)}; ops are {', '.join(OP_NAMES)}"
+        )
+    return ops
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    """Run the suite as ``args`` say; print a summary; return the exit code."""
+    from conformance.certificate import from_result, save
+    from conformance.report import write_reports
+    from conformance.runner import SuiteConfig, run_suite
+
+    config = SuiteConfig(
+        backend=args.backend,
+        quick=args.quick,
+        ops=args.ops,
+        demote=args.demote or (),
+        dtype=args.dtype,
+        timing=not args.no_timing,
+        model_check=not args.no_model_check,
+        progress=not args.no_progress,
+    )
+    result = run_suite(config)
+    out = args.out or Path("out") / "conformance" / result.info.backend
+    paths = write_reports(result, out)
+    # Only a run of the backend as it would be served certifies it.
+    if not (args.ops or args.demote or args.dtype or args.no_model_check):
+        print(f"certificate: {save(from_result(result), args.cert_dir)}")
+    info = result.info
+    verdict = "PASS" if result.passed else "FAIL"
+    print(
+        f"{verdict}: backend {info.backend} {info.plugin_version} on {info.device_name}, "
+        f"{info.mode}, {info.dtype}: {len(result.cases)} cases, {len(result.models)} models "
+        f"in {info.elapsed_s:.0f} s"
+    )
+    if not result.passed:
+        print(
+            f"failed ops: {', '.join(result.failed_ops) or 'none'}; demote: {', '.join(result.demote)}"
+        )
+        for message in result.failures[:MAX_PRINTED_FAILURES]:
+            print(f"  {message}")
+        if len(result.failures) > MAX_PRINTED_FAILURES:
+            print(f"  ... {len(result.failures) - MAX_PRINTED_FAILURES} more in {paths['md']}")
+    print(f"reports: {paths['md']}, {paths['json']}, {paths['png']}")
+    return 0 if result.passed else 1
+
+
+def add_conformance_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``conformance --backend NAME [--quick] [--ops ...] [--out DIR] [--cert-dir DIR]``."""
+    p = subparsers.add_parser(
+        "conformance",
+        help="check a backend against the CPU reference (numerics, speed) and certify it",
+    )
+    p.add_argument("--backend", required=True, help="backend name (see 'chitu plugins') or 'auto'")
+    p.add_argument(
+        "--quick", action="store_true", help="a representative subset (what serving runs)"
+    )
+    p.add_argument(
+        "--ops", type=_op_list, help="comma-separated ops to check (default: every op with cases)"
+    )
+    p.add_argument("--out", type=Path, help="report directory (default: out/conformance/BACKEND)")
+    p.add_argument(
+        "--cert-dir",
+        type=Path,
+        help="certificate directory (default: $CHITU_CERT_DIR or ~/.cache/chitu/certs)",
+    )
+    p.add_argument(
+        "--demote",
+        type=_op_list,
+        help="check with these ops demoted to generic ('all': the generic ops on this device)",
+    )
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype")
+    p.add_argument("--no-timing", action="store_true", help="numerics only")
+    p.add_argument("--no-model-check", action="store_true", help="skip the whole-model check")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_conformance)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m conformance.cli --backend NAME ...``: the command without the chitu CLI."""
+    parser = argparse.ArgumentParser(prog="python -m conformance.cli")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command")
+    add_conformance_command(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "conformance":
+        argv = ["conformance", *argv]
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Whole-model check: the tiny demo DeepSeek-V3 and Llama on the backend vs cpu_ref.
+
+Each model runs in a real ``LLMEngine`` (so the backend is bound by
+``load_backend`` with the run's demotions, exactly as when serving): two
+prompts of different lengths batched together, greedy, ``MAX_NEW_TOKENS``
+tokens. The logits of every step are captured at the model runner and
+compared with the oracle's (cpu_ref in fp32, computed once per process);
+the greedy tokens must match under the near-tie rule of
+``conformance/tolerances.py``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conformance.tolerances import compare, model_tolerance
+
+logger = logging.getLogger(__name__)
+
+ARCHS = ("deepseek_v3", "llama")
+PROMPTS = ([5, 6, 7, 8, 9], list(range(10, 40)))  # ids of the demo vocabulary (512)
+MAX_NEW_TOKENS = 6
+NUM_BLOCKS = 32
+REFERENCE_BACKEND = "cpu_ref"
+
+_workdir: Path | None = None
+_reference: dict[str, Trace] = {}
+
+
+@dataclass
+class ModelResult:
+    """The outcome of one model: logits error vs bound, tokens compared, where runs diverged."""
+
+    arch: str
+    passed: bool
+    message: str = ""
+    rel_fro: float = 0.0
+    max_abs_rel: float = 0.0
+    bound_rel_fro: float = 0.0
+    tokens_compared: int = 0
+    near_ties: list[str] = field(default_factory=list)
+    time_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Trace:
+    """Per sequence: the greedy tokens and the logits ``[V]`` fp32 of every step."""
+
+    tokens: list[list[int]]
+    logits: list[list[torch.Tensor]]
+
+
+def demo_model(arch: str) -> Path:
+    """The tiny demo checkpoint of ``arch``, written once per process into a temp dir."""
+    global _workdir
+    if _workdir is None:
+        _workdir = Path(tempfile.mkdtemp(prefix="chitu-conformance-models-"))
+        atexit.register(shutil.rmtree, _workdir, True)
+    path = _workdir / arch
+    if not (path / "config.json").exists():
+        from chitu_core.demo_model import write_demo_model
+
+        write_demo_model(path, arch, "tiny")
+    return path
+
+
+def run_model(arch: str, backend: str, demote: tuple[str, ...], dtype: str | None) -> Trace:
+    """Greedy-generate ``PROMPTS`` on ``backend`` (with ``demote``) and capture every step's logits."""
+    from chitu_core.engine.llm_engine import EngineConfig, LLMEngine
+    from chitu_core.engine.sampling import SamplingParams
+
+    config = EngineConfig(
+        model=demo_model(arch),
+        backend=backend,
+        dtype=dtype,
+        num_blocks=NUM_BLOCKS,
+        show_progress=False,
+        demote_ops=tuple(demote),
+    )
+    engine = LLMEngine(config)
+    logits: dict[int, list[torch.Tensor]] = {}
+    execute = engine.runner.execute
+
+    def recording_execute(seqs, num_new_tokens):
+        out = execute(seqs, num_new_tokens)
+        for seq, row in zip(seqs, out, strict=True):
+            logits.setdefault(seq.seq_id, []).append(row.detach().float().cpu())
+        return out
+
+    engine.runner.execute = recording_execute
+    params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    completions = engine.generate([list(p) for p in PROMPTS], params)
+    ids = sorted(logits)
+    return Trace([c.token_ids for c in completions], [logits[i] for i in ids])
+
+
+def reference_trace(arch: str) -> Trace:
+    """The oracle's trace of ``arch`` (cpu_ref, fp32), computed once per process."""
+    if arch not in _reference:
+        _reference[arch] = run_model(arch, REFERENCE_BACKEND, (), "float32")
+    return _reference[arch]
+
+
+def compare_traces(arch: str, got: Trace, ref: Trace, dtype: torch.dtype) -> ModelResult:
+    """Logits within ``model_tolerance`` and tokens equal up to the first near-tie."""
+    tol = model_tolerance(dtype)
+    result = ModelResult(arch, passed=True, bound_rel_fro=tol.rel_fro)
+    got_rows, ref_rows, problems = [], [], []
+    for seq, (tokens, ref_tokens) in enumerate(zip(got.tokens, ref.tokens, strict=True)):
+        for step, (token, ref_token) in enumerate(zip(tokens, ref_tokens, strict=True)):
+            ref_logits = ref.logits[seq][step]
+            got_rows.append(got.logits[seq][step])
+            ref_rows.append(ref_logits)
+            result.tokens_compared += 1
+            if token == ref_token:
+                continue
+            gap = float(ref_logits[ref_token] - ref_logits[token])
+            margin = tol.max_abs_rel * float(ref_logits.abs().max())
+            if gap > margin:
+                problems.append(
+                    f"sequence {seq} step {step}: greedy token {token}, the oracle's {ref_token} "
+                    f"(oracle logit gap {gap:.3f} > near-tie margin {margin:.3f})"
+                )
+            else:
+                result.near_ties.append(f"sequence {seq} step {step} (gap {gap:.3f})")
+            break  # the texts differ from here on: later steps are not comparable
+    report = compare(torch.stack(got_rows), torch.stack(ref_rows))
+    result.rel_fro, result.max_abs_rel = report.rel_fro, report.max_abs_rel
+    if not report.within(tol):
+        problems.append(
+            f"logits rel_fro {report.rel_fro:.3e} (bound {tol.rel_fro:.1e}), max_abs_rel "
+            f"{report.max_abs_rel:.3e} (bound {tol.max_abs_rel:.1e}), NaN mismatches "
+            f"{report.nan_mismatch}"
+        )
+    if problems:
+        result.passed = False
+        result.message = f"model[{arch}] ({dtype}): " + "; ".join(problems)
+    return result
+
+
+def check_models(backend: str, demote: tuple[str, ...], dtype: torch.dtype) -> list[ModelResult]:
+    """The whole-model check of every demo architecture on ``backend`` at ``dtype``."""
+    results = []
+    dtype_name = str(dtype).removeprefix("torch.")
+    for arch in ARCHS:
+        start = time.perf_counter()
+        try:
+            ref = reference_trace(arch)
+            got = run_model(arch, backend, demote, dtype_name)
+            result = compare_traces(arch, got, ref, dtype)
+        except Exception as exc:  # a backend may fail inside the engine in any way
+            result = ModelResult(arch, False, f"model[{arch}]: raised {type(exc).__name__}: {exc}")
+        result.time_s = time.perf_counter() - start
+        results.append(result)
+    return results

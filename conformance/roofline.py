@@ -1,0 +1,202 @@
+"""Rooflines: the peak bandwidth and FLOP/s of a device, and each case's bytes and FLOPs.
+
+An op cannot run faster than ``max(bytes / bandwidth, flops / peak)``; the report
+gives each timed case's share of that bound ("% of roofline"). Peaks come from
+``KNOWN_DEVICES`` (vendor datasheets: dense math, no sparsity, boost clocks)
+when the device's name matches, otherwise from micro-benchmarks on the device
+itself: a large ``copy_`` for bandwidth (bytes read + written) and a square
+matmul per dtype for FLOP/s. The host is always measured: CPU peaks depend on
+the core count and the memory channels this process gets.
+
+The FLOP/s used is the compute dtype's even for FP8 weights: the contract
+multiplies in the compute dtype (soft FP8), so bf16 is the attainable peak.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from chitu_core.quant import FORMAT_UNQUANTIZED
+from conformance.case import Case, Inputs
+
+logger = logging.getLogger(__name__)
+
+TB, TF = 1e12, 1e12
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Peak memory bandwidth (bytes/s) and FLOP/s by dtype name of one device."""
+
+    name: str
+    bandwidth: float
+    flops: dict[str, float] = field(default_factory=dict)
+    source: str = "measured"
+
+    def peak_flops(self, dtype: torch.dtype) -> float:
+        """FLOP/s at ``dtype`` (fp32 figures for dtypes the table lacks)."""
+        key = str(dtype).removeprefix("torch.")
+        return self.flops.get(key) or self.flops.get("float32") or 1.0
+
+
+def _spec(name: str, bandwidth_tb: float, bf16_tf: float, fp32_tf: float) -> DeviceSpec:
+    flops = {"bfloat16": bf16_tf * TF, "float16": bf16_tf * TF, "float32": fp32_tf * TF}
+    return DeviceSpec(name, bandwidth_tb * TB, flops, source="datasheet")
+
+
+# (pattern searched in the device name, spec). Order matters: the first match wins.
+KNOWN_DEVICES: tuple[tuple[str, DeviceSpec], ...] = (
+    (r"H100.*(PCIe|PCIE)", _spec("NVIDIA H100 PCIe", 2.0, 756, 51)),
+    (r"H100.*NVL", _spec("NVIDIA H100 NVL", 3.9, 835, 60)),
+    (r"H100", _spec("NVIDIA H100 SXM", 3.35, 989, 67)),
+    (r"H200", _spec("NVIDIA H200", 4.8, 989, 67)),
+    (r"\bH20\b", _spec("NVIDIA H20", 4.0, 148, 44)),
+    (r"A100.*40GB", _spec("NVIDIA A100 40GB", 1.555, 312, 19.5)),
+    (r"A100", _spec("NVIDIA A100 80GB", 2.039, 312, 19.5)),
+    (r"A800", _spec("NVIDIA A800 80GB", 2.039, 312, 19.5)),
+    # Approximate public figures; the 910B variants (B1..B4) differ by ~20%.
+    (r"910B", _spec("Huawei Ascend 910B", 1.6, 320, 80)),
+)
+
+
+def lookup(device_name: str) -> DeviceSpec | None:
+    """The datasheet spec whose pattern matches ``device_name``, or None."""
+    for pattern, spec in KNOWN_DEVICES:
+        if re.search(pattern, device_name):
+            return spec
+    return None
+
+
+def _best_time(fn, sync, repeats: int) -> float:
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _copier(numel: int, device: torch.device):
+    src = torch.ones(numel, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+@functools.cache
+def measure(device: torch.device, name: str) -> DeviceSpec:
+    """Micro-benchmark ``device``: copy bandwidth and matmul FLOP/s per float dtype."""
+    on_host = device.type == "cpu"
+    module = getattr(torch, device.type, None)
+
+    def sync() -> None:
+        if not on_host and module is not None:
+            module.synchronize(device)
+
+    numel = (64 if on_host else 512) << 18  # 64 MiB / 512 MiB of fp32
+    bandwidth = 2 * numel * 4 / _best_time(_copier(numel, device), sync, 5)
+    flops = {}
+    size = 1024 if on_host else 8192
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        a = torch.randn(size, size, device=device).to(dtype)
+        seconds = _best_time(lambda a=a: a @ a, sync, 3)
+        flops[str(dtype).removeprefix("torch.")] = 2 * size**3 / seconds
+    logger.info("measured %s: %.1f GB/s, %s", name, bandwidth / 1e9, flops)
+    return DeviceSpec(name, bandwidth, flops, source="measured")
+
+
+def device_spec(device: torch.device, name: str) -> DeviceSpec:
+    """The datasheet spec of an accelerator named ``name``, else a measured one."""
+    if device.type != "cpu":
+        spec = lookup(name)
+        if spec is not None:
+            return spec
+    return measure(device, name)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one call of a case moves and computes (the minimum, ideal caching)."""
+
+    flops: float
+    bytes: float
+
+    def seconds(self, spec: DeviceSpec, dtype: torch.dtype) -> float:
+        """The roofline time: the slower of moving the bytes and doing the FLOPs."""
+        return max(self.bytes / spec.bandwidth, self.flops / spec.peak_flops(dtype))
+
+
+def _weight_bytes(w, act: int) -> float:
+    per = act if w.fmt == FORMAT_UNQUANTIZED else 1
+    scale = 0 if w.scale is None else w.scale.numel() * 4
+    return w.weight.numel() * per + scale
+
+
+def _causal_pairs(q_lens: list[int], context_lens: list[int]) -> int:
+    """(query, key) pairs a causal varlen attention visits."""
+    return sum(q * (c - q) + q * (q + 1) // 2 for q, c in zip(q_lens, context_lens, strict=True))
+
+
+def case_cost(case: Case, inputs: Inputs, dtype: torch.dtype) -> Cost | None:
+    """Bytes and FLOPs of one call of ``case`` at ``dtype``; None for ops without a model."""
+    a = torch.empty((), dtype=dtype).element_size()
+    op, i = case.op, inputs
+    if op == "linear":
+        (m, k), n = i["x"].shape, i["weight"].out_features
+        return Cost(2 * m * n * k, (m * k + m * n) * a + _weight_bytes(i["weight"], a))
+    if op == "fused_moe":
+        (t, h), top_k = i["x"].shape, i["topk_ids"].shape[1]
+        inter = i["w2"].in_features
+        touched = int(i["topk_ids"].unique().numel())
+        num_experts = max(i["w13"].num_experts or 1, 1)
+        weights = (_weight_bytes(i["w13"], a) + _weight_bytes(i["w2"], a)) * touched / num_experts
+        return Cost(6 * t * top_k * h * inter, weights + 2 * t * h * a + t * top_k * 8)
+    if op == "moe_route":
+        t, e = i["router_logits"].shape
+        return Cost(10 * t * e, t * e * 4 + e * 4 + t * i["top_k"] * 8)
+    if op in ("paged_attention_decode", "paged_attention_prefill", "mla_decode", "mla_prefill"):
+        return _attention_cost(op, i, a)
+    if op == "store_kv":
+        moved = sum(i[k].numel() for k in ("key", "value") if i[k] is not None)
+        return Cost(0, 2 * moved * a + i["slot_mapping"].numel() * 8)
+    if op in ("rms_norm", "silu_and_mul"):
+        x = i["x"]
+        out = x.numel() if op == "rms_norm" else x.numel() // 2
+        return Cost(4 * x.numel(), (x.numel() + out) * a)
+    if op == "rope":
+        moved = i["q"].numel() + i["k"].numel()
+        return Cost(
+            3 * moved, 2 * moved * a + i["positions"].numel() * i["cos_sin_cache"].shape[1] * 4
+        )
+    if op == "sample":
+        return Cost(5 * i["logits"].numel(), i["logits"].numel() * 4)
+    return None
+
+
+def _attention_cost(op: str, i: Inputs, a: int) -> Cost:
+    lens = i["context_lens"].tolist()
+    if op.startswith("mla"):
+        heads, rank = i["q_latent"].shape[1:]
+        key_dim = rank + i["q_rope"].shape[-1]
+        kv_heads, q_dims, mix = 1, key_dim + rank, 2 * (key_dim + rank)
+        cached = key_dim
+    else:
+        heads, key_dim = i["q"].shape[1:]
+        kv_heads, dv = i["key_cache"].shape[2], i["value_cache"].shape[-1]
+        q_dims, mix, cached = key_dim + dv, 2 * (key_dim + dv), key_dim + dv
+    if "cu_seqlens_q" in i:
+        cu = i["cu_seqlens_q"].tolist()
+        q_lens = [cu[j + 1] - cu[j] for j in range(len(lens))]
+    else:
+        q_lens = [1] * len(lens)
+    pairs = _causal_pairs(q_lens, lens)
+    moved = sum(lens) * kv_heads * cached * a + sum(q_lens) * heads * q_dims * a
+    return Cost(pairs * heads * mix, moved)
