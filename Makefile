@@ -1,4 +1,4 @@
-# The two quick-start commands of the README: `make demo` and `make test`.
+# The two quick-start commands of the README: `make serve` and `make test`.
 # Both set up .venv first (idempotent). On a CPU-only machine the set-up installs
 # torch==2.13.0, the CPU build; to keep a CUDA/ROCm/NPU torch, see README "Installing on a GPU".
 PYTHON ?= python3
@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PLUGINS := plugins/cpu_ref plugins/nvidia plugins/ascend plugins/hygon
 
-.PHONY: setup demo test lint
+.PHONY: setup serve demo test lint
 setup: $(VENV)/.chitu-installed
 
 $(VENV)/.chitu-installed: pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
@@ -16,6 +16,11 @@ $(VENV)/.chitu-installed: pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[test]" $(addprefix -e ,$(PLUGINS))
 	touch $@
+
+# Serves the built-in random demo model on http://127.0.0.1:21002/v1 (written once to ~/.cache/chitu).
+serve: setup
+	$(BIN)/chitu plugins
+	$(BIN)/chitu serve
 
 demo: setup
 	$(BIN)/chitu plugins
