@@ -125,7 +125,7 @@ def case_gemv_all_codes() -> None:
                 f"channel={channel} {cfg}"
             )
             assert bool(y[:, 16:].isnan().all()), "NaN codes must give NaN rows"
-        for m in (1, 3):  # FMA variants, one row at a time
+        for m in (1, 3) if not channel else ():  # FMA variants, a few rows at a time
             cfg = Fp8GemmConfig(kind="gemv", block_n=16, block_m=1 if m == 1 else 4, split_k=1)
             for r in range(0, 16, m):
                 xs = x[r : r + m]
@@ -142,7 +142,6 @@ def case_gemm_shapes() -> None:
     torch.manual_seed(1)
     shapes = [(1, 200, 300), (5, 130, 257), (33, 64, 384), (0, 64, 128), (3, 64, 0)]
     cfgs = [
-        Fp8GemmConfig(block_n=64, block_m=16, split_k=1),
         Fp8GemmConfig(block_n=32, block_m=16, split_k=3),
         Fp8GemmConfig(block_n=64, block_m=32, block_k=64, split_k=0, scale_on_acc=False),
         Fp8GemmConfig(kind="mm", block_n=32, block_m=16, block_k=64, split_k=3),
@@ -155,7 +154,6 @@ def case_gemm_shapes() -> None:
         Fp8GemmConfig(kind="gemv", block_n=32, block_m=1, split_k=2, prefetch=True),
         Fp8GemmConfig(kind="gemv", block_n=16, block_m=4, split_k=1, prefetch=True),
         Fp8GemmConfig(kind="gemv", block_n=32, block_m=16, split_k=3),
-        Fp8GemmConfig(kind="gemv", block_n=64, block_m=16, split_k=2, fused_reduce=False),
         Fp8GemmConfig(kind="gemv", block_n=16, block_m=64, split_k=0, prefetch=True),
     ]
     for m, n, k in shapes:
@@ -174,8 +172,8 @@ def case_gemm_shapes() -> None:
                 wq, s = quantize_block_fp8(w)
                 w_ref = dequantize_block_fp8(wq, s, torch.float64)
             fits = [c for c in gemv_cfgs if m <= c.block_m]
-            for cfg in cfgs + fits:
-                for b in (None, bias):
+            for i, cfg in enumerate(cfgs + fits):
+                for b in (None, bias) if i == 0 else (bias if i % 2 else None,):
                     y = fp8_gemm(x.to(DEVICE), wq.to(DEVICE).view(torch.uint8), s.to(DEVICE),
                                  None if b is None else b.to(DEVICE), channel=channel, config=cfg,
                                  num_sms=4, use_ptx=USE_PTX)  # fmt: skip

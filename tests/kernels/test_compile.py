@@ -21,7 +21,13 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("compile tests need compiled (not interpreted) kernels", allow_module_level=True)
 
 from chitu_core.kernels.e4m3_widen import e4m3_widen_kernel  # noqa: E402
-from chitu_core.kernels.fp8_gemm import fp8_gemm_kernel, splitk_reduce_kernel  # noqa: E402
+from chitu_core.kernels.fp8_gemm import (  # noqa: E402
+    dequant_kernel,
+    fp8_gemm_kernel,
+    fp8_gemv_kernel,
+    fp8_mm_kernel,
+    splitk_reduce_kernel,
+)
 
 CUDA_TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 86, 32), GPUTarget("cuda", 90, 32)]
 HIP_TARGETS = [GPUTarget("hip", "gfx90a", 64), GPUTarget("hip", "gfx942", 64)]
@@ -45,7 +51,52 @@ def _gemm_source(scale_mode: int, split_k: int, use_ptx: bool, block_n: int, blo
 
 
 # (scale_mode, split_k, block_n, block_m): decode split-K, batched decode, prefill, per-channel
-GEMM_VARIANTS = [(0, 4, 64, 16), (0, 1, 128, 64), (1, 1, 128, 128), (2, 1, 64, 16)]
+GEMM_VARIANTS = [(0, 4, 64, 16), (1, 1, 128, 128)]
+
+_NEW_SIG = {
+    "x_ptr": "*bf16", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16",
+    "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+    "stride_wn": "i32", "stride_sn": "i32", "stride_sk": "i32", "stride_ym": "i32",
+    "k_tiles_per_split": "i32",
+}  # fmt: skip
+
+
+def _new_source(kernel, use_ptx: bool, **constexprs):
+    c = dict(HAS_BIAS=True, FUSED_REDUCE=True, FENCE_PTX=use_ptx, EVEN_K=False, USE_PTX=use_ptx,
+             DOT_IN_FP32=False, **constexprs)  # fmt: skip
+    sig = dict(_NEW_SIG)
+    sig.update(dict.fromkeys(c, "constexpr"))
+    return ASTSource(kernel, sig, c)
+
+
+def _dequant_source(use_ptx: bool):
+    sig = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "K": "i32",
+           "stride_wn": "i32", "stride_sn": "i32", "stride_sk": "i32"}  # fmt: skip
+    c = {"CHANNEL": False, "USE_PTX": use_ptx, "BLOCK_N": 16, "BLOCK_K": 512}
+    sig.update(dict.fromkeys(c, "constexpr"))
+    return ASTSource(dequant_kernel, sig, c)
+
+
+# the kernels of the per-arch tables: decode FMA GEMV (prefetch), swap-AB dot GEMV, mm, dequant
+NEW_VARIANTS = {
+    "gemv_fma": lambda p: (_new_source(fp8_gemv_kernel, p, SCALE_MODE=0, BLOCK_N=64, BLOCK_M=1,
+                                       PREFETCH=True), 8, 1),
+    "gemv_dot": lambda p: (_new_source(fp8_gemv_kernel, p, SCALE_MODE=0, BLOCK_N=64, BLOCK_M=16,
+                                       PREFETCH=False), 4, 3),
+    "mm": lambda p: (_new_source(fp8_mm_kernel, p, SCALE_MODE=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
+                                 GROUP_M=8), 4, 3),
+    "dequant": lambda p: (_dequant_source(p), 4, 3),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("target", CUDA_TARGETS, ids=lambda t: f"sm_{t.arch}")
+@pytest.mark.parametrize("name", list(NEW_VARIANTS))
+def test_new_kernels_compile_for_cuda(target, name):
+    src, num_warps, num_stages = NEW_VARIANTS[name](True)
+    _compile(src, target, num_warps, num_stages)
+    if name == "gemv_fma":  # portable widening and no PTX fence: what HIP and CPU run
+        src, num_warps, num_stages = NEW_VARIANTS[name](False)
+        _compile(src, target, num_warps, num_stages)
 
 
 def _compile(src, target, num_warps=4, num_stages=3):

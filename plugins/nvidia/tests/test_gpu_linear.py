@@ -37,7 +37,8 @@ def cases():
 
 @pytest.mark.parametrize("use_ptx", [True, False], ids=["ptx", "portable"])
 @pytest.mark.parametrize(
-    "case", ["widen_all_codes", "gemm_all_codes", "gemm_shapes", "subnormal_heavy"]
+    "case",
+    ["widen_all_codes", "gemm_all_codes", "gemv_all_codes", "gemm_shapes", "subnormal_heavy"],
 )
 def test_kernel_cases_on_gpu(cases, case, use_ptx):
     cases.USE_PTX = use_ptx
