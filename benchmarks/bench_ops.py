@@ -42,12 +42,12 @@ TUNE_SPACE = {  # max_m -> candidates (kinds: see Fp8GemmConfig)
     1: [C(**G, block_m=1, block_n=bn, num_warps=w, num_stages=1, prefetch=pf)
         for bn, w, pf in [(64, 8, False), (64, 8, True), (32, 4, True), (64, 4, True), (128, 8, True),
                           (32, 4, False)]],
-    4: [C(**G, block_m=4, block_n=bn, num_warps=w, num_stages=1, prefetch=pf)
-        for bn, w, pf in [(32, 4, True), (64, 8, True), (32, 4, False)]]
+    4: [C(kind="mm", block_m=16, block_n=bn, block_k=128, num_warps=w, num_stages=st)
+        for bn, w, st in [(64, 2, 4), (64, 4, 3), (128, 4, 3)]]
        + [C(**G, block_m=16, block_n=64, num_warps=4, num_stages=3)],
-    16: [C(**G, block_m=16, block_n=bn, num_warps=w, num_stages=st, split_k=sk, prefetch=pf)
-         for bn, w, st, sk, pf in [(64, 4, 3, 0, False), (64, 4, 3, 4, False), (32, 4, 3, 0, False),
-                                   (64, 4, 1, 0, True), (64, 8, 1, 0, True)]],
+    16: [C(kind="mm", block_m=16, block_n=bn, block_k=128, num_warps=w, num_stages=st)
+         for bn, w, st in [(64, 4, 3), (64, 2, 4), (128, 4, 3)]]
+        + [C(**G, block_m=16, block_n=64, num_warps=4, num_stages=3)],
     64: [C(kind="swap", block_n=64, block_m=64, block_k=128, num_warps=4, num_stages=st, scale_on_acc=True)
          for st in (3, 4)]
         + [C(**G, block_m=64, block_n=bn, num_warps=4, num_stages=st, prefetch=pf)

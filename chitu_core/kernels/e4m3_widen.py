@@ -23,11 +23,16 @@ Two implementations of the same function:
 
 * ``_e4m3_to_f16_portable``: plain ``tl`` integer ops and one ``tl.where``;
   runs everywhere, including ``TRITON_INTERPRET=1`` and HIP.
-* ``_e4m3_to_f16_ptx``: NVIDIA inline PTX over 4 codes per 32-bit register
-  (prmt, lop3, shr, then the NaN fix in f16x2): 3 instructions per element.
+* ``_e4m3_to_f16_ptx``: NVIDIA inline PTX over 4 codes per 32-bit register:
+  per pair of codes one prmt (code in the low byte of each half, its sign
+  replicated over the high byte), shl 7 and one and (sign to bit 15,
+  exponent+mantissa to bits 13..7), then the NaN fix in f16x2: 2.5
+  instructions per element.
   Any sm_53+ target (sm_80/86 included).
 
-FLOPs/bytes: none of memory; about 3 (PTX) or 8 (portable) ALU ops per element.
+FLOPs/bytes: none of memory; about 2.5 (fp16, PTX), 3 (bf16, PTX) or 8 (portable) ops per element.
+``e4m3_to_bf16`` gives the exact value as bf16 (no 2^-8 factor): what a bf16 MMA wants,
+without the fp16 -> bf16 conversion (F2F, a quarter-rate instruction per element).
 """
 
 from __future__ import annotations
@@ -41,21 +46,49 @@ WIDEN_SCALE_FIX = 256.0
 # fp16 36864 = 0x7880 in both halves: 1.75 * 36864 finite, 1.875 * 36864 -> inf.
 _PTX_E4M3X4_TO_F16X4 = tl.constexpr("""
 {
-    .reg .b32 a<2>, b<2>, c<2>, big, zero;
+    .reg .b32 h<2>, b<2>, c<2>, big, zero;
     mov.b32 big, 0x78807880;
     mov.b32 zero, 0;
-    prmt.b32 a0, 0, $2, 0x5040;
-    prmt.b32 a1, 0, $2, 0x7060;
-    and.b32 b0, a0, 0x7fff7fff;
-    and.b32 b1, a1, 0x7fff7fff;
-    shr.b32 b0, b0, 1;
-    shr.b32 b1, b1, 1;
-    lop3.b32 c0, b0, 0x80008000, a0, 0xf8;
-    lop3.b32 c1, b1, 0x80008000, a1, 0xf8;
+    prmt.b32 h0, $2, 0, 0x9180;
+    prmt.b32 h1, $2, 0, 0xB3A2;
+    shl.b32 c0, h0, 7;
+    shl.b32 c1, h1, 7;
+    and.b32 c0, c0, 0xBF80BF80;
+    and.b32 c1, c1, 0xBF80BF80;
     mul.rn.f16x2 b0, c0, big;
     mul.rn.f16x2 b1, c1, big;
     fma.rn.f16x2 $0, b0, zero, c0;
     fma.rn.f16x2 $1, b1, zero, c1;
+}
+""")
+
+
+# e4m3 x4 -> exact bf16 x4 (values, not scaled). Per pair of codes: prmt puts each code in
+# the low byte of a 16-bit half with its sign replicated over the high byte; << 4 and
+# & 0x87F0 leave the sign at bit 15 and exponent+mantissa at bits 10..4, i.e. the bf16
+# ``value * 2^-120`` (a bf16 subnormal for e4m3 subnormals); fma by 2^120 (0x7B80, addend
+# -0 so signed zeros survive) makes it a normal bf16, exactly (bf16 fma keeps subnormal
+# inputs). NaN: 448 * 1.0703125 * 2^119 rounds to a finite bf16, 480 * that to inf, and
+# fma(t, 0, v) is v for finite t and NaN for inf t. 6 instructions per 2 codes, no F2F.
+_PTX_E4M3X4_TO_BF16X4 = tl.constexpr("""
+{
+    .reg .b32 h<2>, g<2>, v<2>, t<2>, two120, big, mzero, zero;
+    mov.b32 two120, 0x7B807B80;
+    mov.b32 big, 0x7B097B09;
+    mov.b32 mzero, 0x80008000;
+    mov.b32 zero, 0;
+    prmt.b32 h0, $2, 0, 0x9180;
+    prmt.b32 h1, $2, 0, 0xB3A2;
+    shl.b32 g0, h0, 4;
+    shl.b32 g1, h1, 4;
+    and.b32 g0, g0, 0x87F087F0;
+    and.b32 g1, g1, 0x87F087F0;
+    fma.rn.bf16x2 v0, g0, two120, mzero;
+    fma.rn.bf16x2 v1, g1, two120, mzero;
+    fma.rn.bf16x2 t0, v0, big, mzero;
+    fma.rn.bf16x2 t1, v1, big, mzero;
+    fma.rn.bf16x2 $0, t0, zero, v0;
+    fma.rn.bf16x2 $1, t1, zero, v1;
 }
 """)
 
@@ -99,22 +132,52 @@ def e4m3_to_f16_x256(bits, USE_PTX: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_to_bf16_ptx(bits):
+    return tl.inline_asm_elementwise(
+        asm=_PTX_E4M3X4_TO_BF16X4,
+        constraints="=r,=r,r",
+        args=[bits],
+        dtype=tl.bfloat16,
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def e4m3_to_bf16(bits, USE_PTX: tl.constexpr):
+    """Widen e4m3fn codes to bf16 holding the exact value (all 256 codes, NaN kept).
+
+    Unlike ``e4m3_to_f16_x256`` no 2^-8 factor: the result is the value itself.
+    USE_PTX: NVIDIA inline PTX (sm_80+: bf16x2 fma); else via the portable fp16 route.
+    """
+    if USE_PTX:
+        return _e4m3_to_bf16_ptx(bits)
+    else:
+        return (_e4m3_to_f16_portable(bits).to(tl.float32) * 256.0).to(tl.bfloat16)
+
+
+@triton.jit
 def e4m3_widen_kernel(
     bits_ptr,
     out_ptr,
     num_elements,
     USE_PTX: tl.constexpr,
     BLOCK: tl.constexpr,
+    BF16: tl.constexpr = False,
 ):
-    """out[i] = e4m3(bits[i]) in out's dtype (fp32 or bf16): the widening on its own, for tests."""
+    """out[i] = e4m3(bits[i]) in out's dtype (fp32 or bf16): the widening on its own, for tests.
+    BF16: through ``e4m3_to_bf16`` instead of the fp16 widening."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_elements
     bits = tl.load(bits_ptr + offs, mask=mask, other=0)
-    v = e4m3_to_f16_x256(bits, USE_PTX).to(tl.float32) * 256.0  # WIDEN_SCALE_FIX
+    if BF16:
+        v = e4m3_to_bf16(bits, USE_PTX).to(tl.float32)
+    else:
+        v = e4m3_to_f16_x256(bits, USE_PTX).to(tl.float32) * 256.0  # WIDEN_SCALE_FIX
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def e4m3_widen(bits, dtype=None, use_ptx: bool = False):
+def e4m3_widen(bits, dtype=None, use_ptx: bool = False, bf16: bool = False):
     """Widen a uint8 (or float8_e4m3fn) tensor of any shape to ``dtype`` (default fp32).
 
     Runs the Triton widening alone (tests and debugging). Returns a new tensor on
@@ -129,5 +192,5 @@ def e4m3_widen(bits, dtype=None, use_ptx: bool = False):
     block = 1024
     grid = (triton.cdiv(flat.numel(), block),)
     if flat.numel():
-        e4m3_widen_kernel[grid](flat, out, flat.numel(), USE_PTX=use_ptx, BLOCK=block)
+        e4m3_widen_kernel[grid](flat, out, flat.numel(), USE_PTX=use_ptx, BLOCK=block, BF16=bf16)
     return out.reshape(bits.shape)

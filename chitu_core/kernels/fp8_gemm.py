@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from chitu_core.kernels.e4m3_widen import e4m3_to_f16_x256
+from chitu_core.kernels.e4m3_widen import e4m3_to_bf16, e4m3_to_f16_x256
 
 SCALE_BLOCK = 128  # DeepSeek-V3 block size along N and K
 
@@ -294,6 +294,7 @@ def fp8_gemv_kernel(
     BLOCK_M: tl.constexpr,
     PREFETCH: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    WIDEN_BF16: tl.constexpr = False,
 ):
     """Decode GEMV/skinny GEMM: each program streams a [BLOCK_N, 128] weight tile per
     step (16-byte loads along K), widens it in registers and multiplies by the x
@@ -345,13 +346,18 @@ def fp8_gemv_kernel(
                 xt = tl.load(x_ptrs, mask=k_ok, other=0.0)
             else:
                 xt = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
-        w16 = e4m3_to_f16_x256(w_bits, USE_PTX)  # exact e4m3 / 256
         if BLOCK_M == 1:
+            w16 = e4m3_to_f16_x256(w_bits, USE_PTX)  # exact e4m3 / 256
             part = tl.sum(w16.to(tl.float32) * xt.to(tl.float32)[None, :], axis=1)[:, None]
         elif BLOCK_M < 16:
+            w16 = e4m3_to_f16_x256(w_bits, USE_PTX)
             prod = w16.to(tl.float32)[:, :, None] * xt.to(tl.float32)[None, :, :]
             part = tl.sum(prod, axis=1)
+        elif WIDEN_BF16:  # exact bf16 values straight into the bf16 MMA (no fp16 -> bf16 F2F)
+            wb = e4m3_to_bf16(w_bits, USE_PTX)
+            part = _dot(wb, xt, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), DOT_IN_FP32)
         else:
+            w16 = e4m3_to_f16_x256(w_bits, USE_PTX)
             part = _dot(w16.to(xt.dtype), xt, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), DOT_IN_FP32)
         if SCALE_MODE != 2:
             acc += part * tl.load(s_ptrs)[:, None]
@@ -361,10 +367,11 @@ def fp8_gemv_kernel(
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
 
+    FIX: tl.constexpr = 1.0 if (WIDEN_BF16 and BLOCK_M >= 16) else 256.0  # WIDEN_SCALE_FIX
     if SCALE_MODE == 2:
-        acc = acc * (tl.load(scale_ptr + rows_n) * 256.0)[:, None]
+        acc = acc * (tl.load(scale_ptr + rows_n) * FIX)[:, None]
     else:
-        acc = acc * 256.0  # WIDEN_SCALE_FIX
+        acc = acc * FIX
     out_mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
     ws_ptrs = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
@@ -404,6 +411,7 @@ def fp8_mm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    WIDEN_BF16: tl.constexpr = False,
 ):
     """``acc[BLOCK_M, BLOCK_N] = x_tile @ widen(W_tile)^T``: the weight tile is widened
     once per K step (to bf16, pre-scaled by its block scale with SCALE_MODE 1) and
@@ -443,26 +451,29 @@ def fp8_mm_kernel(
             k_ok = kt * BLOCK_K + offs_k < K
             x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
             w_bits = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
-        w16 = e4m3_to_f16_x256(w_bits, USE_PTX)  # [BLOCK_N, BLOCK_K], exact e4m3 / 256
+        if WIDEN_BF16 and SCALE_MODE != 1:  # exact bf16 values, no fp16 -> bf16 F2F
+            wx = e4m3_to_bf16(w_bits, USE_PTX)
+        else:
+            w16 = e4m3_to_f16_x256(w_bits, USE_PTX)  # [BLOCK_N, BLOCK_K], exact e4m3 / 256
+            wx = w16.to(x.dtype)
         if SCALE_MODE == 0:
             s = tl.load(s_ptrs + (kt * BLOCK_K // 128) * stride_sk)
-            part = _dot(
-                x, tl.trans(w16.to(x.dtype)), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_IN_FP32
-            )
+            part = _dot(x, tl.trans(wx), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_IN_FP32)
             acc += part * s[None, :]
         elif SCALE_MODE == 1:
             s = tl.load(s_ptrs + (kt * BLOCK_K // 128) * stride_sk) * 256.0
             w = (w16.to(tl.float32) * s[:, None]).to(x.dtype)
             acc = _dot(x, tl.trans(w), acc, DOT_IN_FP32)
         else:
-            acc = _dot(x, tl.trans(w16.to(x.dtype)), acc, DOT_IN_FP32)
+            acc = _dot(x, tl.trans(wx), acc, DOT_IN_FP32)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
+    FIX: tl.constexpr = 1.0 if WIDEN_BF16 else 256.0  # WIDEN_SCALE_FIX
     if SCALE_MODE == 0:
-        acc = acc * 256.0
+        acc = acc * FIX
     elif SCALE_MODE == 2:
-        acc = acc * (tl.load(scale_ptr + rows_n) * 256.0)[None, :]
+        acc = acc * (tl.load(scale_ptr + rows_n) * FIX)[None, :]
     out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
@@ -681,6 +692,7 @@ def fp8_gemm(
             SCALE_MODE=mode, HAS_BIAS=has_bias, FUSED_REDUCE=fused,
             FENCE_PTX=fused and use_ptx and not _interpreting(),
             EVEN_K=k % block_k == 0, USE_PTX=use_ptx, DOT_IN_FP32=_interpreting(),
+            WIDEN_BF16=x.dtype == torch.bfloat16,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         args = (x, w_bits, scale, bias_arg, y, ws, cnt, m, n, k,

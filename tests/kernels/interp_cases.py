@@ -61,10 +61,10 @@ def assert_close_to_exact(y, x, w_ref, bias, operand_rounding: bool) -> None:
 
 def case_widen_all_codes() -> None:
     ref = e4m3_bits_to_float(ALL_CODES)
-    for dtype in (torch.float32, torch.bfloat16):
-        out = e4m3_widen(ALL_CODES.to(DEVICE), dtype, use_ptx=USE_PTX).float().cpu()
+    for dtype, bf16 in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+        out = e4m3_widen(ALL_CODES.to(DEVICE), dtype, use_ptx=USE_PTX, bf16=bf16).float().cpu()
         assert same_values(out, ref), (
-            f"{dtype}: codes {torch.nonzero(out != ref).flatten().tolist()}"
+            f"{dtype} bf16={bf16}: codes {torch.nonzero(out != ref).flatten().tolist()}"
         )
 
 
@@ -125,9 +125,13 @@ def case_gemv_all_codes() -> None:
                 f"channel={channel} {cfg}"
             )
             assert bool(y[:, 16:].isnan().all()), "NaN codes must give NaN rows"
-        for m in (1, 3) if not channel else ():  # FMA variants, a few rows at a time
-            cfg = Fp8GemmConfig(kind="gemv", block_n=16, block_m=1 if m == 1 else 4, split_k=1)
-            for r in range(0, 16, m):
+        for m, cfg in (  # FMA variants and the MMA one at tiny M, a few rows at a time
+            ((1, Fp8GemmConfig(kind="gemv", block_n=16, block_m=1, split_k=1)),
+             (3, Fp8GemmConfig(kind="gemv", block_n=16, block_m=4, split_k=1)),
+             (1, Fp8GemmConfig(kind="mm", block_n=16, block_m=16, split_k=1)))
+            if not channel else ()
+        ):  # fmt: skip
+            for r in range(0, 16, m if m > 1 else 5):
                 xs = x[r : r + m]
                 y = fp8_gemm(xs.to(DEVICE), bits.to(DEVICE), scale.to(DEVICE), None,
                              channel=channel, config=cfg, num_sms=4, use_ptx=USE_PTX).float().cpu()  # fmt: skip

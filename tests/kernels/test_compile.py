@@ -63,7 +63,7 @@ _NEW_SIG = {
 
 def _new_source(kernel, use_ptx: bool, **constexprs):
     c = dict(HAS_BIAS=True, FUSED_REDUCE=True, FENCE_PTX=use_ptx, EVEN_K=False, USE_PTX=use_ptx,
-             DOT_IN_FP32=False, **constexprs)  # fmt: skip
+             DOT_IN_FP32=False, WIDEN_BF16=True, **constexprs)  # fmt: skip
     sig = dict(_NEW_SIG)
     sig.update(dict.fromkeys(c, "constexpr"))
     return ASTSource(kernel, sig, c)
@@ -116,15 +116,16 @@ def _hip_available(target) -> bool:
     return True
 
 
-def _widen_source(use_ptx: bool):
+def _widen_source(use_ptx: bool, bf16: bool = False):
     sig = {
         "bits_ptr": "*u8",
         "out_ptr": "*bf16",
         "num_elements": "i32",
         "USE_PTX": "constexpr",
         "BLOCK": "constexpr",
+        "BF16": "constexpr",
     }
-    return ASTSource(e4m3_widen_kernel, sig, {"USE_PTX": use_ptx, "BLOCK": 1024})
+    return ASTSource(e4m3_widen_kernel, sig, {"USE_PTX": use_ptx, "BLOCK": 1024, "BF16": bf16})
 
 
 def _reduce_source():
@@ -147,6 +148,7 @@ def test_gemm_compiles_for_cuda(target, variant, use_ptx):
 @pytest.mark.parametrize("target", CUDA_TARGETS, ids=lambda t: f"sm_{t.arch}")
 def test_helpers_compile_for_cuda(target):
     _compile(_widen_source(True), target)
+    _compile(_widen_source(True, bf16=True), target)  # bf16x2 fma: sm_80+
     _compile(_widen_source(False), target)
     _compile(_reduce_source(), target)
 
