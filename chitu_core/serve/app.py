@@ -23,6 +23,8 @@ from chitu_core.serve.metrics import RequestCounter, ServerMetrics
 from chitu_core.serve.openai_errors import APIError, error_body, install_error_handlers
 from chitu_core.serve.protocol import ChatCompletionRequest, CompletionRequest
 
+_MIN_TOP_P = 1e-30
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -125,7 +127,9 @@ def create_app(
             return SamplingParams(
                 max_tokens=max_tokens,
                 temperature=req.temperature,
-                top_p=req.top_p,
+                # float32 turns a top_p below ~1e-45 into 0, which the samplers reject (a failed
+                # step, 500); any top_p below the top token's probability keeps that token only.
+                top_p=max(req.top_p, _MIN_TOP_P),
                 top_k=req.top_k,
                 min_p=req.min_p,
                 seed=None if req.seed is None else (req.seed + index) % 2**63,
@@ -217,7 +221,7 @@ def create_app(
         status = 503 if isinstance(exc, EngineStopped) else 500
         return APIError(status, str(exc), code="engine_error")
 
-    async def collect(jobs) -> list[_Choice]:
+    async def accumulate(jobs) -> list[_Choice]:
         choices = [_Choice() for _ in jobs]
         async for index, out in outputs(jobs):
             if isinstance(out, Exception):
@@ -230,6 +234,25 @@ def create_app(
             if out.finished:
                 choice.finish_reason = out.finish_reason
         return choices
+
+    async def disconnected(request: Request) -> None:
+        """Returns once the client has gone (the body is read: only http.disconnect is left)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def collect(jobs, request: Request) -> list[_Choice] | None:
+        """The finished choices, or None if the client went away first (they are aborted:
+        a non-streaming client that times out must not keep its sequences generating)."""
+        work = asyncio.ensure_future(accumulate(jobs))
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+            await asyncio.gather(work, gone, return_exceptions=True)
+        return None if work.cancelled() else work.result()
 
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         return {
@@ -269,7 +292,7 @@ def create_app(
         )
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_api_key)])
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         messages = [
             {"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
@@ -307,7 +330,9 @@ def create_app(
                 )
 
             return streaming_response(stream(jobs, len(ids), include_usage, chunk))
-        choices = await collect(jobs)
+        choices = await collect(jobs, request)
+        if choices is None:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         return JSONResponse(
             base
             | {
@@ -326,7 +351,7 @@ def create_app(
         )
 
     @app.post("/v1/completions", dependencies=[Depends(check_api_key)])
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         prompts = [
             check_ids(tokenizer.encode(p) if isinstance(p, str) else list(p)) for p in req.prompts()
@@ -358,7 +383,9 @@ def create_app(
                 )
 
             return streaming_response(stream(jobs, prompt_tokens, include_usage, chunk))
-        choices = await collect(jobs)
+        choices = await collect(jobs, request)
+        if choices is None:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         return JSONResponse(
             base
             | {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 16
 MAX_STOP = 4
@@ -21,6 +21,22 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LEN)]
 TokenId = Annotated[int, Field(ge=0)]
+# Backends hold top_k in an int32 tensor; a larger value failed the whole step (500).
+MAX_TOP_K = 2**31 - 1
+# float32 overflow: logits / penalty is inf (NaN probabilities, a failed step) for tiny penalties.
+MIN_REPETITION_PENALTY = 0.01
+
+
+def _encodable(value: str) -> str:
+    """Reject lone surrogates ("\\ud800" in JSON): the tokenizer raised TypeError on them (500)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class StreamOptions(BaseModel):
@@ -36,7 +52,7 @@ class _SamplingFields(BaseModel):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 0
+    top_k: Annotated[int, Field(ge=0, le=MAX_TOP_K)] = 0
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
@@ -44,7 +60,7 @@ class _SamplingFields(BaseModel):
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=10.0)] = 1.0
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -59,14 +75,14 @@ class _SamplingFields(BaseModel):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
     name: Annotated[str, Field(max_length=256)] | None = None
 
     def text(self) -> str:

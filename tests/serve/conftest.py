@@ -6,13 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from serve_helpers import API_KEY, MODEL_NAME, ServerProcess, start_server, stop_cleanly
 
-pytest.importorskip("openai", reason="the server tests drive the official OpenAI client")
-
-from serve_helpers import API_KEY, MODEL_NAME, ServerProcess, start_server, stop_cleanly  # noqa: E402
-
-from chitu_core.demo_model import write_demo_model  # noqa: E402
-from chitu_core.tokenizer import Tokenizer  # noqa: E402
+from chitu_core.demo_model import write_demo_model
+from chitu_core.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +47,7 @@ def key_server(
         "--api-key",
         API_KEY,
         "--max-model-len",
-        "40",
+        "64",
         "--max-body-bytes",
         "65536",
     )

@@ -104,3 +104,21 @@ def metric(base_url: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in /metrics:\n{text}")
+
+
+def wait_idle(base_url: str, timeout: float = 60.0) -> tuple[float, float, float]:
+    """Poll /metrics until no KV block is used and no sequence runs or waits; returns the
+    last (kv blocks used, running, waiting) seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        values = tuple(
+            metric(base_url, name)
+            for name in (
+                "chitu_kv_blocks_used",
+                "chitu_num_requests_running",
+                "chitu_num_requests_waiting",
+            )
+        )
+        if values == (0, 0, 0) or time.monotonic() > deadline:
+            return values
+        time.sleep(0.2)

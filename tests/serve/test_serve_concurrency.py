@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from serve_helpers import MODEL_NAME, REPO, metric
+from serve_helpers import MODEL_NAME, REPO, wait_idle
 
 from chitu_core.engine.llm_engine import EngineConfig, LLMEngine
 from chitu_core.engine.sampling import SamplingParams
@@ -86,14 +86,14 @@ def test_32_concurrent_streams_match_chitu_generate(base_url, model_dir, expecte
 def test_50_dropped_streams_free_every_kv_block(base_url) -> None:
     url = base_url + "/v1/chat/completions"
     rng = random.Random(0)
-    assert metric(base_url, "chitu_kv_blocks_used") == 0  # idle before
+    assert wait_idle(base_url) == (0, 0, 0)  # idle before
     peak = {"kv_used": 0.0, "running": 0.0}
 
     async def client(i: int) -> str:
         body = {
             "model": MODEL_NAME,
             "messages": [{"role": "user", "content": f"Dropping client {i}, tell me a story."}],
-            "max_tokens": 1500,  # runs for minutes unless the drop aborts it
+            "max_tokens": 2000,  # runs for minutes unless the drop aborts it
             "ignore_eos": True,
             "stream": True,
         }
@@ -104,13 +104,13 @@ def test_50_dropped_streams_free_every_kv_block(base_url) -> None:
             async with http.stream("POST", url, json=body) as response:
                 assert response.status_code == 200
                 seen = 0
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    assert line != "data: [DONE]"
-                    seen += 1
-                    if seen >= drop_after:
-                        break
+                lines = response.aiter_lines()
+                while seen < drop_after:  # drop_after == 0: gone as soon as the headers came
+                    line = await anext(lines)
+                    if line.startswith("data: "):
+                        assert line != "data: [DONE]"
+                        seen += 1
+                await lines.aclose()
         return "dropped"
 
     async def cancelled_early(i: int) -> None:
@@ -147,15 +147,7 @@ def test_50_dropped_streams_free_every_kv_block(base_url) -> None:
     assert not errors, errors[:3]
     assert peak["kv_used"] > 0 and peak["running"] > 0, peak  # the streams really held blocks
 
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        used = metric(base_url, "chitu_kv_blocks_used")
-        running = metric(base_url, "chitu_num_requests_running")
-        waiting = metric(base_url, "chitu_num_requests_waiting")
-        if used == running == waiting == 0:
-            break
-        time.sleep(0.2)
-    assert (used, running, waiting) == (0, 0, 0), "aborted streams kept their sequences"
+    assert wait_idle(base_url, timeout=20) == (0, 0, 0), "aborted streams kept their KV blocks"
     print(f"\ndisconnect test: peak {peak['kv_used']:.0f} KV blocks used, back to 0")
 
     reply = httpx.post(
@@ -169,3 +161,20 @@ def test_50_dropped_streams_free_every_kv_block(base_url) -> None:
     )
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_non_streaming_clients_that_time_out_free_their_blocks(base_url) -> None:
+    """A client that gives up on a long non-streamed answer must not leave it generating."""
+    url = base_url + "/v1/completions"
+    body = {"model": MODEL_NAME, "prompt": "a long one", "max_tokens": 2000, "ignore_eos": True}
+
+    async def impatient(i: int) -> None:
+        async with httpx.AsyncClient(timeout=0.5 + 0.1 * i) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post(url, json=body | {"n": 1 + i % 2})
+
+    async def main():
+        await asyncio.gather(*(impatient(i) for i in range(10)))
+
+    asyncio.run(main())
+    assert wait_idle(base_url, timeout=20) == (0, 0, 0), "timed-out requests kept generating"

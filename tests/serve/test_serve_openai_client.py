@@ -3,6 +3,10 @@ stop, n, seed, max_tokens, logprobs and /v1/models."""
 
 from __future__ import annotations
 
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 import openai
 import pytest
 from serve_helpers import MODEL_NAME
@@ -177,10 +181,12 @@ def test_seed_reproducibility(client) -> None:
         )
         return reply.choices[0].message.content
 
-    first = sample(1234)
-    assert sample(1234) == first
-    others = {sample(s) for s in (1, 2, 3)}
-    assert len(others | {first}) >= 3  # 16 sampled tokens from 512: collisions are negligible
+    seeds = [1234, 1234, 1, 2, 3]
+    with ThreadPoolExecutor(len(seeds)) as pool:  # batched together: seeds must not interfere
+        first, again, *others = pool.map(sample, seeds)
+    assert again == first
+    assert sample(1234) == first  # alone, too
+    assert len(set(others) | {first}) >= 3  # 16 tokens sampled from 512: collisions negligible
 
 
 def test_chat_logprobs(client) -> None:
@@ -236,3 +242,19 @@ def test_completion_prompt_as_token_ids_and_batch(client, tokenizer) -> None:
     )
     assert [c.index for c in batch.choices] == [0, 1]
     assert batch.choices[0].text == by_text.choices[0].text
+
+
+def test_sse_wire_format(base_url) -> None:
+    """The bytes OpenAI sends: ``data: {json}`` events, each ending in a blank line, then
+    ``data: [DONE]``."""
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    assert raw.endswith("data: [DONE]\n\n")
+    events = raw.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), raw
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
