@@ -92,6 +92,16 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gb", type=float, help="KV-cache size in GiB")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch")
     p.add_argument("--max-model-len", type=int, help="context length (prompt + output)")
+    p.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel ranks per pipeline stage (default 1)"
+    )
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default 1)")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a collective may wait before the run fails (a rank died; default 300)",
+    )
 
 
 def engine_config(args: argparse.Namespace, model: str):
@@ -108,26 +118,38 @@ def engine_config(args: argparse.Namespace, model: str):
         kv_cache_gb=args.kv_cache_gb,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
+        tp=args.tp,
+        pp=args.pp,
+        dist_timeout_s=args.dist_timeout,
     )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Complete one prompt and print the completion to stdout."""
     from chitu_core.demo_model import ensure_demo_model
+    from chitu_core.distributed.launch import run_ranks
     from chitu_core.engine.llm_engine import LLMEngine
     from chitu_core.engine.sampling import SamplingParams
 
     model = args.model or str(ensure_demo_model())
-    engine = LLMEngine(engine_config(args, model))
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
-    )
-    prompt = args.prompt
-    if args.chat:
-        prompt = engine.tokenizer.encode_chat([{"role": "user", "content": prompt}])
-    completion = engine.generate([prompt], params)[0]
-    print(completion.text)
-    return 0
+    config = engine_config(args, model)
+
+    def complete() -> int:  # rank 0 (the only rank without --tp/--pp)
+        with LLMEngine(config) as engine:
+            params = SamplingParams(
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+            )
+            prompt = args.prompt
+            if args.chat:
+                prompt = engine.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+            completion = engine.generate([prompt], params)[0]
+        print(completion.text)
+        return 0
+
+    return run_ranks(config, complete)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -135,19 +157,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from chitu_core.demo_model import ensure_demo_model
+    from chitu_core.distributed.launch import run_ranks
     from chitu_core.serve.server import serve
 
     model = args.model or str(ensure_demo_model())
-    serve(
-        engine_config(args, model),
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key or os.environ.get("CHITU_API_KEY"),
-        served_model_name=args.served_model_name,
-        skip_conformance=args.skip_conformance,
-        max_body_bytes=args.max_body_bytes,
-    )
-    return 0
+    config = engine_config(args, model)
+
+    def serve_http() -> int:  # rank 0; the other ranks follow its steps
+        serve(
+            config,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key or os.environ.get("CHITU_API_KEY"),
+            served_model_name=args.served_model_name,
+            skip_conformance=args.skip_conformance,
+            max_body_bytes=args.max_body_bytes,
+        )
+        return 0
+
+    return run_ranks(config, serve_http)
 
 
 def build_parser() -> argparse.ArgumentParser:

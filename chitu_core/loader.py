@@ -2,7 +2,9 @@
 
 Tensors are read lazily from memory-mapped safetensors files (``safe_open``),
 one at a time, moved to the device, and dropped: the checkpoint is never held
-in RAM twice. FP8 weights stay FP8 with their ``weight_scale_inv``; bf16
+in RAM twice. Under tensor parallelism a rank reads only its ``Shard`` of a
+tensor (``get_slice``), never the whole of it; FP8 block weights are cut on
+128-row/column boundaries together with their scales. FP8 weights stay FP8 with their ``weight_scale_inv``; bf16
 weights can be quantized to FP8 block-128 at load (``quantize="fp8"``). Nothing
 is ever unpickled: only ``config.json``, ``*.safetensors`` and the index are read.
 """
@@ -20,6 +22,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from chitu_core.distributed.model_parallel import ModelParallel, Shard
 from chitu_core.errors import CheckpointError
 from chitu_core.quant import (
     FORMAT_FP8_BLOCK128,
@@ -119,44 +122,102 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return sorted(self._files)
 
-    def raw(self, name: str, shape: Iterable[int] | None = None) -> torch.Tensor:
-        """The tensor as stored (CPU, memory-mapped), shape-checked."""
+    def _handle(self, name: str) -> tuple[Path, Any]:
         if name not in self._files:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
         shard = self._files[name]
         if shard not in self._handles:
             self._handles[shard] = _open(shard)
-        try:
-            tensor = self._handles[shard].get_tensor(name)
-        except Exception as exc:
-            raise CheckpointError(f"{shard}: cannot read tensor {name!r}: {exc}") from exc
-        if shape is not None and tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(
-                f"{shard}: tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(shape)}"
-            )
+        return shard, self._handles[shard]
+
+    def _mark_used(self, name: str) -> None:
         if name not in self._used:
             self._used.add(name)
             self._progress.update(1)
+
+    def is_fp8(self, name: str) -> bool:
+        """Whether tensor ``name`` is stored as FP8 e4m3 (reads the header only)."""
+        _, handle = self._handle(name)
+        return handle.get_slice(name).get_dtype() == "F8_E4M3"
+
+    def raw(
+        self, name: str, shape: Iterable[int] | None = None, shard: Shard | None = None
+    ) -> torch.Tensor:
+        """The tensor as stored (CPU, memory-mapped), shape-checked against the whole tensor.
+
+        With ``shard``, only rows ``[start, stop)`` of dimension ``shard.dim`` are
+        read; a shard running past the end is zero-padded to ``shard.size``.
+        """
+        path, handle = self._handle(name)
+        try:
+            if shard is None:
+                tensor = handle.get_tensor(name)
+                full = tuple(tensor.shape)
+            else:
+                view = handle.get_slice(name)
+                full = tuple(view.get_shape())
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read tensor {name!r}: {exc}") from exc
+        if shape is not None and full != tuple(shape):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {full}, the config implies {tuple(shape)}"
+            )
+        if shard is not None:
+            if shard.dim >= len(full) or shard.start >= full[shard.dim]:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} of shape {full} has no rows {shard.start}: "
+                    f"along dim {shard.dim}"
+                )
+            index = [slice(None)] * len(full)
+            index[shard.dim] = slice(shard.start, min(shard.stop, full[shard.dim]))
+            try:
+                tensor = view[tuple(index)]
+            except Exception as exc:
+                raise CheckpointError(f"{path}: cannot read a slice of {name!r}: {exc}") from exc
+            missing = shard.stop - full[shard.dim]
+            if missing > 0:
+                pad = list(tensor.shape)
+                pad[shard.dim] = missing
+                tensor = torch.cat([tensor, tensor.new_zeros(pad)], dim=shard.dim)
+        self._mark_used(name)
         return tensor
 
     def tensor(
-        self, name: str, shape: Iterable[int] | None = None, dtype: torch.dtype | None = None
+        self,
+        name: str,
+        shape: Iterable[int] | None = None,
+        dtype: torch.dtype | None = None,
+        shard: Shard | None = None,
     ) -> torch.Tensor:
         """A plain tensor (norm weight, embedding, bias) on the device, floats cast to ``dtype``
-        (default: the compute dtype)."""
-        tensor = self.raw(name, shape)
+        (default: the compute dtype); with ``shard``, only that slice."""
+        tensor = self.raw(name, shape, shard)
         if tensor.is_floating_point():
             tensor = tensor.to(dtype or self.dtype)
         return tensor.to(self.device)
 
     # -- linear weights ----------------------------------------------------------------
-    def _read_linear(self, prefix: str, shape: tuple[int, int]) -> QuantizedWeight:
-        """``prefix.weight`` as stored: FP8 with its ``weight_scale_inv``, or dense in the compute dtype."""
-        weight = self.raw(f"{prefix}.weight", shape)
+    def _read_linear(
+        self, prefix: str, shape: tuple[int, int], shard: Shard | None = None
+    ) -> QuantizedWeight:
+        """``prefix.weight`` as stored: FP8 with its ``weight_scale_inv``, or dense in the compute dtype.
+
+        A ``shard`` of an FP8 weight must start and end on 128 boundaries (or at
+        the end of the dimension): the scale blocks are cut with it.
+        """
+        name = f"{prefix}.weight"
+        if shard is not None and self.is_fp8(name):
+            _check_fp8_shard(self.path, name, shape, shard)
+        weight = self.raw(name, shape, shard)
         if weight.dtype in _FP8_DTYPES:
             n, k = shape
             scale_shape = (-(-n // FP8_BLOCK_SIZE), -(-k // FP8_BLOCK_SIZE))
-            scale = self.raw(f"{prefix}.weight_scale_inv", scale_shape).float()
+            scale_shard = None
+            if shard is not None:
+                scale_shard = Shard(
+                    shard.dim, shard.start // FP8_BLOCK_SIZE, -(-shard.stop // FP8_BLOCK_SIZE)
+                )
+            scale = self.raw(f"{prefix}.weight_scale_inv", scale_shape, scale_shard).float()
             return QuantizedWeight(
                 weight.to(self.device), scale.to(self.device), FORMAT_FP8_BLOCK128
             )
@@ -168,27 +229,54 @@ class CheckpointReader:
         return weight
 
     def linear_weight(
-        self, prefix: str, shape: tuple[int, int], quantize: bool = True
+        self,
+        prefix: str,
+        shape: tuple[int, int],
+        quantize: bool = True,
+        shard: Shard | None = None,
     ) -> QuantizedWeight:
         """``prefix.weight`` (+ ``prefix.weight_scale_inv`` for FP8) as a QuantizedWeight on the device.
 
         FP8 stays FP8. Other weights become the compute dtype, or FP8 block-128
         when the reader quantizes and ``quantize`` is True (False for the LM head,
-        which FP8 checkpoints also keep in bf16).
+        which FP8 checkpoints also keep in bf16). ``shape`` is the whole tensor's;
+        ``shard`` selects this rank's rows (dim 0) or columns (dim 1).
         """
-        weight = self._read_linear(prefix, shape)
+        weight = self._read_linear(prefix, shape, shard)
         return self._apply_quantize(weight) if quantize else weight
 
     def fused_linear_weight(
-        self, prefixes: list[str], shapes: list[tuple[int, int]]
+        self,
+        prefixes: list[str],
+        shapes: list[tuple[int, int]],
+        shards: list[Shard | None] | None = None,
     ) -> QuantizedWeight:
-        """Several ``[N_i, K]`` weights concatenated along N (fused q/k/v, gate/up).
+        """Several ``[N_i, K]`` weights concatenated along N (fused q/k/v, gate/up), each
+        cut to its ``shards[i]`` first (a column-parallel fusion holds this rank's rows of each).
 
         Dense parts are concatenated before quantizing, so the FP8 blocks of a
         quantized fusion span part boundaries freely.
         """
-        parts = [self._read_linear(p, s) for p, s in zip(prefixes, shapes, strict=True)]
+        shards = shards or [None] * len(prefixes)
+        parts = [
+            self._read_linear(p, s, sh) for p, s, sh in zip(prefixes, shapes, shards, strict=True)
+        ]
         return self._apply_quantize(self.concat(parts))
+
+    def dequantized_weight(
+        self, prefix: str, shape: tuple[int, int], dtype: torch.dtype, shard: Shard | None = None
+    ) -> torch.Tensor:
+        """``prefix.weight`` widened to ``dtype`` (weights only used dense, like MLA's
+        ``kv_b_proj``). A shard of an FP8 weight need not be 128-aligned: the covering
+        blocks are read, widened, then cut."""
+        name = f"{prefix}.weight"
+        if shard is None or not self.is_fp8(name):
+            return self._read_linear(prefix, shape, shard).dequantize(dtype)
+        size = shape[shard.dim]
+        start = shard.start // FP8_BLOCK_SIZE * FP8_BLOCK_SIZE
+        stop = min(-(-shard.stop // FP8_BLOCK_SIZE) * FP8_BLOCK_SIZE, size)
+        covering = self._read_linear(prefix, shape, Shard(shard.dim, start, stop))
+        return covering.dequantize(dtype).narrow(shard.dim, shard.start - start, shard.size)
 
     def concat(self, parts: list[QuantizedWeight]) -> QuantizedWeight:
         """Concatenate ``[N_i, K]`` weights of one format along N."""
@@ -219,19 +307,29 @@ class CheckpointReader:
         """Hand a weight to the backend's ``prepare_weight`` (once per weight, at load)."""
         return self.ops.prepare_weight(weight.weight, weight.scale, weight.fmt)
 
-    def linear(self, prefix: str, shape: tuple[int, int], quantize: bool = True) -> Any:
-        """``prepare(linear_weight(prefix, shape, quantize))``."""
-        return self.prepare(self.linear_weight(prefix, shape, quantize))
+    def linear(
+        self,
+        prefix: str,
+        shape: tuple[int, int],
+        quantize: bool = True,
+        shard: Shard | None = None,
+    ) -> Any:
+        """``prepare(linear_weight(prefix, shape, quantize, shard))``."""
+        return self.prepare(self.linear_weight(prefix, shape, quantize, shard))
 
     def dense_weight(self, weight: torch.Tensor) -> QuantizedWeight:
         """An already loaded dense tensor (e.g. tied embeddings) as an unquantized weight."""
         return QuantizedWeight(weight, None, FORMAT_UNQUANTIZED)
 
     # -- bookkeeping -------------------------------------------------------------------
-    def finish(self, ignore: Iterable[str] = ()) -> None:
+    def finish(self, ignore: Iterable[str] = (), report_unused: bool = True) -> None:
         """Close the progress bar; log tensors the model did not use (``ignore`` are regexes
-        of names skipped on purpose, e.g. DeepSeek's MTP layer)."""
+        of names skipped on purpose, e.g. DeepSeek's MTP layer). A pipeline stage reads
+        only its layers, so it passes ``report_unused=False``."""
         self._progress.close()
+        if not report_unused:
+            self._handles.clear()
+            return
         patterns = [re.compile(p) for p in ignore]
         unused = [n for n in self._files if n not in self._used]
         skipped = [n for n in unused if any(p.match(n) for p in patterns)]
@@ -243,12 +341,31 @@ class CheckpointReader:
         self._handles.clear()
 
 
+def _check_fp8_shard(path: Path, name: str, shape: tuple[int, int], shard: Shard) -> None:
+    """CheckpointError unless ``shard`` of an FP8 block weight falls on its 128 blocks."""
+    size = shape[shard.dim]
+    aligned = shard.start % FP8_BLOCK_SIZE == 0 and (
+        shard.stop % FP8_BLOCK_SIZE == 0 or shard.stop == size
+    )
+    if aligned and shard.stop <= size:
+        return
+    what = "rows" if shard.dim == 0 else "columns"
+    raise CheckpointError(
+        f"{path}: FP8 block weight {name!r} {tuple(shape)} cannot be split for tensor "
+        f"parallelism: this rank's {what} [{shard.start}, {shard.stop}) do not start and end on "
+        f"the {FP8_BLOCK_SIZE}-wide scale blocks. Choose a --tp that cuts {what} into multiples "
+        f"of {FP8_BLOCK_SIZE} ({size} {what} in all), or serve a bf16 checkpoint"
+    )
+
+
 def load_model(
     path: str | Path,
     ops: Any,
     dtype: torch.dtype | None = None,
     quantize: str | None = None,
     show_progress: bool = True,
+    device: torch.device | None = None,
+    parallel: ModelParallel | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the model of an HF checkpoint directory on ``ops``'s backend.
 
@@ -257,6 +374,9 @@ def load_model(
         ops: the bound backend ``Ops``.
         dtype: compute dtype (default: the backend's ``compute_dtype``).
         quantize: ``"fp8"`` to quantize bf16 linear weights to FP8 block-128 at load.
+        device: where the weights go (default: ``ops.device(0)``).
+        parallel: this rank's TP/PP plan (default: one process); the model reads
+            only its shards and its stage's layers.
 
     Returns ``(model, config)``. Raises ``CheckpointError`` naming the file and tensor
     for a bad checkpoint, and for an unsupported ``model_type``.
@@ -266,10 +386,13 @@ def load_model(
     config = read_config(path)
     cls = model_class(config, Path(path) / "config.json")
     dtype = dtype or getattr(torch, ops.info.compute_dtype)
-    device = ops.device(0)
+    device = device or ops.device(0)
     reader = CheckpointReader(path, ops, dtype, device, quantize, show_progress)
-    model = cls(config, ops, dtype, device)
+    model = cls(config, ops, dtype, device, parallel or ModelParallel())
     with torch.no_grad():
         model.load(reader)
-    reader.finish(getattr(model, "skipped_weights", ()))
+    reader.finish(
+        getattr(model, "skipped_weights", ()),
+        report_unused=parallel is None or parallel.pp_size == 1,
+    )
     return model, config

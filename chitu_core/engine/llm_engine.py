@@ -4,23 +4,35 @@
 sequence that produced a token, the token and the text it made final.
 ``generate()`` drives steps until the given prompts are done (``chitu generate``
 and the tests); the server drives ``step()`` from its own loop.
+
+With ``tp * pp > 1`` (or under torchrun) every rank builds an engine: rank 0
+schedules and samples and its steps run on every rank through a
+``chitu_core.distributed.pipeline.DistributedExecutor``; the other ranks call
+``follow()``. Close the engine (``with LLMEngine(...)``) to release them.
+With ``pp > 1`` rank 0 keeps one scheduler per stage over the shared KV pool
+(requests go to the least loaded) and keeps up to ``pp`` of their batches in
+the pipeline at once, so the stages overlap (see ``distributed/pipeline.py``).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from chitu_core.backend import load_backend
+from chitu_core.backend import OP_NAMES, load_backend
 from chitu_core.detokenizer import IncrementalDetokenizer
+from chitu_core.distributed import DistributedError
+from chitu_core.distributed.parallel import ParallelState, init_parallel, launched_as_rank
+from chitu_core.distributed.pipeline import DistributedExecutor
 from chitu_core.engine.kv_cache import BlockManager
 from chitu_core.engine.runner import ModelRunner, choose_num_blocks
 from chitu_core.engine.sampling import Sampler, SamplingParams, TokenLogprobs, make_generator
-from chitu_core.engine.scheduler import Scheduler, SchedulerConfig
+from chitu_core.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from chitu_core.engine.sequence import Sequence
 from chitu_core.engine.stop import StopChecker
 from chitu_core.loader import load_model
@@ -60,8 +72,15 @@ class EngineConfig:
     show_progress: bool = True
     # Native ops replaced by the generic torch ones (failed conformance, debugging).
     demote_ops: tuple[str, ...] = ()
+    tp: int = 1  # tensor-parallel ranks per pipeline stage
+    pp: int = 1  # pipeline stages
+    dist_timeout_s: float = 300.0  # a collective that waits longer fails (a rank died)
 
     def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"tp and pp must be >= 1, got tp={self.tp}, pp={self.pp}")
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"dist_timeout_s must be positive, got {self.dist_timeout_s}")
         if self.dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -78,8 +97,30 @@ class _Request:
     detokenizer: IncrementalDetokenizer
     stop: StopChecker
     generator: torch.Generator | None
+    scheduler: Scheduler
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+class SchedulerGroup:
+    """The per-stage schedulers of a pipeline-parallel engine, counted as one."""
+
+    def __init__(self, schedulers: list[Scheduler]) -> None:
+        self.schedulers = schedulers
+
+    @property
+    def num_running(self) -> int:
+        return sum(s.num_running for s in self.schedulers)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(s.num_waiting for s in self.schedulers)
+
+    def has_unfinished(self) -> bool:
+        return any(s.has_unfinished() for s in self.schedulers)
+
+    def least_loaded(self) -> Scheduler:
+        return min(self.schedulers, key=lambda s: s.num_running + s.num_waiting)
 
 
 @dataclass(frozen=True)
@@ -114,9 +155,18 @@ class LLMEngine:
         self.config = config
         self.ops = load_backend(config.backend, config.demote_ops)
         self.dtype = getattr(torch, config.dtype or self.ops.info.compute_dtype)
-        self.device = self.ops.device(0)
+        # Called with the DistributedError when a distributed step fails (the server exits).
+        self.on_fatal: Callable[[DistributedError], None] | None = None
+        self.dist = self._init_distributed()
+        self.device = self.dist.device if self.dist else self.ops.device(0)
         self.model, self.model_config = load_model(
-            config.model, self.ops, self.dtype, config.quantize, config.show_progress
+            config.model,
+            self.ops,
+            self.dtype,
+            config.quantize,
+            config.show_progress and (self.dist is None or self.dist.is_driver),
+            device=self.device,
+            parallel=self.dist.model_parallel() if self.dist else None,
         )
         self.tokenizer = Tokenizer.from_dir(config.model)
         layout = self.model.kv_cache_layout()
@@ -133,21 +183,33 @@ class LLMEngine:
             max_useful_blocks=config.max_num_seqs * -(-self._model_max_len() // config.block_size)
             + 1,
         )
+        if self.dist:  # rank 0's block ids are used on every rank
+            num_blocks = self.dist.agree_min(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         capacity = self.block_manager.num_usable_blocks * config.block_size
         model_max = self.model_config.get("max_position_embeddings", capacity)
         self.max_model_len = min(config.max_model_len or model_max, model_max, capacity)
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
-                max_model_len=self.max_model_len,
-            ),
-            self.block_manager,
+        # PP: one scheduler per stage (sequence groups whose batches overlap in the pipeline).
+        num_groups = config.pp if self.dist else 1
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=-(-config.max_num_seqs // num_groups),
+            max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
+            max_model_len=self.max_model_len,
         )
+        self.schedulers = [
+            Scheduler(scheduler_config, self.block_manager) for _ in range(num_groups)
+        ]
+        self.scheduler: Scheduler | SchedulerGroup = (
+            self.schedulers[0] if num_groups == 1 else SchedulerGroup(self.schedulers)
+        )
+        self._in_flight: dict[int, ScheduledBatch] = {}  # group -> its batch in the pipeline
+        self._next_group = 0
         self.runner = ModelRunner(
             self.model, self.ops, self.device, self.dtype, num_blocks, config.block_size
         )
+        self.executor: ModelRunner | DistributedExecutor = self.runner
+        if self.dist:
+            self.executor = DistributedExecutor(self.dist, self.runner)
         self.sampler = Sampler(self.ops, self.device)
         self._seq_ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
@@ -161,6 +223,60 @@ class LLMEngine:
             self.max_model_len,
         )
 
+    def _init_distributed(self) -> ParallelState | None:
+        """Join the TP x PP world when there is one; rank 0's op demotions hold everywhere."""
+        config = self.config
+        if config.tp * config.pp == 1 and not launched_as_rank():
+            return None
+        state = init_parallel(self.ops, config.tp, config.pp, config.dist_timeout_s)
+        demote = state.driver_choice(tuple(config.demote_ops), OP_NAMES)
+        if set(demote) != set(config.demote_ops):
+            self.ops = load_backend(config.backend, demote)
+            state.ops = self.ops
+        logger.info(
+            "rank %d of %d: tp rank %d/%d, pipeline stage %d/%d on %s",
+            state.rank,
+            state.layout.world_size,
+            state.layout.tp_rank,
+            config.tp,
+            state.layout.pp_rank,
+            config.pp,
+            state.device,
+        )
+        return state
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.dist is not None
+
+    def follow(self) -> None:
+        """Ranks other than 0: run rank 0's steps until it closes its engine."""
+        if self.dist is None or self.dist.is_driver:
+            raise RuntimeError("follow() is for the ranks other than 0 of a distributed engine")
+        self.executor.follow()
+
+    def start_heartbeat(self) -> None:
+        """Rank 0 of a server: keep idle ranks within the collective timeout, and notice a
+        rank that died while idle (``on_fatal`` is called)."""
+        if self.dist is not None and self.dist.is_driver:
+            self.executor.start_heartbeat(self._fatal)
+
+    def _fatal(self, error: DistributedError) -> None:
+        logger.critical("%s", error)
+        if self.on_fatal is not None:
+            self.on_fatal(error)
+
+    def close(self) -> None:
+        """Release the other ranks (rank 0 of a distributed engine); a no-op in one process."""
+        if self.dist is not None and self.dist.is_driver:
+            self.executor.close()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def _model_max_len(self) -> int:
         model_max = self.model_config.get("max_position_embeddings", 4096)
         return min(self.config.max_model_len or model_max, model_max)
@@ -171,14 +287,20 @@ class LLMEngine:
         self.check_prompt(prompt_token_ids)
         seq_id = next(self._seq_ids)
         generator = make_generator(params.seed, self.device) if params.seed is not None else None
+        scheduler = (
+            self.scheduler.least_loaded()
+            if isinstance(self.scheduler, SchedulerGroup)
+            else self.scheduler
+        )
         request = _Request(
             params,
             IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
             StopChecker(params, self.tokenizer.eos_token_ids),
             generator,
+            scheduler,
         )
         seq = Sequence(seq_id, prompt_token_ids, params.max_tokens, request)
-        self.scheduler.add(seq)
+        scheduler.add(seq)
         self._seqs[seq_id] = seq
         return seq_id
 
@@ -205,22 +327,74 @@ class LLMEngine:
 
     def abort(self, seq_id: int) -> bool:
         """Stop a request and free its KV blocks; False if it was unknown or already done."""
-        self._seqs.pop(seq_id, None)
-        return self.scheduler.abort(seq_id)
+        seq = self._seqs.pop(seq_id, None)
+        return seq is not None and seq.request.scheduler.abort(seq_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        # A batch in the pipeline must come out even if all its sequences were aborted.
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
 
     # -- the loop ----------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """One scheduling + forward + sampling step."""
+        """One scheduling + forward + sampling step (with PP: one batch into the pipeline,
+        and the outputs of the batch that left it, if any)."""
+        if len(self.schedulers) > 1:
+            return self._pipelined_step()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
         try:
-            logits = self.runner.execute(batch.seqs, batch.num_new_tokens)
-            self.scheduler.after_step(batch)
-            ready = [i for i, is_ready in enumerate(batch.sample_mask) if is_ready]
+            logits = self.executor.execute(batch.seqs, batch.num_new_tokens)
+        except DistributedError as exc:  # the ranks are out of step: nothing can go on
+            self._fatal(exc)
+            raise
+        except Exception as exc:
+            self._fail(batch, exc)
+        return self._complete(batch, logits, self.scheduler)
+
+    def _pipelined_step(self) -> list[StepOutput]:
+        """Submit the next group's batch (round robin over groups not in the pipeline), or if
+        none has work, wait for the oldest batch in the pipeline; sample what came out."""
+        num_groups = len(self.schedulers)
+        try:
+            for _ in range(num_groups):
+                group = self._next_group
+                self._next_group = (group + 1) % num_groups
+                if group in self._in_flight:
+                    continue
+                batch = self.schedulers[group].schedule()
+                if batch.seqs:
+                    self._in_flight[group] = batch
+                    done = self.executor.submit(group, batch.seqs, batch.num_new_tokens)
+                    break
+            else:
+                done = [self.executor.drain()] if self._in_flight else []
+        except DistributedError as exc:
+            self._fatal(exc)
+            raise
+        outputs = []
+        for group, logits in done:
+            outputs += self._complete(self._in_flight.pop(group), logits, self.schedulers[group])
+        return outputs
+
+    def _fail(self, batch: ScheduledBatch, exc: Exception) -> None:
+        """A backend fault fails the sequences of this step only; the engine goes on."""
+        failed = [seq.seq_id for seq in batch.seqs]
+        for seq_id in failed:
+            self.abort(seq_id)
+        raise StepError(failed, exc) from exc
+
+    def _complete(
+        self, batch: ScheduledBatch, logits: torch.Tensor, scheduler: Scheduler
+    ) -> list[StepOutput]:
+        """Record ``batch``'s step and sample the sequences it made ready (logits ``[B, V]``)."""
+        try:
+            scheduler.after_step(batch)
+            ready = [
+                i
+                for i, is_ready in enumerate(batch.sample_mask)
+                if is_ready and not batch.seqs[i].is_finished  # aborted while in the pipeline
+            ]
             if not ready:
                 return []
             seqs = [batch.seqs[i] for i in ready]
@@ -233,11 +407,7 @@ class LLMEngine:
                 [seq.prompt_token_ids for seq in seqs],
             )
         except Exception as exc:
-            # A backend fault fails the sequences of this step only; the engine goes on.
-            failed = [seq.seq_id for seq in batch.seqs]
-            for seq_id in failed:
-                self.abort(seq_id)
-            raise StepError(failed, exc) from exc
+            self._fail(batch, exc)
         outputs = []
         for seq, request, token_id, logprobs in zip(
             seqs, requests, result.token_ids, result.logprobs, strict=True
@@ -254,7 +424,7 @@ class LLMEngine:
             if logprobs is not None:
                 request.logprobs.append(logprobs)
             if finished:
-                self.scheduler.finish(seq, reason)
+                scheduler.finish(seq, reason)
                 self._seqs.pop(seq.seq_id, None)
             outputs.append(
                 StepOutput(

@@ -69,7 +69,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
     ) -> None:
-        self.model, self.ops, self.device = model, ops, device
+        self.model, self.ops, self.device, self.dtype = model, ops, device, dtype
         self.block_size = block_size
         layout = model.kv_cache_layout()
         self.kv_caches: list[LayerCache] = []
@@ -128,6 +128,13 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
+    def forward(
+        self, batch: ForwardBatch, hidden_states: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The model on ``batch`` over this rank's caches: logits ``[B, vocab]`` fp32 (last
+        pipeline stage) or hidden states ``[T, hidden]`` (earlier stages)."""
+        return self.model(batch, self.kv_caches, hidden_states)
+
     def execute(self, seqs: list[Any], num_new_tokens: list[int]) -> torch.Tensor:
         """Run one step; returns logits ``[B, vocab]`` fp32 of each sequence's last new token."""
-        return self.model(self.build_batch(seqs, num_new_tokens), self.kv_caches)
+        return self.forward(self.build_batch(seqs, num_new_tokens))

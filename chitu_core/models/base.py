@@ -59,14 +59,33 @@ LayerCache = tuple[torch.Tensor, torch.Tensor | None]
 
 
 class CausalLM(Protocol):
-    """What the engine needs from a model class registered in ``models/registry.py``."""
+    """What the engine needs from a model class registered in ``models/registry.py``.
 
-    def __init__(self, config: Any, ops: Any, dtype: torch.dtype, device: torch.device) -> None: ...
+    ``parallel`` (a ``chitu_core.distributed.model_parallel.ModelParallel``) says
+    which shards and which layers this rank holds; its collectives are no-ops in
+    one process. ``hidden_size`` and ``vocab_size`` size the tensors a pipeline
+    stage receives.
+    """
+
+    hidden_size: int
+    vocab_size: int
+
+    def __init__(
+        self, config: Any, ops: Any, dtype: torch.dtype, device: torch.device, parallel: Any
+    ) -> None: ...
 
     def load(self, reader: Any) -> None:
-        """Pull every weight from a ``CheckpointReader`` and prepare it with the backend."""
+        """Pull this rank's weights from a ``CheckpointReader`` and prepare them with the backend."""
 
-    def kv_cache_layout(self) -> KVCacheLayout: ...
+    def kv_cache_layout(self) -> KVCacheLayout:
+        """The cache of this rank: its stage's layers, its KV heads."""
 
-    def forward(self, batch: ForwardBatch, kv_caches: list[LayerCache]) -> torch.Tensor:
-        """Logits of each sequence's last token: ``[B, vocab]`` fp32."""
+    def forward(
+        self,
+        batch: ForwardBatch,
+        kv_caches: list[LayerCache],
+        hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of each sequence's last token, ``[B, vocab]`` fp32, on the last pipeline
+        stage; on an earlier stage the hidden states ``[T, hidden]`` for the next one.
+        A stage after the first starts from ``hidden_states`` instead of the token ids."""

@@ -7,6 +7,9 @@ form over a latent cache) then a dense SwiGLU for the first
 FP8 checkpoints stay FP8; every kernel is a bound op, so it runs on any backend.
 The multi-token-prediction layer that real checkpoints append as
 ``model.layers.{num_hidden_layers}`` is not used for generation and is skipped.
+Under TP/PP a rank builds only its stage's layers and its shards (MLA heads,
+MLP/expert intermediate columns, vocabulary rows); the forward all-reduces
+after attention and after the MLP/MoE.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import torch
 
+from chitu_core.distributed.model_parallel import ModelParallel
 from chitu_core.models.base import ForwardBatch, KVCacheLayout, LayerCache
 from chitu_core.models.deepseek_moe import DeepseekMoE, DenseMLP
 from chitu_core.models.mla import MultiHeadLatentAttention
@@ -174,28 +178,42 @@ class DeepseekV3Layer:
     """One decoder layer: RMSNorm -> MLA -> residual, RMSNorm -> MLP or MoE -> residual."""
 
     def __init__(
-        self, reader: Any, ops: Any, cfg: DeepseekV3Config, index: int, dtype: torch.dtype
+        self,
+        reader: Any,
+        ops: Any,
+        cfg: DeepseekV3Config,
+        index: int,
+        dtype: torch.dtype,
+        parallel: ModelParallel,
     ) -> None:
         p, h = f"model.layers.{index}", cfg.hidden_size
         self.input_norm = reader.tensor(f"{p}.input_layernorm.weight", (h,))
         self.post_attention_norm = reader.tensor(f"{p}.post_attention_layernorm.weight", (h,))
-        self.attn = MultiHeadLatentAttention(reader, ops, cfg, f"{p}.self_attn", dtype)
+        self.attn = MultiHeadLatentAttention(reader, ops, cfg, f"{p}.self_attn", dtype, parallel)
         if cfg.is_moe_layer(index):
-            self.mlp: DenseMLP | DeepseekMoE = DeepseekMoE(reader, ops, cfg, f"{p}.mlp")
+            self.mlp: DenseMLP | DeepseekMoE = DeepseekMoE(reader, ops, cfg, f"{p}.mlp", parallel)
         else:
-            self.mlp = DenseMLP(reader, ops, f"{p}.mlp", h, cfg.intermediate_size)
+            self.mlp = DenseMLP(reader, ops, f"{p}.mlp", h, cfg.intermediate_size, parallel)
 
 
 class DeepseekV3ForCausalLM(torch.nn.Module):
     """DeepSeek-V3/R1 causal LM over a paged latent cache (see ``models/base.py``)."""
 
     def __init__(
-        self, config: dict[str, Any], ops: Any, dtype: torch.dtype, device: torch.device
+        self,
+        config: dict[str, Any],
+        ops: Any,
+        dtype: torch.dtype,
+        device: torch.device,
+        parallel: ModelParallel | None = None,
     ) -> None:
         super().__init__()
         self.cfg = DeepseekV3Config.from_dict(config)
         self.ops, self.dtype, self.device = ops, dtype, device
+        self.parallel = parallel or ModelParallel()
         cfg = self.cfg
+        self.hidden_size, self.vocab_size = cfg.hidden_size, cfg.vocab_size
+        self.layer_ids = self.parallel.layer_range(cfg.num_hidden_layers)
         self.cos_sin = cos_sin_cache(
             cfg.qk_rope_head_dim,
             cfg.max_position_embeddings,
@@ -208,20 +226,23 @@ class DeepseekV3ForCausalLM(torch.nn.Module):
         self.layers: list[DeepseekV3Layer] = []
 
     def load(self, reader: Any) -> None:
-        """Pull every weight from a ``CheckpointReader``; skips (and logs) the MTP layer."""
-        cfg = self.cfg
-        self.embed = reader.tensor("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+        """Pull this rank's weights from a ``CheckpointReader``; skips (and logs) the MTP layer."""
+        cfg, parallel = self.cfg, self.parallel
+        vocab = parallel.vocab_shard(cfg.vocab_size) if parallel.tp_size > 1 else None
+        self.vocab_shard = vocab
+        embed_shape = (cfg.vocab_size, cfg.hidden_size)
+        tied = cfg.tie_word_embeddings or not reader.has("lm_head.weight")
+        if parallel.is_first_stage or (tied and parallel.is_last_stage):
+            self.embed = reader.tensor("model.embed_tokens.weight", embed_shape, shard=vocab)
         self.layers = [
-            DeepseekV3Layer(reader, self.ops, cfg, i, self.dtype)
-            for i in range(cfg.num_hidden_layers)
+            DeepseekV3Layer(reader, self.ops, cfg, i, self.dtype, parallel) for i in self.layer_ids
         ]
-        self.norm = reader.tensor("model.norm.weight", (cfg.hidden_size,))
-        if cfg.tie_word_embeddings or not reader.has("lm_head.weight"):
-            self.lm_head = reader.prepare(reader.dense_weight(self.embed))
-        else:  # FP8 checkpoints keep the head in bf16: never quantize it at load
-            self.lm_head = reader.linear(
-                "lm_head", (cfg.vocab_size, cfg.hidden_size), quantize=False
-            )
+        if parallel.is_last_stage:
+            self.norm = reader.tensor("model.norm.weight", (cfg.hidden_size,))
+            if tied:
+                self.lm_head = reader.prepare(reader.dense_weight(self.embed))
+            else:  # FP8 checkpoints keep the head in bf16: never quantize it at load
+                self.lm_head = reader.linear("lm_head", embed_shape, quantize=False, shard=vocab)
         self._note_mtp(reader.names())
 
     def _note_mtp(self, names: list[str]) -> None:
@@ -244,16 +265,27 @@ class DeepseekV3ForCausalLM(torch.nn.Module):
     def kv_cache_layout(self) -> KVCacheLayout:
         """One latent "head" per token and layer: ``[c_kv (R), k_pe (P)]``, no value cache."""
         cfg = self.cfg
-        return KVCacheLayout(
-            cfg.num_hidden_layers, 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, None
-        )
+        return KVCacheLayout(len(self.layer_ids), 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, None)
 
-    def forward(self, batch: ForwardBatch, kv_caches: list[LayerCache]) -> torch.Tensor:
-        """Logits ``[B, vocab]`` fp32 of each sequence's last token of this step."""
-        ops, eps = self.ops, self.cfg.rms_norm_eps
-        x = self.embed[batch.input_ids]  # [T, D]
+    def forward(
+        self,
+        batch: ForwardBatch,
+        kv_caches: list[LayerCache],
+        hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, vocab]`` fp32 of each sequence's last token of this step (last stage),
+        or the hidden states ``[T, D]`` for the next pipeline stage."""
+        ops, eps, parallel = self.ops, self.cfg.rms_norm_eps, self.parallel
+        if parallel.is_first_stage:
+            x = parallel.embed(batch.input_ids, self.embed, self.vocab_shard)  # [T, D]
+        else:
+            x = hidden_states
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x = x + layer.attn(ops.rms_norm(x, layer.input_norm, eps), batch, cache, self.cos_sin)
-            x = x + layer.mlp(ops.rms_norm(x, layer.post_attention_norm, eps))
+            h = ops.rms_norm(x, layer.input_norm, eps)
+            x = x + parallel.all_reduce(layer.attn(h, batch, cache, self.cos_sin))
+            x = x + parallel.all_reduce(layer.mlp(ops.rms_norm(x, layer.post_attention_norm, eps)))
+        if not parallel.is_last_stage:
+            return x
         last = ops.rms_norm(x[batch.last_token_indices], self.norm, eps)  # [B, D]
-        return ops.linear(last, self.lm_head, None).float()  # [B, V]
+        logits = ops.linear(last, self.lm_head, None)  # [B, V / tp]
+        return parallel.gather_vocab(logits, self.vocab_size).float()  # [B, V]

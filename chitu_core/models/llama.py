@@ -1,7 +1,11 @@
 """Llama-family dense decoders: Llama 2/3 (llama3 rope scaling), Mistral, Qwen2 (qkv bias).
 
 Reads like HF's ``LlamaForCausalLM``; every kernel is a bound op, so it runs on
-any backend. q/k/v and gate/up are fused into one GEMM each at load.
+any backend. q/k/v and gate/up are fused into one GEMM each at load. Under
+tensor parallelism a rank holds its query heads (and KV heads, replicated when
+there are fewer than TP ranks), its share of the MLP's intermediate dimension
+and of the vocabulary; ``o_proj`` and ``down_proj`` are row-parallel and their
+partial sums are all-reduced (see ``chitu_core/distributed/model_parallel.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from typing import Any
 
 import torch
 
+from chitu_core.distributed.model_parallel import HeadSplit, ModelParallel, Shard
 from chitu_core.models.base import ForwardBatch, KVCacheLayout, LayerCache
 from chitu_core.models.rotary import cos_sin_cache, rope_settings
 
@@ -64,42 +69,67 @@ class LlamaConfig:
 
 
 class LlamaLayer:
-    """One decoder layer's prepared weights (plain attributes, no nn.Parameter)."""
+    """One decoder layer's prepared weights (plain attributes, no nn.Parameter): this
+    rank's heads ``heads`` and intermediate columns ``mlp_shard``."""
 
-    def __init__(self, reader: Any, cfg: LlamaConfig, index: int) -> None:
+    def __init__(
+        self, reader: Any, cfg: LlamaConfig, index: int, heads: HeadSplit, mlp_shard: Shard
+    ) -> None:
         p = f"model.layers.{index}"
         h, d = cfg.hidden_size, cfg.head_dim
         q_rows, kv_rows = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+        q_shard = Shard(0, heads.q_start * d, (heads.q_start + heads.num_q_heads) * d)
+        kv_shard = Shard(0, heads.kv_start * d, (heads.kv_start + heads.num_kv_heads) * d)
         self.input_norm = reader.tensor(f"{p}.input_layernorm.weight", (h,))
         self.post_attention_norm = reader.tensor(f"{p}.post_attention_layernorm.weight", (h,))
         projections = [f"{p}.self_attn.{name}_proj" for name in "qkv"]
+        shards = [q_shard, kv_shard, kv_shard]
         self.qkv = reader.prepare(
-            reader.fused_linear_weight(projections, [(q_rows, h), (kv_rows, h), (kv_rows, h)])
+            reader.fused_linear_weight(
+                projections, [(q_rows, h), (kv_rows, h), (kv_rows, h)], shards
+            )
         )
         self.qkv_bias = None
         if cfg.attention_bias:
             biases = [
-                reader.tensor(f"{name}.bias", (rows,))
-                for name, rows in zip(projections, (q_rows, kv_rows, kv_rows), strict=True)
+                reader.tensor(f"{name}.bias", (rows,), shard=shard)
+                for name, rows, shard in zip(
+                    projections, (q_rows, kv_rows, kv_rows), shards, strict=True
+                )
             ]
             self.qkv_bias = torch.cat(biases)
-        self.o = reader.linear(f"{p}.self_attn.o_proj", (h, q_rows))
+        self.o = reader.linear(
+            f"{p}.self_attn.o_proj", (h, q_rows), shard=Shard(1, q_shard.start, q_shard.stop)
+        )
         i = cfg.intermediate_size
         self.gate_up = reader.prepare(
-            reader.fused_linear_weight([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], [(i, h), (i, h)])
+            reader.fused_linear_weight(
+                [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], [(i, h), (i, h)], [mlp_shard] * 2
+            )
         )
-        self.down = reader.linear(f"{p}.mlp.down_proj", (h, i))
+        self.down = reader.linear(
+            f"{p}.mlp.down_proj", (h, i), shard=Shard(1, mlp_shard.start, mlp_shard.stop)
+        )
 
 
 class LlamaForCausalLM(torch.nn.Module):
     """Llama/Mistral/Qwen2 causal LM over the paged KV cache (see ``models/base.py``)."""
 
     def __init__(
-        self, config: dict[str, Any], ops: Any, dtype: torch.dtype, device: torch.device
+        self,
+        config: dict[str, Any],
+        ops: Any,
+        dtype: torch.dtype,
+        device: torch.device,
+        parallel: ModelParallel | None = None,
     ) -> None:
         super().__init__()
         self.cfg = LlamaConfig.from_dict(config)
         self.ops, self.dtype, self.device = ops, dtype, device
+        self.parallel = parallel or ModelParallel()
+        self.hidden_size, self.vocab_size = self.cfg.hidden_size, self.cfg.vocab_size
+        self.heads = self.parallel.heads(self.cfg.num_attention_heads, self.cfg.num_key_value_heads)
+        self.layer_ids = self.parallel.layer_range(self.cfg.num_hidden_layers)
         self.scale = self.cfg.head_dim**-0.5
         self.cos_sin = cos_sin_cache(
             self.cfg.head_dim,
@@ -111,37 +141,41 @@ class LlamaForCausalLM(torch.nn.Module):
         self.layers: list[LlamaLayer] = []
 
     def load(self, reader: Any) -> None:
-        cfg = self.cfg
-        self.embed = reader.tensor("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
-        self.layers = [LlamaLayer(reader, cfg, i) for i in range(cfg.num_hidden_layers)]
+        cfg, parallel = self.cfg, self.parallel
+        vocab = parallel.vocab_shard(cfg.vocab_size) if parallel.tp_size > 1 else None
+        self.vocab_shard = vocab
+        embed_shape = (cfg.vocab_size, cfg.hidden_size)
+        tied = cfg.tie_word_embeddings or not reader.has("lm_head.weight")
+        if parallel.is_first_stage or (tied and parallel.is_last_stage):
+            self.embed = reader.tensor("model.embed_tokens.weight", embed_shape, shard=vocab)
+        mlp_shard = parallel.split(cfg.intermediate_size, 0, "intermediate_size")
+        self.layers = [LlamaLayer(reader, cfg, i, self.heads, mlp_shard) for i in self.layer_ids]
+        if not parallel.is_last_stage:
+            return
         self.norm = reader.tensor("model.norm.weight", (cfg.hidden_size,))
-        if cfg.tie_word_embeddings or not reader.has("lm_head.weight"):
+        if tied:
             self.lm_head = reader.prepare(reader.dense_weight(self.embed))
         else:
-            self.lm_head = reader.linear(
-                "lm_head", (cfg.vocab_size, cfg.hidden_size), quantize=False
-            )
+            self.lm_head = reader.linear("lm_head", embed_shape, quantize=False, shard=vocab)
 
     def kv_cache_layout(self) -> KVCacheLayout:
         cfg = self.cfg
         return KVCacheLayout(
-            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim
+            len(self.layer_ids), self.heads.num_kv_heads, cfg.head_dim, cfg.head_dim
         )
 
     def _attention(
         self, layer: LlamaLayer, x: torch.Tensor, batch: ForwardBatch, cache: LayerCache
     ) -> torch.Tensor:
+        """x: [T, hidden] -> this rank's partial ``o_proj`` output [T, hidden] (all-reduce it)."""
         ops, cfg = self.ops, self.cfg
-        tokens = x.shape[0]
-        qkv = ops.linear(x, layer.qkv, layer.qkv_bias)  # [T, (Hq + 2 Hkv) * D]
-        q_size, kv_size = (
-            cfg.num_attention_heads * cfg.head_dim,
-            cfg.num_key_value_heads * cfg.head_dim,
-        )
+        tokens, num_q, num_kv = x.shape[0], self.heads.num_q_heads, self.heads.num_kv_heads
+        qkv = ops.linear(x, layer.qkv, layer.qkv_bias)  # [T, (Hq + 2 Hkv) * D], local heads
+        q_size, kv_size = num_q * cfg.head_dim, num_kv * cfg.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.reshape(tokens, cfg.num_attention_heads, cfg.head_dim)
-        k = k.reshape(tokens, cfg.num_key_value_heads, cfg.head_dim)
-        v = v.reshape(tokens, cfg.num_key_value_heads, cfg.head_dim)
+        q = q.reshape(tokens, num_q, cfg.head_dim)
+        k = k.reshape(tokens, num_kv, cfg.head_dim)
+        v = v.reshape(tokens, num_kv, cfg.head_dim)
         q, k = ops.rope(q, k, batch.positions, self.cos_sin, True)
         key_cache, value_cache = cache
         ops.store_kv(k, v, key_cache, value_cache, batch.slot_mapping)
@@ -161,14 +195,25 @@ class LlamaForCausalLM(torch.nn.Module):
             )
         return ops.linear(out.reshape(tokens, q_size), layer.o, None)
 
-    def forward(self, batch: ForwardBatch, kv_caches: list[LayerCache]) -> torch.Tensor:
-        ops, eps = self.ops, self.cfg.rms_norm_eps
-        x = self.embed[batch.input_ids]  # [T, hidden]
+    def forward(
+        self,
+        batch: ForwardBatch,
+        kv_caches: list[LayerCache],
+        hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        ops, eps, parallel = self.ops, self.cfg.rms_norm_eps, self.parallel
+        if parallel.is_first_stage:
+            x = parallel.embed(batch.input_ids, self.embed, self.vocab_shard)  # [T, hidden]
+        else:
+            x = hidden_states
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x = x + self._attention(layer, ops.rms_norm(x, layer.input_norm, eps), batch, cache)
+            attn = self._attention(layer, ops.rms_norm(x, layer.input_norm, eps), batch, cache)
+            x = x + parallel.all_reduce(attn)
             h = ops.rms_norm(x, layer.post_attention_norm, eps)
-            x = x + ops.linear(
-                ops.silu_and_mul(ops.linear(h, layer.gate_up, None)), layer.down, None
-            )
+            mlp = ops.linear(ops.silu_and_mul(ops.linear(h, layer.gate_up, None)), layer.down, None)
+            x = x + parallel.all_reduce(mlp)
+        if not parallel.is_last_stage:
+            return x  # [T, hidden] for the next stage
         last = ops.rms_norm(x[batch.last_token_indices], self.norm, eps)  # [B, hidden]
-        return ops.linear(last, self.lm_head, None).float()
+        logits = ops.linear(last, self.lm_head, None)  # [B, V / tp]
+        return parallel.gather_vocab(logits, self.vocab_size).float()

@@ -11,6 +11,12 @@ is cached. ``kv_b_proj`` would expand the latent into per-head keys
     sum_j p_j (W_UV c_j) = W_UV (sum_j p_j c_j)
 
 so attention runs over the latent cache directly, for prefill and decode alike.
+
+Tensor parallelism splits the heads: a rank holds its heads' rows of
+``q_b_proj`` and ``kv_b_proj`` and their columns of ``o_proj`` (whose partial
+output the layer all-reduces). The down-projections ``q_a_proj`` and
+``kv_a_proj_with_mqa`` are small and replicated, and so is the latent cache:
+every head reads the same latent.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from chitu_core.distributed.model_parallel import ModelParallel, Shard
 from chitu_core.models.base import ForwardBatch, LayerCache
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
@@ -36,27 +43,43 @@ class MultiHeadLatentAttention:
     """
 
     def __init__(
-        self, reader: Any, ops: Any, cfg: DeepseekV3Config, prefix: str, dtype: torch.dtype
+        self,
+        reader: Any,
+        ops: Any,
+        cfg: DeepseekV3Config,
+        prefix: str,
+        dtype: torch.dtype,
+        parallel: ModelParallel,
     ) -> None:
         self.ops, self.cfg = ops, cfg
         d, h = cfg.hidden_size, cfg.num_attention_heads
         n, p, r, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+        heads = parallel.heads(h)
+        first, self.num_heads = heads.q_start, heads.num_q_heads  # this rank's heads
+        last = first + self.num_heads
+        q_rows = Shard(0, first * (n + p), last * (n + p))
         if cfg.q_lora_rank is None:
             self.q_a = self.q_a_norm = None
-            self.q_b = reader.linear(f"{prefix}.q_proj", (h * (n + p), d))
+            self.q_b = reader.linear(f"{prefix}.q_proj", (h * (n + p), d), shard=q_rows)
         else:
             self.q_a = reader.linear(f"{prefix}.q_a_proj", (cfg.q_lora_rank, d))
             self.q_a_norm = reader.tensor(f"{prefix}.q_a_layernorm.weight", (cfg.q_lora_rank,))
-            self.q_b = reader.linear(f"{prefix}.q_b_proj", (h * (n + p), cfg.q_lora_rank))
+            self.q_b = reader.linear(
+                f"{prefix}.q_b_proj", (h * (n + p), cfg.q_lora_rank), shard=q_rows
+            )
         self.kv_a = reader.linear(f"{prefix}.kv_a_proj_with_mqa", (r + p, d))
         self.kv_a_norm = reader.tensor(f"{prefix}.kv_a_layernorm.weight", (r,))
         # kv_b_proj is only ever used absorbed: widen it once to the compute dtype
         # and keep its two halves per head.
-        kv_b = reader.linear_weight(f"{prefix}.kv_b_proj", (h * (n + v), r), quantize=False)
-        kv_b = kv_b.dequantize(dtype).view(h, n + v, r)
+        kv_b = reader.dequantized_weight(
+            f"{prefix}.kv_b_proj",
+            (h * (n + v), r),
+            dtype,
+            Shard(0, first * (n + v), last * (n + v)),
+        ).view(self.num_heads, n + v, r)
         self.w_uk = kv_b[:, :n].contiguous()  # [H, N, R]
         self.w_uv = kv_b[:, n:].contiguous()  # [H, V, R]
-        self.o = reader.linear(f"{prefix}.o_proj", (d, h * v))
+        self.o = reader.linear(f"{prefix}.o_proj", (d, h * v), shard=Shard(1, first * v, last * v))
 
     def project(
         self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
@@ -75,7 +98,7 @@ class MultiHeadLatentAttention:
             q = ops.linear(
                 ops.rms_norm(ops.linear(x, self.q_a, None), self.q_a_norm, eps), self.q_b, None
             )
-        q = q.view(tokens, cfg.num_attention_heads, n + p)  # [T, H, N+P]
+        q = q.view(tokens, self.num_heads, n + p)  # [T, H, N+P], this rank's heads
         q_nope, q_pe = q[..., :n], q[..., n:].contiguous()
         kv = ops.linear(x, self.kv_a, None)  # [T, R+P]
         c_kv = ops.rms_norm(kv[:, :r].contiguous(), self.kv_a_norm, eps)  # [T, R]
@@ -96,7 +119,8 @@ class MultiHeadLatentAttention:
     def __call__(
         self, x: torch.Tensor, batch: ForwardBatch, cache: LayerCache, cos_sin: torch.Tensor
     ) -> torch.Tensor:
-        """x: [T, D] -> [T, D]; writes this step's latents to the layer's cache first."""
+        """x: [T, D] -> [T, D] (this rank's partial sum under TP); writes this step's latents
+        to the layer's cache first."""
         ops, scale = self.ops, self.cfg.softmax_scale
         latent_cache = cache[0]  # [num_blocks, block_size, 1, R+P]
         q_nope, q_pe, latent = self.project(x, batch.positions, cos_sin)

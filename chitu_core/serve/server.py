@@ -62,6 +62,12 @@ def serve(
         **{**config.__dict__, "backend": backend, "demote_ops": tuple(config.demote_ops) + demote}
     )
     engine = LLMEngine(config)
+    if engine.is_distributed:
+        # The ranks are out of step after a failed collective: nothing can be served any more.
+        from chitu_core.distributed.launch import fatal
+
+        engine.on_fatal = lambda error: fatal(f"{error}; the server cannot go on")
+        engine.start_heartbeat()
     metrics = ServerMetrics()
     name = served_model_name or Path(str(config.model)).name
     app = create_app(
@@ -87,6 +93,7 @@ def serve(
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        engine.close()  # releases the other ranks of a distributed engine
 
 
 def _exit_cleanly(signum, frame) -> None:

@@ -1,0 +1,141 @@
+"""How a step's batch travels from rank 0 to the ranks that run it.
+
+Rank 0 alone schedules; every other rank runs its part of the same forward
+on the batch rank 0 built. A step is encoded as two int64 tensors:
+
+* a header ``[command, num_batches, payload_len, 0]`` of fixed size, and
+* for ``STEP`` a payload with the ``ForwardBatch``:
+  ``[T, B, max_blocks, is_decode]`` then ``input_ids [T]``, ``positions [T]``,
+  ``slot_mapping [T]``, ``block_tables [B * max_blocks]``, ``context_lens [B]``,
+  ``cu_seqlens_q [B + 1]``, ``last_token_indices [B]``.
+
+Within stage 0 the TP ranks get it from rank 0 by an all-gather of their TP
+group (the contract has no broadcast); later stages get it from their
+predecessor together with the hidden states, so the control flows with the
+data and stages never wait for each other's unrelated work. ``PING`` (sent
+while the server is idle) keeps every wait inside the collective timeout and
+shows rank 0 that the others are alive; ``STOP`` ends them. Everything is a
+device tensor: NCCL moves nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chitu_core.models.base import ForwardBatch
+
+CMD_STOP, CMD_STEP, CMD_PING = 0, 1, 2
+HEADER_LEN = 4
+_BATCH_FIELDS = 4  # T, B, max_blocks, is_decode
+
+
+def header(command: int, payload: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The fixed-size header announcing ``command`` (and the payload's length)."""
+    length = 0 if payload is None else payload.shape[0]
+    return torch.tensor([command, int(payload is not None), length, 0], dtype=torch.int64).to(
+        device
+    )
+
+
+def pack(batches: list[ForwardBatch], device: torch.device) -> torch.Tensor:
+    """Every batch's tensors as one int64 vector on ``device``."""
+    parts: list[torch.Tensor] = []
+    for b in batches:
+        num_seqs, max_blocks = b.block_tables.shape
+        sizes = [b.input_ids.shape[0], num_seqs, max_blocks, int(b.is_decode)]
+        parts.append(torch.tensor(sizes, dtype=torch.int64, device=device))
+        for t in (
+            b.input_ids,
+            b.positions,
+            b.slot_mapping,
+            b.block_tables.reshape(-1),
+            b.context_lens,
+            b.cu_seqlens_q,
+            b.last_token_indices,
+        ):
+            parts.append(t.to(device=device, dtype=torch.int64))
+    return torch.cat(parts)
+
+
+def unpack(payload: torch.Tensor, num_batches: int) -> list[ForwardBatch]:
+    """Inverse of ``pack``: the batches, on ``payload``'s device (one host read of sizes)."""
+    host = payload.cpu()
+    batches, at = [], 0
+
+    def take(count: int, dtype: torch.dtype) -> torch.Tensor:
+        nonlocal at
+        out = payload[at : at + count].to(dtype)
+        at += count
+        return out
+
+    for _ in range(num_batches):
+        tokens, num_seqs, max_blocks, is_decode = host[at : at + _BATCH_FIELDS].tolist()
+        at += _BATCH_FIELDS
+        batches.append(
+            ForwardBatch(
+                input_ids=take(tokens, torch.int64),
+                positions=take(tokens, torch.int64),
+                slot_mapping=take(tokens, torch.int64),
+                block_tables=take(num_seqs * max_blocks, torch.int32).view(num_seqs, max_blocks),
+                context_lens=take(num_seqs, torch.int32),
+                cu_seqlens_q=take(num_seqs + 1, torch.int32),
+                last_token_indices=take(num_seqs, torch.int64),
+                is_decode=bool(is_decode),
+            )
+        )
+    if at != payload.shape[0]:
+        raise ValueError(f"step payload of {payload.shape[0]} values, {at} expected")
+    return batches
+
+
+class StepChannel:
+    """This rank's ends of the step transport (``state``: its ``ParallelState``)."""
+
+    def __init__(self, state) -> None:
+        self.state = state
+        self.layout = state.layout
+
+    # -- within stage 0: rank 0 -> its TP peers ----------------------------------------
+    def share_in_stage(self, head: torch.Tensor, payload: torch.Tensor | None) -> None:
+        """Rank 0: hand the header (and payload) to the other TP ranks of stage 0."""
+        if self.layout.tp > 1:
+            self.state.from_stage_leader(head)
+            if payload is not None:
+                self.state.from_stage_leader(payload)
+
+    def receive_in_stage(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A TP rank of stage 0 other than rank 0: the next header (and payload)."""
+        zeros = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.state.device)
+        head = self.state.from_stage_leader(zeros)
+        if int(head[0]) != CMD_STEP:
+            return head, None
+        length = int(head[2])
+        payload = torch.zeros(length, dtype=torch.int64, device=self.state.device)
+        return head, self.state.from_stage_leader(payload)
+
+    # -- between stages: stage s -> stage s + 1, same TP rank --------------------------
+    def send_next(
+        self, head: torch.Tensor, payload: torch.Tensor | None, hidden: torch.Tensor | None
+    ) -> None:
+        """Pass the header (and payload and hidden states) on to the next stage."""
+        stage = self.layout.pp_rank + 1
+        self.state.send_to_stage(head, stage)
+        if payload is not None:
+            self.state.send_to_stage(payload, stage)
+            self.state.send_to_stage(hidden, stage)
+
+    def receive_prev(
+        self, hidden_size: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """A stage after the first: the next header, payload and hidden states ``[T, D]``."""
+        device, stage = self.state.device, self.layout.pp_rank - 1
+        head = torch.zeros(HEADER_LEN, dtype=torch.int64, device=device)
+        self.state.recv_from_stage(head, stage)
+        if int(head[0]) != CMD_STEP:
+            return head, None, None
+        payload = torch.zeros(int(head[2]), dtype=torch.int64, device=device)
+        self.state.recv_from_stage(payload, stage)
+        num_tokens = int(payload[0])  # the batch's T (see ``pack``)
+        hidden = torch.empty((num_tokens, hidden_size), dtype=dtype, device=device)
+        self.state.recv_from_stage(hidden, stage)
+        return head, payload, hidden
