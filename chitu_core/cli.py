@@ -15,6 +15,13 @@ from chitu_core.backend import OP_NAMES, discover_backends
 from chitu_core.errors import ChituError
 
 
+def _demotions(name: str) -> list[str] | None:
+    from conformance.gate import cached_demotions
+
+    demoted = cached_demotions(name)
+    return None if demoted is None else list(demoted)
+
+
 def _backend_rows() -> list[dict]:
     rows = []
     for backend in discover_backends().values():
@@ -31,12 +38,20 @@ def _backend_rows() -> list[dict]:
                 "dist_backend": info.dist_backend if info else None,
                 "priority": info.priority if info else None,
                 "native_ops": list(backend.native_ops),
+                # None: no valid certificate on this device (serve runs conformance first)
+                "demoted_ops": _demotions(backend.name) if backend.is_available else None,
                 "generic_ops": [op for op in OP_NAMES if op not in backend.native_ops]
                 if info
                 else [],
             }
         )
     return rows
+
+
+def _mark(op: str, row: dict) -> str:
+    if op in (row["demoted_ops"] or ()):
+        return "D"
+    return "N" if op in row["native_ops"] else "."
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -56,18 +71,26 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             else ("BROKEN: " if row["load_error"] else "unavailable: ")
         )
         status += row["reason"] or ""
+        if row["available"]:
+            demoted = row["demoted_ops"]
+            if demoted is None:
+                status += " (not certified on this device yet)"
+            elif demoted:
+                status += f" (certified; demoted to generic: {', '.join(demoted)})"
         print(
             f"{row['name']:<12} {row['distribution']:<18} {row['version']:<9} "
             f"{row['device_type'] or '-':<7} {status}"
         )
     loaded = [row for row in rows if not row["load_error"]]
     if loaded:
-        print("\nops: N = native implementation, . = generic torch fallback")
+        print(
+            "\nops: N = native implementation, . = generic torch fallback, D = native but demoted (failed conformance)"
+        )
         names = [row["name"] for row in loaded]
         width = max(len(op) for op in OP_NAMES)
         print(" " * (width + 2) + "  ".join(f"{n:^8}" for n in names))
         for op in OP_NAMES:
-            marks = "  ".join(f"{'N' if op in row['native_ops'] else '.':^8}" for row in loaded)
+            marks = "  ".join(f"{_mark(op, row):^8}" for row in loaded)
             print(f"{op:<{width}}  {marks}")
     return 0
 
@@ -233,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     from chitu_core.demo_model import add_demo_model_command
+    from conformance.cli import add_conformance_command
+
+    add_conformance_command(sub)
 
     add_demo_model_command(sub)
     return parser

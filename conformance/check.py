@@ -55,7 +55,10 @@ class CaseResult:
 
     @property
     def error_ratio(self) -> float:
-        """Worst error as a fraction of its bound (1.0 is at the bound; inf for an exact op off)."""
+        """Worst error as a fraction of its bound (1.0 is at the bound; inf for an exact op off,
+        a misplaced NaN or a wrong integer)."""
+        if self.nan_mismatch or self.int_mismatch:
+            return math.inf
         ratios = [0.0]
         for err, bound in (
             (self.rel_fro, self.bound_rel_fro),
@@ -132,17 +135,16 @@ def _compare_outputs(case: Case, result: CaseResult, outputs, expected, rows, r:
 
 
 def _time(case: Case, inputs, result: CaseResult, first_s: float, args, r: Runner) -> None:
-    on_host = r.device.type == "cpu"
-    result.time_s = time_call(lambda: call_op(r.ops, case, args), r.sync, on_host, first_s)
+    result.time_s = time_call(lambda: call_op(r.ops, case, args), r.device, r.sync, first_s)
     if result.native:
         generic_args = prepare_inputs(r.generic_ops, case, inputs, r.dtype, r.device)
         generic_first = None
-        if on_host:  # the host has no warm-up to do: the first call is a sample
+        if r.device.type == "cpu":  # the host has no warm-up to do: the first call is a sample
             start = time.perf_counter()
             call_op(r.generic_ops, case, generic_args)
             generic_first = time.perf_counter() - start
         fn = lambda: call_op(r.generic_ops, case, generic_args)  # noqa: E731
-        result.generic_time_s = time_call(fn, r.sync, on_host, generic_first)
+        result.generic_time_s = time_call(fn, r.device, r.sync, generic_first)
     else:
         result.generic_time_s = result.time_s
     cost = case_cost(case, inputs, r.dtype)

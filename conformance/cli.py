@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from chitu_core.backend import OP_NAMES
+from chitu_core.errors import ChituError
 
 MAX_PRINTED_FAILURES = 20
 
@@ -77,6 +78,12 @@ def add_conformance_command(subparsers: Any) -> argparse.ArgumentParser:
         "conformance",
         help="check a backend against the CPU reference (numerics, speed) and certify it",
     )
+    add_conformance_arguments(p)
+    return p
+
+
+def add_conformance_arguments(p: argparse.ArgumentParser) -> None:
+    """The command's options; ``set_defaults(func=cmd_conformance)``."""
     p.add_argument("--backend", required=True, help="backend name (see 'chitu plugins') or 'auto'")
     p.add_argument(
         "--quick", action="store_true", help="a representative subset (what serving runs)"
@@ -100,21 +107,20 @@ def add_conformance_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-model-check", action="store_true", help="skip the whole-model check")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_conformance)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m conformance.cli --backend NAME ...``: the command without the chitu CLI."""
     parser = argparse.ArgumentParser(prog="python -m conformance.cli")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command")
-    add_conformance_command(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "conformance":
-        argv = ["conformance", *argv]
+    add_conformance_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ChituError as exc:  # an unknown, broken or unavailable backend: say which, exit 2
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

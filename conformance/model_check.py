@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 ARCHS = ("deepseek_v3", "llama")
 PROMPTS = ([5, 6, 7, 8, 9], list(range(10, 40)))  # ids of the demo vocabulary (512)
-MAX_NEW_TOKENS = 6
+MAX_NEW_TOKENS = 4
 NUM_BLOCKS = 32
 REFERENCE_BACKEND = "cpu_ref"
 
@@ -151,14 +151,19 @@ def compare_traces(arch: str, got: Trace, ref: Trace, dtype: torch.dtype) -> Mod
 
 
 def check_models(backend: str, demote: tuple[str, ...], dtype: torch.dtype) -> list[ModelResult]:
-    """The whole-model check of every demo architecture on ``backend`` at ``dtype``."""
+    """The whole-model check of every demo architecture on ``backend`` at ``dtype``.
+
+    The oracle's own configuration (cpu_ref, fp32, nothing demoted) is the
+    reference trace itself, so it is not run twice.
+    """
     results = []
     dtype_name = str(dtype).removeprefix("torch.")
+    is_oracle = (backend, tuple(demote), dtype) == (REFERENCE_BACKEND, (), torch.float32)
     for arch in ARCHS:
         start = time.perf_counter()
         try:
             ref = reference_trace(arch)
-            got = run_model(arch, backend, demote, dtype_name)
+            got = ref if is_oracle else run_model(arch, backend, demote, dtype_name)
             result = compare_traces(arch, got, ref, dtype)
         except Exception as exc:  # a backend may fail inside the engine in any way
             result = ModelResult(arch, False, f"model[{arch}]: raised {type(exc).__name__}: {exc}")

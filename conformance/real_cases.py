@@ -13,10 +13,12 @@ the host, in fp64):
   256 (the oracle widens every expert it touches to fp64); the longest
   contexts are decoded but not prefilled.
 * the host (a CPU backend): besides the fewer token counts of ``shapes``, the
-  MoE experts are real-size but unquantized (dequantizing a real FP8 expert
-  costs seconds in both the generic path and the oracle on two cores; FP8
-  experts are covered at small sizes and by the e4m3 cases), and only contexts
-  up to ``QUICK_CPU_MAX_CONTEXT`` are run (Llama-3-8B's own maximum).
+  MoE routes every token to both of ``QUICK_EXPERTS_CPU`` real-size experts,
+  unquantized (materialising and dequantizing a real FP8 expert costs seconds
+  in both the generic path and the oracle on two cores; FP8 experts are
+  covered at small sizes and by the e4m3 cases, top-8 routing by the router
+  cases), and only contexts up to ``QUICK_CPU_MAX_CONTEXT`` are run
+  (Llama-3-8B's own maximum).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ CONTEXT_BUDGET = 1 << 18  # cached tokens per decode/prefill case
 MAX_DECODE_CONTEXT = 4096  # the longest context of a random decode batch
 MAX_SAMPLE_ROWS = 512  # sampling and lm_head rows: the engine only samples last tokens
 QUICK_EXPERTS = 32
-QUICK_EXPERTS_CPU = 8  # = top_k: the fewest a top-8 router can fill
+QUICK_EXPERTS_CPU = 2
 QUICK_CPU_MAX_CONTEXT = 8192
 ATTENTION_BLOCK = 16  # block size of the MHA/GQA caches (the engine's default)
 MLA_BLOCK = 64  # DeepSeek's FlashMLA block size
@@ -92,7 +94,9 @@ def _moe_cases(m: ModelDims, tokens: tuple[int, ...], quick: bool, on_cpu: bool)
             )
         )
         cases.append(
-            b.fused_moe_case(fmt, t, experts, m.hidden, m.moe_intermediate, m.top_k, model=m.name)
+            b.fused_moe_case(
+                fmt, t, experts, m.hidden, m.moe_intermediate, min(m.top_k, experts), model=m.name
+            )
         )
     return cases
 

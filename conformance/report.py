@@ -52,7 +52,7 @@ def _worst_error(cases: list[CaseResult]) -> str:
         return "-"
     ints = sum(c.int_mismatch for c in checked)
     worst = max(checked, key=lambda c: c.error_ratio)
-    text = f"{worst.rel_fro:.1e} / {worst.bound_rel_fro:.0e}"
+    text = f"{worst.rel_fro:.1e} / {worst.bound_rel_fro:.1e}"
     if worst.bound_rel_fro == 0:
         text = "exact" if worst.rel_fro == 0 else f"{worst.rel_fro:.1e} / exact"
     return text + (f", {ints} ids differ" if ints else "")
@@ -141,7 +141,7 @@ def _models(result: SuiteResult) -> list[str]:
         verdict = "pass" if m.passed else "**FAIL**"
         ties = "; ".join(m.near_ties) or "none"
         lines.append(
-            f"| {m.arch} | {verdict} | {m.rel_fro:.1e} / {m.bound_rel_fro:.0e} | "
+            f"| {m.arch} | {verdict} | {m.rel_fro:.1e} / {m.bound_rel_fro:.1e} | "
             f"{m.tokens_compared} | {ties} | {_fmt_time(m.time_s)} |"
         )
     return lines + [""]
@@ -157,8 +157,8 @@ def _op_table(op: str, cases: list[CaseResult]) -> list[str]:
     for c in cases:
         speed = f"{c.generic_time_s / c.time_s:.2f}x" if c.time_s and c.generic_time_s else "-"
         share = f"{100 * c.roofline_s / c.time_s:.1f}%" if c.time_s and c.roofline_s else "-"
-        errors = f"{c.rel_fro:.1e} / {c.bound_rel_fro:.0e}"
-        abs_errors = f"{c.max_abs_rel:.1e} / {c.bound_max_abs_rel:.0e}"
+        errors = f"{c.rel_fro:.1e} / {c.bound_rel_fro:.1e}"
+        abs_errors = f"{c.max_abs_rel:.1e} / {c.bound_max_abs_rel:.1e}"
         if c.int_mismatch:
             errors += f", {c.int_mismatch} ids differ"
         status = c.status if c.status in ("pass", SKIP) else f"**{c.status.upper()}**"

@@ -4,8 +4,10 @@ An op cannot run faster than ``max(bytes / bandwidth, flops / peak)``; the repor
 gives each timed case's share of that bound ("% of roofline"). Peaks come from
 ``KNOWN_DEVICES`` (vendor datasheets: dense math, no sparsity, boost clocks)
 when the device's name matches, otherwise from micro-benchmarks on the device
-itself: a large ``copy_`` for bandwidth (bytes read + written) and a square
-matmul per dtype for FLOP/s. The host is always measured: CPU peaks depend on
+itself: the faster of a large ``copy_`` (bytes read + written) and a large
+matrix-vector product (bytes read, as in decode) for bandwidth, and a square
+matmul per dtype for FLOP/s. On a shared host these vary from run to run, so
+a share above 100% can happen there. The host is always measured: CPU peaks depend on
 the core count and the memory channels this process gets.
 
 The FLOP/s used is the compute dtype's even for FP8 weights: the contract
@@ -91,6 +93,12 @@ def _copier(numel: int, device: torch.device):
     return lambda: dst.copy_(src)
 
 
+def _gemv(numel: int, device: torch.device):
+    matrix = torch.ones(numel // 4096, 4096, device=device)
+    vector = torch.ones(4096, device=device)
+    return lambda: matrix @ vector
+
+
 @functools.cache
 def measure(device: torch.device, name: str) -> DeviceSpec:
     """Micro-benchmark ``device``: copy bandwidth and matmul FLOP/s per float dtype."""
@@ -101,10 +109,12 @@ def measure(device: torch.device, name: str) -> DeviceSpec:
         if not on_host and module is not None:
             module.synchronize(device)
 
-    numel = (64 if on_host else 512) << 18  # 64 MiB / 512 MiB of fp32
-    bandwidth = 2 * numel * 4 / _best_time(_copier(numel, device), sync, 5)
+    numel = (256 if on_host else 512) << 18  # 256 MiB / 512 MiB of fp32
+    copy_bw = 2 * numel * 4 / _best_time(_copier(numel, device), sync, 5)
+    read_bw = numel * 4 / _best_time(_gemv(numel, device), sync, 5)  # what decode GEMVs do
+    bandwidth = max(copy_bw, read_bw)
     flops = {}
-    size = 1024 if on_host else 8192
+    size = 2048 if on_host else 8192
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         a = torch.randn(size, size, device=device).to(dtype)
         seconds = _best_time(lambda a=a: a @ a, sync, 3)

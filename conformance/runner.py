@@ -23,10 +23,18 @@ import torch
 from tqdm import tqdm
 
 import chitu_core
-from chitu_core.backend import COLLECTIVE_OPS, OP_NAMES, bind_ops, discover_backends, select_backend
+from chitu_core.backend import (
+    COLLECTIVE_OPS,
+    OP_NAMES,
+    InstalledBackend,
+    bind_ops,
+    discover_backends,
+    select_backend,
+)
 from chitu_core.errors import UnknownBackendError
+from conformance.case import Case
 from conformance.cases import suite_cases
-from conformance.check import ERROR, FAIL, CaseResult, Runner, check_case
+from conformance.check import ERROR, FAIL, SKIP, CaseResult, Runner, check_case
 from conformance.collectives import run_collectives
 from conformance.device import device_name
 from conformance.model_check import ModelResult, check_models
@@ -140,15 +148,62 @@ def _selected_ops(config: SuiteConfig, native: Iterable[str]) -> set[str]:
     return ops & set(native) if config.native_only else ops
 
 
-def run_suite(config: SuiteConfig) -> SuiteResult:
-    """Run the suite described by ``config`` and return what it found (never raises for a
-    failing op; raises ``ChituError`` when the backend or the oracle cannot be loaded)."""
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    clock = time.perf_counter()
+@dataclass
+class Plan:
+    """A bound backend and what to check on it (shared by ``run_suite`` and the pytest plugin)."""
+
+    config: SuiteConfig
+    installed: InstalledBackend
+    runner: Runner
+    device_name: str
+    cases: list[Case]
+    selected: set[str]
+    has_collectives: bool
+    has_model_check: bool
+
+    def collective_results(self) -> list[CaseResult]:
+        """The collectives of the selected ops, in a spawned world."""
+        r = self.runner
+        results = run_collectives(
+            self.installed.name, self.config.demote, r.dtype, r.device.type, r.ops.native
+        )
+        return [result for result in results if result.op in self.selected]
+
+    def model_results(self, failed_ops: Iterable[str] = ()) -> list[ModelResult]:
+        """The whole-model check with the run's demotions plus ``failed_ops`` demoted."""
+        demote = tuple(sorted(set(self.config.demote) | set(failed_ops)))
+        return check_models(self.installed.name, demote, self.runner.dtype)
+
+    def info(self, started: str, elapsed_s: float) -> RunInfo:
+        r, installed = self.runner, self.installed
+        return RunInfo(
+            backend=installed.name,
+            distribution=installed.distribution,
+            plugin_version=installed.version,
+            chitu_version=chitu_core.__version__,
+            torch_version=torch.__version__,
+            device_name=self.device_name,
+            device_type=r.device.type,
+            dtype=str(r.dtype).removeprefix("torch."),
+            mode="quick" if self.config.quick else "full",
+            native_ops=sorted(r.ops.native, key=OP_NAMES.index),
+            demoted_ops=sorted(r.ops.demoted, key=OP_NAMES.index),
+            started=started,
+            elapsed_s=elapsed_s,
+            roofline=asdict(r.spec) if r.spec is not None else {},
+        )
+
+
+def plan_suite(config: SuiteConfig) -> Plan:
+    """Bind the backend (as the engine does), the oracle and the generic ops; pick the cases.
+
+    Raises ``ChituError`` when the backend or the oracle cannot be loaded.
+    """
     backends = discover_backends()
     if REFERENCE not in backends:
         raise UnknownBackendError(
-            "the conformance suite needs the reference backend 'cpu_ref': pip install -e plugins/cpu_ref"
+            "the conformance suite needs the reference backend 'cpu_ref': "
+            "pip install -e plugins/cpu_ref"
         )
     installed = select_backend(config.backend, backends)
     ops = bind_ops(installed, config.demote)
@@ -156,59 +211,45 @@ def run_suite(config: SuiteConfig) -> SuiteResult:
     dtype = getattr(torch, config.dtype or installed.info.compute_dtype)
     name = device_name(device)
     spec: DeviceSpec | None = device_spec(device, name) if config.timing else None
-    runner = Runner(
-        ops, bind_ops(select_backend(REFERENCE, backends)), bind_ops(installed, OP_NAMES),
-        dtype, device, spec, config.timing,
-    )  # fmt: skip
+    reference = bind_ops(select_backend(REFERENCE, backends))
+    generic = bind_ops(installed, OP_NAMES)
+    runner = Runner(ops, reference, generic, dtype, device, spec, config.timing)
     selected = _selected_ops(config, ops.native)
     cases = [c for c in suite_cases(config.quick, device.type) if c.op in selected]
-    run_collective = bool(selected & set(COLLECTIVE_OPS))
-    run_model = config.model_check and bool(selected & MODEL_OPS)
-    total = len(cases) + int(run_collective) + int(run_model)
-    bar = tqdm(
-        total=total, desc=f"conformance {installed.name}", unit="case", disable=not config.progress
-    )
+    has_collectives = bool(selected & set(COLLECTIVE_OPS))
+    has_model_check = config.model_check and bool(selected & MODEL_OPS)
+    return Plan(config, installed, runner, name, cases, selected, has_collectives, has_model_check)
+
+
+def run_suite(config: SuiteConfig) -> SuiteResult:
+    """Run the suite described by ``config`` and return what it found (never raises for a
+    failing op; raises ``ChituError`` when the backend or the oracle cannot be loaded)."""
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    clock = time.perf_counter()
+    plan = plan_suite(config)
+    r = plan.runner
+    total = len(plan.cases) + int(plan.has_collectives) + int(plan.has_model_check)
+    desc = f"conformance {plan.installed.name}"
+    bar = tqdm(total=total, desc=desc, unit="check", disable=not config.progress)
     results: list[CaseResult] = []
-    for case in cases:
+    for case in plan.cases:
         bar.set_postfix_str(case.id[:60])
-        results.append(check_case(case, runner))
-        ops.empty_cache(device)
+        results.append(check_case(case, r))
+        logger.info("%s: %s in %.2f s", case.id, results[-1].status, results[-1].wall_s)
+        r.ops.empty_cache(r.device)
         bar.update()
-    if run_collective:
+    if plan.has_collectives:
         bar.set_postfix_str("collectives (world of 2)")
-        results += [
-            r
-            for r in run_collectives(installed.name, config.demote, dtype, device.type, ops.native)
-            if r.op in selected
-        ]
+        results += plan.collective_results()
         bar.update()
-    failed = sorted({r.op for r in results if r.status in (FAIL, ERROR)} & ops.native)
     models: list[ModelResult] = []
-    if run_model:
+    if plan.has_model_check:
         bar.set_postfix_str("whole model")
-        models = check_models(
-            installed.name, tuple(sorted(set(config.demote) | set(failed))), dtype
-        )
+        failed = {res.op for res in results if res.status in (FAIL, ERROR)} & r.ops.native
+        models = plan.model_results(failed)
         bar.update()
     bar.close()
-    checked = sorted({r.op for r in results if r.status != "skip"}, key=OP_NAMES.index)
-    skipped = sorted(
-        {r.op for r in results if r.status == "skip"} - set(checked), key=OP_NAMES.index
-    )
-    info = RunInfo(
-        backend=installed.name,
-        distribution=installed.distribution,
-        plugin_version=installed.version,
-        chitu_version=chitu_core.__version__,
-        torch_version=torch.__version__,
-        device_name=name,
-        device_type=device.type,
-        dtype=str(dtype).removeprefix("torch."),
-        mode="quick" if config.quick else "full",
-        native_ops=sorted(ops.native, key=OP_NAMES.index),
-        demoted_ops=sorted(ops.demoted, key=OP_NAMES.index),
-        started=started,
-        elapsed_s=time.perf_counter() - clock,
-        roofline=asdict(spec) if spec is not None else {},
-    )
-    return SuiteResult(info, results, models, checked, skipped)
+    checked = sorted({res.op for res in results if res.status != SKIP}, key=OP_NAMES.index)
+    skipped = {res.op for res in results if res.status == SKIP} - set(checked)
+    info = plan.info(started, time.perf_counter() - clock)
+    return SuiteResult(info, results, models, checked, sorted(skipped, key=OP_NAMES.index))

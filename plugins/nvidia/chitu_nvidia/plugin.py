@@ -83,3 +83,21 @@ def chitu_prepare_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: 
 def chitu_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> torch.Tensor:
     """bf16 -> cuBLAS; FP8 -> soft-FP8 Triton (sm_80+) or native FP8 (sm_89+, larger M)."""
     return _linear.linear(x, weight, bias)
+
+
+@hookimpl
+def chitu_fused_moe(
+    x: torch.Tensor, w13: Any, w2: Any, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """The generic fused MoE over this backend's weight handles (a Triton kernel is issue 7).
+
+    Needed because ``prepare_weight`` returns ``NvidiaWeight`` handles, which the
+    generic op cannot read: unwrap them to ``QuantizedWeight`` views (no copy).
+    """
+    from chitu_core.ops.moe import fused_moe
+
+    return fused_moe(x, _as_quantized(w13), _as_quantized(w2), topk_weights, topk_ids)
+
+
+def _as_quantized(weight: Any) -> Any:
+    return weight.as_quantized() if hasattr(weight, "as_quantized") else weight

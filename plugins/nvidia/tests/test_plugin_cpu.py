@@ -68,3 +68,37 @@ def test_native_fp8_kernels_compile_for_sm90():
         ASTSource(w8a8_block_gemm_kernel, sig, const), target=target, options={"num_warps": 8}
     )
     assert "cubin" in k.asm
+
+
+def test_plugin_binds_and_its_fused_moe_reads_its_own_handles():
+    """The weight group (prepare_weight, linear, fused_moe) must bind together."""
+    import torch
+    from chitu_nvidia import plugin
+
+    from chitu_core.backend import InstalledBackend, _register, bind_ops, native_op_names
+    from chitu_core.ops.moe import fused_moe as generic_fused_moe
+    from chitu_core.quant import quantize_fp8
+
+    pm = _register(plugin, "nvidia")
+    backend = InstalledBackend(
+        "nvidia",
+        "chitu-nvidia",
+        "0",
+        info=pm.hook.chitu_backend_info(),
+        native_ops=native_op_names(pm),
+        plugin_manager=pm,
+    )
+    ops = bind_ops(backend)  # raised PluginLoadError while fused_moe was missing
+    assert {"prepare_weight", "linear", "fused_moe"} <= ops.native
+
+    gen = torch.Generator().manual_seed(0)
+    w13 = quantize_fp8(torch.randn(4, 256, 128, generator=gen) * 0.1)
+    w2 = quantize_fp8(torch.randn(4, 128, 128, generator=gen) * 0.1)
+    x = torch.randn(3, 128, generator=gen)
+    weights, ids = (
+        torch.rand(3, 2, generator=gen),
+        torch.tensor([[0, 1], [2, 3], [1, 2]], dtype=torch.int32),
+    )
+    handles = [ops.prepare_weight(w.weight, w.scale, w.fmt) for w in (w13, w2)]
+    out = ops.fused_moe(x, *handles, weights, ids)
+    torch.testing.assert_close(out, generic_fused_moe(x, w13, w2, weights, ids))
