@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from fixture_dists import install_fixture_distribution
 
 from conformance.cli import add_conformance_command
 
@@ -25,27 +25,8 @@ BROKEN_OPS = {
 
 @pytest.fixture(scope="session")
 def broken_backends_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding the installed ``chitu-broken-backends`` distribution.
-
-    Installed with pip into a temporary target, so the environment never sees them.
-    """
-    target = tmp_path_factory.mktemp("broken_backends_site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(BROKEN_BACKENDS),
-        ],
-        check=True,
-    )
-    return target
+    """A directory holding the installed ``chitu-broken-backends`` distribution."""
+    return install_fixture_distribution(BROKEN_BACKENDS, tmp_path_factory)
 
 
 @pytest.fixture
