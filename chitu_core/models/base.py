@@ -89,3 +89,22 @@ class CausalLM(Protocol):
         """Logits of each sequence's last token, ``[B, vocab]`` fp32, on the last pipeline
         stage; on an earlier stage the hidden states ``[T, hidden]`` for the next one.
         A stage after the first starts from ``hidden_states`` instead of the token ids."""
+
+
+def stage_input(
+    model: Any, batch: ForwardBatch, hidden_states: torch.Tensor | None
+) -> torch.Tensor:
+    """Hidden states ``[T, D]`` entering this pipeline stage: embedded on the first stage
+    (only it holds ``model.embed``), received from the previous stage otherwise."""
+    if model.parallel.is_first_stage:
+        return model.parallel.embed(batch.input_ids, model.embed, model.vocab_shard)
+    return hidden_states
+
+
+def last_token_logits(model: Any, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    """Final norm and LM head of each sequence's last token on the last stage:
+    ``[B, vocab]`` fp32, the vocab gathered over TP ranks."""
+    ops = model.ops
+    last = ops.rms_norm(x[batch.last_token_indices], model.norm, model.cfg.rms_norm_eps)  # [B, D]
+    logits = ops.linear(last, model.lm_head, None)  # [B, V / tp]
+    return model.parallel.gather_vocab(logits, model.vocab_size).float()

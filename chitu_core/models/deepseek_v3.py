@@ -22,7 +22,13 @@ from typing import Any
 import torch
 
 from chitu_core.distributed.model_parallel import ModelParallel
-from chitu_core.models.base import ForwardBatch, KVCacheLayout, LayerCache
+from chitu_core.models.base import (
+    ForwardBatch,
+    KVCacheLayout,
+    LayerCache,
+    last_token_logits,
+    stage_input,
+)
 from chitu_core.models.deepseek_moe import DeepseekMoE, DenseMLP
 from chitu_core.models.mla import MultiHeadLatentAttention
 from chitu_core.models.rotary import cos_sin_cache, yarn_mscale
@@ -276,16 +282,11 @@ class DeepseekV3ForCausalLM(torch.nn.Module):
         """Logits ``[B, vocab]`` fp32 of each sequence's last token of this step (last stage),
         or the hidden states ``[T, D]`` for the next pipeline stage."""
         ops, eps, parallel = self.ops, self.cfg.rms_norm_eps, self.parallel
-        if parallel.is_first_stage:
-            x = parallel.embed(batch.input_ids, self.embed, self.vocab_shard)  # [T, D]
-        else:
-            x = hidden_states
+        x = stage_input(self, batch, hidden_states)  # [T, D]
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             h = ops.rms_norm(x, layer.input_norm, eps)
             x = x + parallel.all_reduce(layer.attn(h, batch, cache, self.cos_sin))
             x = x + parallel.all_reduce(layer.mlp(ops.rms_norm(x, layer.post_attention_norm, eps)))
         if not parallel.is_last_stage:
             return x
-        last = ops.rms_norm(x[batch.last_token_indices], self.norm, eps)  # [B, D]
-        logits = ops.linear(last, self.lm_head, None)  # [B, V / tp]
-        return parallel.gather_vocab(logits, self.vocab_size).float()  # [B, V]
+        return last_token_logits(self, x, batch)

@@ -16,7 +16,13 @@ from typing import Any
 import torch
 
 from chitu_core.distributed.model_parallel import HeadSplit, ModelParallel, Shard
-from chitu_core.models.base import ForwardBatch, KVCacheLayout, LayerCache
+from chitu_core.models.base import (
+    ForwardBatch,
+    KVCacheLayout,
+    LayerCache,
+    last_token_logits,
+    stage_input,
+)
 from chitu_core.models.rotary import cos_sin_cache, rope_settings
 
 
@@ -202,10 +208,7 @@ class LlamaForCausalLM(torch.nn.Module):
         hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         ops, eps, parallel = self.ops, self.cfg.rms_norm_eps, self.parallel
-        if parallel.is_first_stage:
-            x = parallel.embed(batch.input_ids, self.embed, self.vocab_shard)  # [T, hidden]
-        else:
-            x = hidden_states
+        x = stage_input(self, batch, hidden_states)  # [T, D]
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             attn = self._attention(layer, ops.rms_norm(x, layer.input_norm, eps), batch, cache)
             x = x + parallel.all_reduce(attn)
@@ -214,6 +217,4 @@ class LlamaForCausalLM(torch.nn.Module):
             x = x + parallel.all_reduce(mlp)
         if not parallel.is_last_stage:
             return x  # [T, hidden] for the next stage
-        last = ops.rms_norm(x[batch.last_token_indices], self.norm, eps)  # [B, hidden]
-        logits = ops.linear(last, self.lm_head, None)  # [B, V / tp]
-        return parallel.gather_vocab(logits, self.vocab_size).float()
+        return last_token_logits(self, x, batch)

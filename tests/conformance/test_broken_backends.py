@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import BROKEN_OPS, run_command
+from conformance_helpers import BROKEN_OPS, run_command
 
 from chitu_core.backend import load_backend
 from conformance.gate import cached_demotions, ensure_certified

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_command
+from conformance_helpers import run_command
 
 from chitu_core.backend import OP_NAMES, bind_ops, discover_backends
 from chitu_core.ops import GENERIC_OPS

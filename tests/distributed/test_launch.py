@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO, free_port
+from dist_helpers import REPO, free_port
 from parity_worker import engine_config
 
 from chitu_core.engine.llm_engine import LLMEngine

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HERE, read_results, run_torchrun, run_world
+from dist_helpers import HERE, read_results, run_torchrun, run_world
 from parity_worker import engine_config, generate
 
 from chitu_core.engine.llm_engine import LLMEngine

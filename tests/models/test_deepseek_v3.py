@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import allocate_caches, hf_greedy, run_greedy, single_sequence_batch
+from model_helpers import allocate_caches, hf_greedy, run_greedy, single_sequence_batch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
