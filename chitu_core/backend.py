@@ -48,6 +48,8 @@ OP_NAMES: tuple[str, ...] = tuple(
 # Ops that consume the opaque handle of ``prepare_weight`` (see hookspecs' module docstring).
 WEIGHT_HANDLE_OPS = ("linear", "fused_moe")
 COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "send", "recv")
+# An op that makes an opaque handle -> the ops that consume it: bound (and demoted) together.
+HANDLE_GROUPS = {"prepare_weight": WEIGHT_HANDLE_OPS, "new_group": COLLECTIVE_OPS}
 
 
 @dataclass
@@ -244,8 +246,8 @@ def bind_ops(backend: InstalledBackend, demote: Iterable[str] = ()) -> Ops:
     """Resolve every op of ``backend`` once into an ``Ops`` table.
 
     Ops in ``demote`` (and ops the backend lacks) get the generic implementation.
-    Demoting ``prepare_weight`` or one of its consumers demotes the whole group,
-    because they share the backend's opaque weight handle.
+    Demoting ``prepare_weight`` (or ``new_group``) or one of its consumers demotes the
+    whole group, because they share the backend's opaque weight (or group) handle.
     """
     if backend.plugin_manager is None or backend.info is None:
         raise PluginLoadError(f"backend {backend.name!r} is not loaded: {backend.load_error}")
@@ -256,16 +258,17 @@ def bind_ops(backend: InstalledBackend, demote: Iterable[str] = ()) -> Ops:
             f"cannot demote unknown op(s) {sorted(unknown)}; ops are {', '.join(OP_NAMES)}"
         )
     native = set(backend.native_ops)
-    weight_group = {"prepare_weight", *WEIGHT_HANDLE_OPS}
-    if "prepare_weight" in native and demoted & weight_group:
-        demoted |= weight_group & native
+    for producer, consumers in HANDLE_GROUPS.items():
+        group = {producer, *consumers}
+        if producer in native and demoted & group:
+            demoted |= group & native
     native -= demoted
-    if "prepare_weight" in native:
-        missing = [op for op in WEIGHT_HANDLE_OPS if op not in native]
-        if missing:
+    for producer, consumers in HANDLE_GROUPS.items():
+        missing = [op for op in consumers if op not in native]
+        if producer in native and missing:
             raise PluginLoadError(
-                f"backend {backend.name!r} implements prepare_weight but not {missing}: "
-                "the generic ops cannot read its weight handles"
+                f"backend {backend.name!r} implements {producer} but not {missing}: "
+                f"the generic ops cannot read the handles {producer} returns"
             )
     functions: dict[str, Callable[..., Any]] = {}
     for op in OP_NAMES:

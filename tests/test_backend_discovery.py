@@ -231,3 +231,42 @@ def test_chitu_cli_error_for_unknown_backend():
     proc = _run_cli("demo", "--backend", "nope")
     assert proc.returncode == 2
     assert "unknown backend 'nope'" in proc.stderr and "cpu_ref" in proc.stderr
+
+
+def test_group_handle_ops_bind_and_demote_together():
+    class Plugin:
+        @hookspecs.hookimpl
+        def chitu_backend_info(self):
+            return BackendInfo(name="x", device_type="cpu", dist_backend="gloo")
+
+        @hookspecs.hookimpl
+        def chitu_check_available(self):
+            return None
+
+        @hookspecs.hookimpl
+        def chitu_new_group(self, ranks, timeout_s):
+            return ("my-group", ranks)
+
+        @hookspecs.hookimpl
+        def chitu_all_reduce(self, tensor, group):
+            return tensor
+
+    from chitu_core.backend import COLLECTIVE_OPS, InstalledBackend, native_op_names
+
+    pm = _register(Plugin(), "x")
+    backend = InstalledBackend(
+        "x",
+        "d",
+        "0",
+        info=pm.hook.chitu_backend_info(),
+        native_ops=native_op_names(pm),
+        plugin_manager=pm,
+    )
+    # new_group without every collective: the generic ones could not read its group handle.
+    with pytest.raises(PluginLoadError, match="implements new_group but not"):
+        bind_ops(backend)
+    # Demoting one member demotes the whole group: everything falls back to torch.distributed.
+    ops = bind_ops(backend, demote=["all_reduce"])
+    assert ops.new_group is GENERIC_OPS["new_group"]
+    assert {"new_group", "all_reduce"} <= ops.demoted
+    assert all(getattr(ops, op) is GENERIC_OPS[op] for op in COLLECTIVE_OPS)
