@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from chitu_core.kernels.fp8_gemm import Fp8GemmConfig
+from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, grouped_tile
 
 
 @triton.jit
@@ -65,14 +65,7 @@ def w8a8_block_gemm_kernel(
 ):
     BLOCK_K: tl.constexpr = 128
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
