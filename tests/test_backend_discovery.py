@@ -118,16 +118,20 @@ def test_auto_skips_broken_and_picks_highest_priority(with_test_plugins):
     assert ops.info.name == expected  # cpu_ref (0) beats test_linear_only (-100)
 
 
+class _MinimalPlugin:
+    """The two required hooks; in-process test plugins add the hook under test."""
+
+    @hookspecs.hookimpl
+    def chitu_backend_info(self):
+        return BackendInfo(name="x", device_type="cpu", dist_backend="gloo")
+
+    @hookspecs.hookimpl
+    def chitu_check_available(self):
+        return None
+
+
 def test_wrong_signature_raises_named_error():
-    class Plugin:
-        @hookspecs.hookimpl
-        def chitu_backend_info(self):
-            return BackendInfo(name="x", device_type="cpu", dist_backend="gloo")
-
-        @hookspecs.hookimpl
-        def chitu_check_available(self):
-            return None
-
+    class Plugin(_MinimalPlugin):
         @hookspecs.hookimpl
         def chitu_rms_norm(self, x, weight, epsilon):
             return x
@@ -137,15 +141,7 @@ def test_wrong_signature_raises_named_error():
 
 
 def test_unknown_hook_name_is_rejected():
-    class Plugin:
-        @hookspecs.hookimpl
-        def chitu_backend_info(self):
-            return BackendInfo(name="x", device_type="cpu", dist_backend="gloo")
-
-        @hookspecs.hookimpl
-        def chitu_check_available(self):
-            return None
-
+    class Plugin(_MinimalPlugin):
         @hookspecs.hookimpl
         def chitu_rmsnorm(self, x):  # typo of chitu_rms_norm
             return x
@@ -157,15 +153,7 @@ def test_unknown_hook_name_is_rejected():
 def test_subset_implementation_is_called_with_its_arguments():
     seen = {}
 
-    class Plugin:
-        @hookspecs.hookimpl
-        def chitu_backend_info(self):
-            return BackendInfo(name="x", device_type="cpu", dist_backend="gloo")
-
-        @hookspecs.hookimpl
-        def chitu_check_available(self):
-            return None
-
+    class Plugin(_MinimalPlugin):
         @hookspecs.hookimpl
         def chitu_rms_norm(self, x, eps):  # ignores weight
             seen["eps"] = eps
@@ -234,15 +222,7 @@ def test_chitu_cli_error_for_unknown_backend():
 
 
 def test_group_handle_ops_bind_and_demote_together():
-    class Plugin:
-        @hookspecs.hookimpl
-        def chitu_backend_info(self):
-            return BackendInfo(name="x", device_type="cpu", dist_backend="gloo")
-
-        @hookspecs.hookimpl
-        def chitu_check_available(self):
-            return None
-
+    class Plugin(_MinimalPlugin):
         @hookspecs.hookimpl
         def chitu_new_group(self, ranks, timeout_s):
             return ("my-group", ranks)
