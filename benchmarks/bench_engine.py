@@ -20,28 +20,8 @@ import torch
 from chitu_core.backend import OP_NAMES
 from chitu_core.demo_model import write_demo_model
 from chitu_core.engine.llm_engine import EngineConfig, LLMEngine
+from chitu_core.engine.memory_plan import tensor_bytes as weight_bytes
 from chitu_core.engine.sampling import SamplingParams
-from chitu_core.quant import QuantizedWeight
-
-
-def weight_bytes(obj, seen=None) -> int:
-    """Bytes of every tensor reachable from a model's attributes (weights, prepared handles)."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return 0
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, QuantizedWeight):
-        return weight_bytes(obj.weight, seen) + weight_bytes(obj.scale, seen)
-    if isinstance(obj, (list, tuple)):
-        return sum(weight_bytes(o, seen) for o in obj)
-    if isinstance(obj, dict):
-        return sum(weight_bytes(o, seen) for o in obj.values())
-    if hasattr(obj, "__dict__") and not isinstance(obj, type):
-        skip = ("ops", "cos_sin", "cfg")
-        return sum(weight_bytes(v, seen) for k, v in vars(obj).items() if k not in skip)
-    return 0
 
 
 def decode_tokens_per_s(

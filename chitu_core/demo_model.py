@@ -5,9 +5,18 @@ DeepSeek-V3-shaped checkpoint once (FP8 block weights with ``weight_scale_inv``,
 like the published one) under the cache directory so the engine can start at
 once. The weights are RANDOM: the README, config.json (``chitu_demo``) and the
 CLI all say so. The files are what a real checkpoint carries (config.json,
-two safetensors shards with their index, generation_config.json, tokenizer)
-and load in HF transformers as well as in Chitu. A seeded generator makes the
-files identical on every run.
+safetensors shards with their index, generation_config.json, tokenizer)
+and load in HF transformers as well as in Chitu. Every tensor is drawn from
+its own seeded generator, so the same arguments give the same files (on the
+same kind of device: CPU and CUDA generators differ).
+
+Sizes: ``tiny`` (tests), ``small`` (the served demo, fast on a CPU) and
+``real``: the real layer shapes, for measuring speed on a GPU. ``real`` Llama
+is Llama-3-8B-shaped (32 layers, 8.0 B parameters); ``real`` DeepSeek-V3 has
+the published hidden, attention and expert sizes but 4 layers (1 dense + 3
+MoE with 256 experts: 36 B parameters, 37 GB in FP8). Write ``real`` models
+with ``--device cuda`` where a GPU is at hand: drawing and quantizing billions
+of weights is minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from chitu_core.demo_tokenizer import (
     BOS_TOKEN,
@@ -37,10 +47,13 @@ from chitu_core.quant import quantize_block_fp8
 logger = logging.getLogger(__name__)
 
 ARCHS = ("deepseek_v3", "llama")
-SIZES = ("tiny", "small")
-NUM_SHARDS = 2
+SIZES = ("tiny", "small", "real")
+# Small models are split in two shards (so loading across shards is always exercised);
+# larger ones in shards of at most this many bytes.
+MIN_SHARDS = 2
+MAX_SHARD_BYTES = 4 << 30
 # Bump when the generated files change, so cached demo models are rewritten.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 RANDOM_NOTICE = "random weights"
 
 _DEEPSEEK_SIZES: dict[str, dict[str, Any]] = {
@@ -58,6 +71,15 @@ _DEEPSEEK_SIZES: dict[str, dict[str, Any]] = {
         v_head_dim=64, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
         n_shared_experts=1, max_position_embeddings=4096, original_max_position_embeddings=1024,
     ),
+    # DeepSeek-V3's published shapes, 4 layers instead of 61.
+    "real": dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=128,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4,
+        n_shared_experts=1, max_position_embeddings=163840, original_max_position_embeddings=4096,
+        rope_factor=40.0,
+    ),
 }  # fmt: skip
 
 _LLAMA_SIZES: dict[str, dict[str, Any]] = {
@@ -70,6 +92,12 @@ _LLAMA_SIZES: dict[str, dict[str, Any]] = {
         vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
         original_max_position_embeddings=1024,
+    ),
+    # Llama-3.1-8B's shapes.
+    "real": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+        original_max_position_embeddings=8192,
     ),
 }  # fmt: skip
 
@@ -97,7 +125,7 @@ def _config(arch: str, size: str) -> dict[str, Any]:
     if arch == "deepseek_v3":
         s = dict(_DEEPSEEK_SIZES[size])
         rope_scaling = dict(
-            type="yarn", factor=4.0, mscale=1.0, mscale_all_dim=1.0, beta_fast=32, beta_slow=1,
+            type="yarn", factor=s.pop("rope_factor", 4.0), mscale=1.0, mscale_all_dim=1.0, beta_fast=32, beta_slow=1,
             original_max_position_embeddings=s.pop("original_max_position_embeddings"),
         )  # fmt: skip
         specific = dict(
@@ -193,53 +221,65 @@ def _swiglu(prefix: str, hidden: int, inter: int) -> list[Spec]:
     ]
 
 
-def _random_tensors(specs: list[Spec], seed: int, fp8: bool) -> dict[str, torch.Tensor]:
-    """Draw every tensor from one seeded generator, in ``specs`` order."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, shape, kind in specs:
-        noise = torch.randn(shape, generator=gen)
-        if kind == "norm":
-            tensors[name] = (1.0 + 0.1 * noise).to(torch.bfloat16)
-        elif kind == "bias":
-            tensors[name] = 0.01 * noise  # fp32, like the real checkpoint
-        elif kind == "embed":
-            tensors[name] = noise.to(torch.bfloat16)
-        else:  # linear, head, gate: std 1/sqrt(fan_in) keeps activations O(1)
-            weight = (noise / math.sqrt(shape[-1])).to(torch.bfloat16)
-            if kind == "linear" and fp8:
-                prefix = name.removesuffix(".weight")
-                tensors[name], tensors[f"{prefix}.weight_scale_inv"] = quantize_block_fp8(weight)
-            else:
-                tensors[name] = weight
-    return tensors
+def _random_tensor(
+    name: str, shape: tuple[int, ...], kind: str, seed: int, fp8: bool, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """One tensor of the checkpoint (two for an FP8 weight and its scale), on the CPU."""
+    gen = torch.Generator(device).manual_seed(seed)
+    noise = torch.randn(shape, generator=gen, device=device)
+    if kind == "norm":
+        out = {name: (1.0 + 0.1 * noise).to(torch.bfloat16)}
+    elif kind == "bias":
+        out = {name: 0.01 * noise}  # fp32, like the real checkpoint
+    elif kind == "embed":
+        out = {name: noise.to(torch.bfloat16)}
+    else:  # linear, head, gate: std 1/sqrt(fan_in) keeps activations O(1)
+        weight = (noise / math.sqrt(shape[-1])).to(torch.bfloat16)
+        if kind == "linear" and fp8:
+            prefix = name.removesuffix(".weight")
+            codes, scale = quantize_block_fp8(weight)
+            out = {name: codes, f"{prefix}.weight_scale_inv": scale}
+        else:
+            out = {name: weight}
+    return {k: v.cpu() for k, v in out.items()}
 
 
-def _write_shards(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """``model-0000i-of-0000N.safetensors`` split by bytes, plus the index."""
-    names = list(tensors)
-    sizes = [tensors[n].numel() * tensors[n].element_size() for n in names]
+def _stored_bytes(shape: tuple[int, ...], kind: str, fp8: bool) -> int:
+    numel = math.prod(shape)
+    if kind == "bias":
+        return 4 * numel
+    if kind == "linear" and fp8:
+        return numel + 4 * math.ceil(shape[0] / 128) * math.ceil(shape[1] / 128)
+    return 2 * numel
+
+
+def _write_shards(
+    path: Path, specs: list[Spec], seed: int, fp8: bool, device: torch.device, progress: bool
+) -> None:
+    """Draw and write the tensors shard by shard (``model-0000i-of-0000N.safetensors``,
+    contiguous runs of ``specs`` split by bytes), plus the index. Only one shard is
+    held in memory at a time."""
+    sizes = [_stored_bytes(shape, kind, fp8) for _, shape, kind in specs]
     total = sum(sizes)
-    shards: list[list[str]] = [[] for _ in range(NUM_SHARDS)]
-    shard_of: dict[str, int] = {}
+    num_shards = max(MIN_SHARDS, -(-total // MAX_SHARD_BYTES))
+    shards: list[list[int]] = [[] for _ in range(num_shards)]
     written = 0
-    for name, size in zip(names, sizes, strict=True):
-        weight_name = name.removesuffix("_scale_inv")  # a scale stays with its weight
-        shard = shard_of.get(
-            weight_name, min(NUM_SHARDS - 1, written * NUM_SHARDS // max(total, 1))
-        )
-        shard_of[name] = shard
-        shards[shard].append(name)
+    for i, size in enumerate(sizes):
+        shards[min(num_shards - 1, written * num_shards // max(total, 1))].append(i)
         written += size
     weight_map: dict[str, str] = {}
-    for i, shard_names in enumerate(shards):
-        filename = f"model-{i + 1:05d}-of-{NUM_SHARDS:05d}.safetensors"
-        save_file(
-            {n: tensors[n].contiguous() for n in shard_names},
-            str(path / filename),
-            metadata={"format": "pt"},
-        )
-        weight_map.update(dict.fromkeys(shard_names, filename))
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="random weights", disable=not progress)
+    for shard, indices in enumerate(shards):
+        filename = f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
+        tensors: dict[str, torch.Tensor] = {}
+        for i in indices:
+            name, shape, kind = specs[i]
+            # Seeded per tensor, so a shard is drawn without replaying the ones before it.
+            tensors |= _random_tensor(name, shape, kind, seed * 1_000_003 + i, fp8, device)
+            bar.update(sizes[i])
+        save_file(tensors, str(path / filename), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, filename))
+    bar.close()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     _write_json(path / "model.safetensors.index.json", index)
 
@@ -254,6 +294,7 @@ def write_demo_model(
     size: str = "tiny",
     seed: int = 0,
     fp8: bool | None = None,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Write a random-weight HF checkpoint of ``arch`` and ``size`` into ``path``.
 
@@ -264,6 +305,7 @@ def write_demo_model(
         seed: seeds the weights; the same arguments always give the same files.
         fp8: store linear weights as FP8 e4m3 with 128x128 ``weight_scale_inv``
             (default: True for deepseek_v3, as published, False for llama).
+        device: where the weights are drawn and quantized (``"cuda"`` for ``real``).
 
     Returns the directory. Raises ValueError for an unknown arch or size.
     """
@@ -289,7 +331,7 @@ def write_demo_model(
             "activation_scheme": "dynamic",
             "weight_block_size": [128, 128],
         }
-    _write_shards(path, _random_tensors(specs, seed, fp8))
+    _write_shards(path, specs, seed, fp8, torch.device(device), progress=size == "real")
     _write_json(path / "config.json", config)
     ids = _token_ids(config["vocab_size"])
     generation = {
@@ -353,7 +395,7 @@ def ensure_demo_model(arch: str = "deepseek_v3", size: str = "small") -> Path:
 
 def _cmd_demo_model(args: argparse.Namespace) -> int:
     path = write_demo_model(
-        args.path, args.arch, args.size, args.seed, False if args.no_fp8 else None
+        args.path, args.arch, args.size, args.seed, False if args.no_fp8 else None, args.device
     )
     print(f"wrote a {args.size} {args.arch} demo model with RANDOM weights to {path}")
     return 0
@@ -368,7 +410,15 @@ def add_demo_model_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--arch", choices=ARCHS, default="deepseek_v3", help="architecture (default: deepseek_v3)"
     )
-    p.add_argument("--size", choices=SIZES, default="small", help="model size (default: small)")
+    p.add_argument(
+        "--size",
+        choices=SIZES,
+        default="small",
+        help="small (default), tiny, or real: Llama-3-8B / 4-layer DeepSeek-V3 shapes",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="draw the weights here, e.g. cuda (default: cpu)"
+    )
     p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     p.add_argument(
         "--no-fp8", action="store_true", help="bf16 weights (deepseek_v3 defaults to FP8 block-128)"

@@ -140,6 +140,8 @@ def chitu_capture_graph(fn: Callable[[], Any], device: torch.device) -> Callable
     ``fn`` several times to warm up, then captures it and returns ``replay``: a
     callable that re-executes the captured work on the current contents of the
     same input buffers and returns the same output tensors (updated in place).
+    Graphs of one device may share a memory pool: the engine replays one graph
+    at a time and consumes its outputs before the next replay of any graph.
     Only implemented where ``BackendInfo.supports_graphs``; the generic
     fallback returns ``fn`` itself (eager execution, same results).
     """

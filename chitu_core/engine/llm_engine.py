@@ -30,7 +30,13 @@ from chitu_core.distributed import DistributedError
 from chitu_core.distributed.parallel import ParallelState, init_parallel, launched_as_rank
 from chitu_core.distributed.pipeline import DistributedExecutor
 from chitu_core.engine.kv_cache import BlockManager
-from chitu_core.engine.runner import ModelRunner, choose_num_blocks
+from chitu_core.engine.memory_plan import (
+    MemoryPlan,
+    choose_num_blocks,
+    profile_prefill,
+    tensor_bytes,
+)
+from chitu_core.engine.runner import ModelRunner
 from chitu_core.engine.sampling import Sampler, SamplingParams, TokenLogprobs, make_generator
 from chitu_core.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from chitu_core.engine.sequence import Sequence
@@ -75,6 +81,8 @@ class EngineConfig:
     tp: int = 1  # tensor-parallel ranks per pipeline stage
     pp: int = 1  # pipeline stages
     dist_timeout_s: float = 300.0  # a collective that waits longer fails (a rank died)
+    # Decode without device graphs even where the backend supports them (debugging).
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
@@ -170,6 +178,17 @@ class LLMEngine:
         )
         self.tokenizer = Tokenizer.from_dir(config.model)
         layout = self.model.kv_cache_layout()
+        activation_bytes = 0
+        if self.device.type != "cpu" and config.num_blocks is None and config.kv_cache_gb is None:
+            activation_bytes = profile_prefill(
+                self.model,
+                self.ops,
+                self.device,
+                self.dtype,
+                layout,
+                config.block_size,
+                min(config.max_num_batched_tokens, self._model_max_len()),
+            )
         num_blocks = choose_num_blocks(
             self.ops,
             self.device,
@@ -207,6 +226,23 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, self.ops, self.device, self.dtype, num_blocks, config.block_size
         )
+        self.memory = MemoryPlan(
+            tensor_bytes(self.model),
+            activation_bytes,
+            num_blocks * config.block_size * layout.bytes_per_token(self.dtype),
+            num_blocks,
+            config.block_size,
+            self.max_model_len,
+        )
+        logger.info("memory: %s", self.memory.describe())
+        if self.ops.info.supports_graphs and not config.enforce_eager and config.pp == 1:
+            try:
+                self.runner.capture_decode_graphs(scheduler_config.max_num_seqs, self.max_model_len)
+            except Exception as exc:  # e.g. an op that syncs with the host cannot be captured
+                self.runner.graphs = None
+                logger.warning(
+                    "decode graphs off (capture failed: %s: %s)", type(exc).__name__, exc
+                )
         self.executor: ModelRunner | DistributedExecutor = self.runner
         if self.dist:
             self.executor = DistributedExecutor(self.dist, self.runner)

@@ -7,54 +7,12 @@ from typing import Any
 
 import torch
 
-from chitu_core.models.base import ForwardBatch, KVCacheLayout, LayerCache
+from chitu_core.engine.decode_graphs import DecodeGraphs
+from chitu_core.models.base import ForwardBatch, LayerCache
 
 logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
-# Host memory is shared with everything else on the machine: take a modest share.
-CPU_KV_CACHE_FRACTION = 0.25
-CPU_KV_CACHE_MAX_BYTES = 4 * GIB
-
-
-def choose_num_blocks(
-    ops: Any,
-    device: torch.device,
-    layout: KVCacheLayout,
-    dtype: torch.dtype,
-    block_size: int,
-    num_blocks: int | None = None,
-    kv_cache_gb: float | None = None,
-    memory_utilization: float = 0.9,
-    max_useful_blocks: int | None = None,
-) -> int:
-    """Number of KV blocks: explicit, from a byte budget, or from the device's free memory.
-
-    On accelerators the budget is ``free * memory_utilization`` after the weights are
-    loaded; on the host a quarter of available RAM, at most 4 GiB. A budget is never
-    turned into more than ``max_useful_blocks`` (every sequence at full length).
-    """
-    bytes_per_block = layout.bytes_per_token(dtype) * block_size
-    if num_blocks is not None:
-        chosen = num_blocks
-    else:
-        if kv_cache_gb is not None:
-            budget = int(kv_cache_gb * GIB)
-        else:
-            free, _total = ops.memory_info(device)
-            if device.type == "cpu":
-                budget = min(int(free * CPU_KV_CACHE_FRACTION), CPU_KV_CACHE_MAX_BYTES)
-            else:
-                budget = int(free * memory_utilization)
-        chosen = budget // bytes_per_block
-        if max_useful_blocks is not None:
-            chosen = min(chosen, max_useful_blocks)
-    if chosen < 2:
-        raise ValueError(
-            f"KV cache too small: {chosen} blocks of {bytes_per_block} bytes "
-            "(raise --kv-cache-gb or --num-blocks; block 0 is reserved)"
-        )
-    return chosen
 
 
 class ModelRunner:
@@ -89,6 +47,18 @@ class ModelRunner:
             block_size,
             num_blocks * block_size * layout.bytes_per_token(dtype) / GIB,
         )
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> DecodeGraphs:
+        """Capture decode graphs for batch buckets up to ``max_num_seqs``; decode steps that
+        fit a bucket replay them from then on (see ``decode_graphs.py``)."""
+        width = -(-max_model_len // self.block_size)
+        graphs = DecodeGraphs(
+            self.model, self.ops, self.device, self.kv_caches, max_num_seqs, width
+        )
+        graphs.capture()
+        self.graphs = graphs
+        return graphs
 
     def build_batch(self, seqs: list[Any], num_new_tokens: list[int]) -> ForwardBatch:
         """ForwardBatch for computing ``num_new_tokens[i]`` tokens of ``seqs[i]`` from its
@@ -132,7 +102,12 @@ class ModelRunner:
         self, batch: ForwardBatch, hidden_states: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The model on ``batch`` over this rank's caches: logits ``[B, vocab]`` fp32 (last
-        pipeline stage) or hidden states ``[T, hidden]`` (earlier stages)."""
+        pipeline stage) or hidden states ``[T, hidden]`` (earlier stages). Decode batches
+        that fit a captured graph bucket replay it."""
+        if self.graphs is not None and hidden_states is None:
+            bucket = self.graphs.bucket_for(batch)
+            if bucket is not None:
+                return self.graphs.replay(batch, bucket)
         return self.model(batch, self.kv_caches, hidden_states)
 
     def execute(self, seqs: list[Any], num_new_tokens: list[int]) -> torch.Tensor:

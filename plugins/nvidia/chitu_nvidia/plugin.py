@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from chitu_core.backend_info import BackendInfo
 from chitu_core.hookspecs import hookimpl
 from chitu_nvidia import linear as _linear
+from chitu_nvidia.graphs import capture_cuda_graph
 from chitu_nvidia.weight import prepare_weight
 
 
@@ -68,6 +70,12 @@ def chitu_synchronize(device: torch.device) -> None:
 @hookimpl
 def chitu_empty_cache(device: torch.device) -> None:
     torch.cuda.empty_cache()
+
+
+@hookimpl
+def chitu_capture_graph(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """A CUDA graph of ``fn``; every graph of a device shares one memory pool."""
+    return capture_cuda_graph(fn, device)
 
 
 # ---------------------------------------------------------------------------- weights and GeMM

@@ -1,0 +1,139 @@
+"""Decode-graph bucketing, padding and replay, checked on the CPU against eager decoding.
+
+The CPU backends have no device graphs, so a stand-in capture is used that keeps
+what matters to the engine: the replay returns the SAME output tensor every
+time (rewritten in place), and it must be consumed before the next replay.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from chitu_core.demo_model import write_demo_model
+from chitu_core.engine.decode_graphs import DecodeGraphs, decode_buckets
+from chitu_core.engine.llm_engine import EngineConfig, LLMEngine
+from chitu_core.engine.sampling import SamplingParams
+
+
+def test_buckets_are_powers_of_two_then_the_maximum():
+    assert decode_buckets(1) == [1]
+    assert decode_buckets(5) == [1, 2, 4, 5]
+    assert decode_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    with pytest.raises(ValueError):
+        decode_buckets(0)
+
+
+class StaticOutputCapture:
+    """A capture whose replay rewrites one output tensor in place, counting replays by batch."""
+
+    def __init__(self, ops):
+        self.ops = ops
+        self.replays: Counter[int] = Counter()
+
+    def capture_graph(self, fn, device):
+        out = fn()
+        size = out.shape[0]
+
+        def replay():
+            self.replays[size] += 1
+            out.copy_(fn())
+            return out
+
+        return replay
+
+    def __getattr__(self, name):
+        return getattr(self.ops, name)
+
+
+@pytest.fixture(scope="module", params=["llama", "deepseek_v3"])
+def model_dir(request, tmp_path_factory):
+    return write_demo_model(tmp_path_factory.mktemp(request.param), request.param, "tiny")
+
+
+def _engine(path):
+    config = EngineConfig(
+        model=path, backend="cpu_ref", block_size=4, num_blocks=96, max_num_seqs=5,
+        show_progress=False,
+    )  # fmt: skip
+    return LLMEngine(config)
+
+
+def _requests():
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in (3, 9, 1, 14, 6, 2, 7)]
+    # Different lengths, so the decode batch shrinks through every bucket (and padding).
+    params = [
+        SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+        for m in (2, 16, 5, 9, 3, 11, 7)
+    ]
+    return prompts, params
+
+
+def _generate(engine, prompts, params):
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    tokens = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.seq_id].append(out.token_id)
+    return [tokens[i] for i in ids]
+
+
+def test_graph_replays_give_the_eager_tokens(model_dir):
+    prompts, params = _requests()
+    eager = _generate(_engine(model_dir), prompts, params)
+
+    engine = _engine(model_dir)
+    capture = StaticOutputCapture(engine.ops)
+    runner = engine.runner
+    runner.graphs = DecodeGraphs(
+        runner.model, capture, runner.device, runner.kv_caches, 5, -(-engine.max_model_len // 4)
+    )
+    runner.graphs.capture()
+    assert sorted(runner.graphs._replays) == [1, 2, 4, 5]
+    assert _generate(engine, prompts, params) == eager
+    # Every bucket replayed, including padded ones (3 sequences run in bucket 4).
+    assert set(capture.replays) == {1, 2, 4, 5}
+    # 7 running sequences exceed the largest bucket: those steps ran eagerly.
+    assert sum(capture.replays.values()) < sum(p.max_tokens for p in params)
+
+
+def test_prefill_and_oversized_batches_are_not_replayed(model_dir):
+    engine = _engine(model_dir)
+    runner = engine.runner
+    graphs = DecodeGraphs(
+        runner.model, SimpleNamespace(**vars(engine.ops)), runner.device, runner.kv_caches, 2, 8
+    )
+    graphs._replays = {1: None, 2: None}
+    seq = SimpleNamespace(num_computed_tokens=0, token_ids=[1, 2, 3], block_ids=[1])
+    assert graphs.bucket_for(runner.build_batch([seq], [3])) is None  # prefill
+    seq.num_computed_tokens = 2
+    assert graphs.bucket_for(runner.build_batch([seq], [1])) == 1
+    assert graphs.bucket_for(runner.build_batch([seq, seq, seq], [1, 1, 1])) is None
+    seq.block_ids = list(range(1, 10))  # wider than the captured table
+    assert graphs.bucket_for(runner.build_batch([seq], [1])) is None
+
+
+def test_padding_rows_point_at_the_scratch_slot(model_dir):
+    engine = _engine(model_dir)
+    runner = engine.runner
+    graphs = DecodeGraphs(
+        runner.model, StaticOutputCapture(engine.ops), runner.device, runner.kv_caches, 4, 6
+    )
+    graphs.capture()
+
+    def seq(n, blocks):
+        return SimpleNamespace(num_computed_tokens=n - 1, token_ids=[7] * n, block_ids=blocks)
+
+    full = [seq(9, [1, 2, 3]), seq(5, [4, 5]), seq(2, [6]), seq(13, [7, 8, 9, 10])]
+    graphs.replay(runner.build_batch(full, [1] * 4), 4)
+    logits = graphs.replay(runner.build_batch(full[:3], [1] * 3), 4)
+    assert logits.shape[0] == 3
+    assert graphs.slot_mapping[3].item() == 0 and graphs.input_ids[3].item() == 0
+    assert graphs.positions[3].item() == 0 and graphs.context_lens[3].item() == 1
+    assert not graphs.block_tables[3].any()
+    assert graphs.block_tables[0].tolist() == [1, 2, 3, 0, 0, 0]  # stale width cleared
+    assert graphs.slot_mapping[:3].tolist() == [3 * 4 + 0, 5 * 4 + 0, 6 * 4 + 1]
