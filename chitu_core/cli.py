@@ -1,4 +1,4 @@
-"""The ``chitu`` command line: ``plugins``, ``demo``, ``generate``, ``demo-model``.
+"""The ``chitu`` command line: ``plugins``, ``demo``, ``generate``, ``demo-model``, ``new-backend``.
 
 Each command is a small function; user-facing options map onto library calls here
 and nowhere else.
@@ -103,6 +103,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new_backend(args: argparse.Namespace) -> int:
+    """Write a runnable backend plugin package (``chitu_core/scaffold.py``) and say what next."""
+    from chitu_core.scaffold import new_backend
+
+    root = new_backend(args.name, args.dir, args.device_type)
+    print(f"created {root}: backend {args.name!r} on device type {args.device_type!r}; next:")
+    print(f"  pip install -e {root}")
+    print("  chitu plugins")
+    print(f"  chitu conformance --backend {args.name} --quick")
+    return 0
+
+
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that builds an engine (generate, serve, bench)."""
     p.add_argument("--backend", default="auto", help="backend name or 'auto' (default)")
@@ -113,6 +125,24 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: from free memory)")
     p.add_argument("--kv-cache-gb", type=float, help="KV-cache size in GiB")
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of device memory the engine may fill: weights, activations, KV cache "
+        "(default 0.9)",
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="tokens per engine step: prefill chunk size (default 2048)",
+    )
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="decode without device graphs (CUDA graphs are captured by default where supported)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch")
     p.add_argument("--max-model-len", type=int, help="context length (prompt + output)")
     p.add_argument(
@@ -139,6 +169,9 @@ def engine_config(args: argparse.Namespace, model: str):
         block_size=args.block_size,
         num_blocks=args.num_blocks,
         kv_cache_gb=args.kv_cache_gb,
+        memory_utilization=args.gpu_memory_utilization,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enforce_eager=args.enforce_eager,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         tp=args.tp,
@@ -254,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_options(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("new-backend", help="write a backend plugin package to start from")
+    p.add_argument("name", help="backend name: lowercase letters, digits and '_'")
+    p.add_argument("--dir", default=".", help="where to create chitu-NAME/ (default: here)")
+    p.add_argument(
+        "--device-type", default="cpu", help="torch device type (default cpu: runs anywhere)"
+    )
+    p.set_defaults(func=cmd_new_backend)
 
     from chitu_core.demo_model import add_demo_model_command
     from conformance.cli import add_conformance_command
