@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm
+from chitu_core.kernels.packed_weight import PackedWeight, as_packed
 from chitu_core.ops.linear import linear as generic_linear
 from chitu_core.quant import FORMAT_FP8_CHANNEL, FORMAT_UNQUANTIZED
 from chitu_hygon.configs import DEFAULT_ARCH, soft_fp8_config
-from chitu_hygon.weight import HygonWeight, as_handle
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _is_build_failure(exc: Exception) -> bool:
 
 
 def soft_fp8_linear(
-    x: torch.Tensor, w: HygonWeight, bias: torch.Tensor | None, config: Fp8GemmConfig, num_cus: int
+    x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, config: Fp8GemmConfig, num_cus: int
 ) -> torch.Tensor:
     """``x [M, K] bf16/fp16 @ e4m3(w)^T * scale + bias`` -> ``[M, N]``: the Triton kernel of
     ``config``, or the generic linear where that kernel cannot be built on this device."""
@@ -86,10 +86,10 @@ def soft_fp8_linear(
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     """``y = x @ W^T + bias``. x: [M, K] (leading dims allowed) bf16/fp16/fp32; returns x.dtype.
 
-    weight: a ``HygonWeight`` (or a generic ``QuantizedWeight``, repacked here) of an
+    weight: a ``PackedWeight`` (or a generic ``QuantizedWeight``, repacked here) of an
     ``[N, K]`` weight; bias: ``[N]`` or None.
     """
-    w = as_handle(weight)
+    w = as_packed(weight)
     if w.weight.dim() != 2:
         raise ValueError(
             f"linear takes an [N, K] weight, got {tuple(w.weight.shape)}; stacked experts go to fused_moe"

@@ -16,8 +16,8 @@ import torch
 
 from chitu_core.backend_info import BackendInfo
 from chitu_core.hookspecs import hookimpl
+from chitu_core.kernels.packed_weight import PackedWeight, pack_weight
 from chitu_hygon import linear as _linear
-from chitu_hygon.weight import HygonWeight, prepare_weight
 
 
 @hookimpl
@@ -74,8 +74,8 @@ def chitu_empty_cache(device: torch.device) -> None:
 
 @hookimpl
 def chitu_prepare_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> Any:
-    """FP8 codes become a contiguous uint8 tensor (the soft kernels' input); see ``HygonWeight``."""
-    return prepare_weight(weight, scale, fmt)
+    """FP8 codes become a contiguous uint8 tensor (the soft kernels' input); see ``PackedWeight``."""
+    return pack_weight(weight, scale, fmt)
 
 
 @hookimpl
@@ -105,7 +105,7 @@ def chitu_fused_moe(
 ) -> torch.Tensor:
     """The generic fused MoE over this backend's weight handles, until the Triton kernel lands.
 
-    Needed because ``prepare_weight`` returns ``HygonWeight`` handles, which the
+    Needed because ``prepare_weight`` returns ``PackedWeight`` handles, which the
     generic op cannot read: unwrap them to ``QuantizedWeight`` views (no copy).
     """
     from chitu_core.ops.moe import fused_moe
@@ -114,4 +114,4 @@ def chitu_fused_moe(
 
 
 def _unwrap(weight: Any) -> Any:
-    return weight.as_quantized() if isinstance(weight, HygonWeight) else weight
+    return weight.as_quantized() if isinstance(weight, PackedWeight) else weight

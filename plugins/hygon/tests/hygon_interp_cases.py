@@ -18,7 +18,6 @@ import torch
 from chitu_hygon import linear as hygon_linear
 from chitu_hygon import plugin
 from chitu_hygon.configs import SOFT_FP8_TABLES
-from chitu_hygon.weight import prepare_weight
 
 from chitu_core.backend import (
     InstalledBackend,
@@ -28,6 +27,7 @@ from chitu_core.backend import (
     native_op_names,
     select_backend,
 )
+from chitu_core.kernels.packed_weight import pack_weight as prepare_weight
 from chitu_core.quant import (
     FORMAT_FP8_BLOCK128,
     FORMAT_FP8_CHANNEL,

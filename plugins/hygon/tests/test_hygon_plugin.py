@@ -19,7 +19,8 @@ pytest.importorskip("triton")
 from chitu_hygon import linear as hygon_linear  # noqa: E402
 from chitu_hygon import plugin  # noqa: E402
 from chitu_hygon.configs import SOFT_FP8_TABLES, soft_fp8_config, table_for  # noqa: E402
-from chitu_hygon.weight import HygonWeight  # noqa: E402
+
+from chitu_core.kernels.packed_weight import PackedWeight  # noqa: E402
 
 
 def _bound_ops():
@@ -62,7 +63,7 @@ def test_chitu_plugins_reports_hygon_unavailable_with_reason():
 def test_prepare_weight_keeps_fp8_one_byte():
     q = quantize_fp8(torch.randn(300, 260))
     h = plugin.chitu_prepare_weight(q.weight, q.scale, FORMAT_FP8_BLOCK128)
-    assert isinstance(h, HygonWeight)
+    assert isinstance(h, PackedWeight)
     assert h.weight.dtype == torch.uint8 and h.weight.is_contiguous()
     assert torch.equal(h.weight, q.weight.view(torch.uint8))
     torch.testing.assert_close(h.as_quantized().dequantize(), q.dequantize())

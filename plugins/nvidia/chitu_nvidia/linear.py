@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from chitu_core.kernels.fp8_gemm import fp8_gemm
+from chitu_core.kernels.packed_weight import as_packed
 from chitu_core.quant import FORMAT_FP8_BLOCK128, FORMAT_FP8_CHANNEL, FORMAT_UNQUANTIZED
 from chitu_nvidia.configs import NATIVE_FP8_MIN_M, soft_fp8_config
-from chitu_nvidia.weight import NvidiaWeight, prepare_weight
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +39,6 @@ def device_props(index: int) -> tuple[tuple[int, int], int]:
     return (props.major, props.minor), props.multi_processor_count
 
 
-def _as_handle(weight) -> NvidiaWeight:
-    if isinstance(weight, NvidiaWeight):
-        return weight
-    # A QuantizedWeight from the generic prepare_weight (or a test): repack once here.
-    return prepare_weight(weight.weight, weight.scale, weight.fmt)
-
-
 def linear(
     x: torch.Tensor, weight, bias: torch.Tensor | None, native: bool | None = None
 ) -> torch.Tensor:
@@ -53,7 +46,7 @@ def linear(
 
     native: None picks by compute capability and ``CHITU_FORCE_SOFT_FP8``; True/False forces.
     """
-    w = _as_handle(weight)
+    w = as_packed(weight)
     if w.weight.dim() != 2:
         raise ValueError(
             f"linear takes an [N, K] weight, got {tuple(w.weight.shape)}; stacked experts go to fused_moe"

@@ -9,9 +9,9 @@ import torch
 
 from chitu_core.backend_info import BackendInfo
 from chitu_core.hookspecs import hookimpl
+from chitu_core.kernels.packed_weight import pack_weight
 from chitu_nvidia import linear as _linear
 from chitu_nvidia.graphs import capture_cuda_graph
-from chitu_nvidia.weight import prepare_weight
 
 
 def _has_cuda_device() -> bool:
@@ -83,8 +83,8 @@ def chitu_capture_graph(fn: Callable[[], Any], device: torch.device) -> Callable
 
 @hookimpl
 def chitu_prepare_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> Any:
-    """FP8 codes become a contiguous uint8 tensor (the soft kernels' input); see ``NvidiaWeight``."""
-    return prepare_weight(weight, scale, fmt)
+    """FP8 codes become a contiguous uint8 tensor (the soft kernels' input); see ``PackedWeight``."""
+    return pack_weight(weight, scale, fmt)
 
 
 @hookimpl
@@ -99,7 +99,7 @@ def chitu_fused_moe(
 ) -> torch.Tensor:
     """The generic fused MoE over this backend's weight handles (a Triton kernel is issue 7).
 
-    Needed because ``prepare_weight`` returns ``NvidiaWeight`` handles, which the
+    Needed because ``prepare_weight`` returns ``PackedWeight`` handles, which the
     generic op cannot read: unwrap them to ``QuantizedWeight`` views (no copy).
     """
     from chitu_core.ops.moe import fused_moe

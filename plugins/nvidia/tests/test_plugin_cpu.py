@@ -12,7 +12,8 @@ from chitu_core.quant import FORMAT_FP8_BLOCK128, FORMAT_UNQUANTIZED, quantize_b
 
 pytest.importorskip("triton")
 from chitu_nvidia import plugin  # noqa: E402
-from chitu_nvidia.weight import NvidiaWeight  # noqa: E402
+
+from chitu_core.kernels.packed_weight import PackedWeight  # noqa: E402
 
 
 def test_hookimpl_names_match_specs():
@@ -29,7 +30,7 @@ def test_hookimpl_names_match_specs():
 def test_prepare_weight_keeps_fp8_one_byte():
     w, s = quantize_block_fp8(torch.randn(300, 260))
     h = plugin.chitu_prepare_weight(w, s, FORMAT_FP8_BLOCK128)
-    assert isinstance(h, NvidiaWeight)
+    assert isinstance(h, PackedWeight)
     assert h.weight.dtype == torch.uint8 and h.weight.element_size() == 1
     assert torch.equal(h.weight, w.view(torch.uint8))
     assert h.out_features == 300 and h.in_features == 260 and h.num_experts is None

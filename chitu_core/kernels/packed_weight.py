@@ -1,0 +1,85 @@
+"""PackedWeight: the weight handle of the portable Triton kernels (NVIDIA and Hygon plugins).
+
+``chitu_prepare_weight`` of a GPU plugin returns one; its ``chitu_linear`` and
+``chitu_fused_moe`` consume it. FP8 codes are kept as contiguous ``uint8`` (1 byte
+per element), which is what the soft-FP8 kernels read on every GPU, whether or
+not torch has a float8 dtype there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from chitu_core.quant import (
+    FORMAT_FP8_BLOCK128,
+    FORMAT_FP8_CHANNEL,
+    FORMAT_UNQUANTIZED,
+    QuantizedWeight,
+)
+
+
+# eq=False: tensors do not compare with ==; a handle is equal only to itself.
+@dataclass(frozen=True, eq=False)
+class PackedWeight:
+    """A weight repacked for the Triton kernels.
+
+    weight: ``[N, K]`` (or ``[E, N, K]`` experts). Unquantized: the dense tensor
+        (bf16/fp16/fp32). FP8: the e4m3 codes as ``uint8``, K contiguous.
+    scale: FP8 block ``[ceil(N/128), ceil(K/128)]`` (``[E, ...]``) or channel ``[N]``
+        (``[E, N]``) fp32, contiguous; ``None`` when unquantized.
+    fmt: the checkpoint format (``chitu_core.quant.WEIGHT_FORMATS``).
+    """
+
+    weight: torch.Tensor
+    scale: torch.Tensor | None
+    fmt: str
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[-2]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[-1]
+
+    @property
+    def num_experts(self) -> int | None:
+        return self.weight.shape[0] if self.weight.dim() == 3 else None
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.fmt in (FORMAT_FP8_BLOCK128, FORMAT_FP8_CHANNEL)
+
+    def fp8_view(self) -> torch.Tensor:
+        """The codes as ``float8_e4m3fn`` (a view, no copy) for native FP8 kernels."""
+        return self.weight.view(torch.float8_e4m3fn)
+
+    def as_quantized(self) -> QuantizedWeight:
+        """Back to the core's ``QuantizedWeight`` (a view, no copy) for the generic ops."""
+        return QuantizedWeight(self.weight, self.scale, self.fmt)
+
+
+def pack_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> PackedWeight:
+    """Validate (through ``QuantizedWeight``) and repack: FP8 codes to contiguous uint8.
+
+    weight: ``[N, K]`` or ``[E, N, K]``; scale and fmt as in
+    ``chitu_core.hookspecs.chitu_prepare_weight``. Keeps FP8 at 1 byte per element.
+    Raises ValueError on a weight that does not match its format.
+    """
+    q = QuantizedWeight(weight, scale, fmt)
+    if fmt == FORMAT_UNQUANTIZED:
+        return PackedWeight(q.weight.contiguous(), None, fmt)
+    bits = q.weight.contiguous()
+    if bits.dtype != torch.uint8:
+        bits = bits.view(torch.uint8)
+    return PackedWeight(bits, q.scale.float().contiguous(), fmt)
+
+
+def as_packed(weight: PackedWeight | QuantizedWeight) -> PackedWeight:
+    """``weight`` itself, or a generic ``QuantizedWeight`` (tests, callers that skipped
+    ``prepare_weight``) repacked once."""
+    if isinstance(weight, PackedWeight):
+        return weight
+    return pack_weight(weight.weight, weight.scale, weight.fmt)
