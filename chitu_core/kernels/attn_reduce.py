@@ -1,0 +1,206 @@
+"""Split-K (flash-decoding) plumbing shared by the paged decode kernels.
+
+A decode step has one query per sequence, so a grid of (batch, head tile)
+programs alone leaves most SMs idle at small batch and wastes a tail wave at
+large batch. The context is therefore cut into ``num_splits`` contiguous
+ranges of ``tokens_per_split`` positions (a multiple of ``block_n``). The table
+width ``max_blocks * block_size`` bounds every context, so the split count is
+chosen on the host without reading ``context_lens``; a program whose range
+starts past its sequence's end exits at once and writes nothing.
+
+Each split writes, per query head, its softmax-normalised partial output
+``o_s`` (fp32) and its log-sum-exp ``lse_s`` (base 2, in the scaled-score
+domain). ``attn_splitk_reduce_kernel`` recomputes from ``context_lens`` how many
+splits hold data and combines them::
+
+    out = sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m),   m = max_s lse_s
+
+Bytes of the reduce: ``4 * B * H * S * (Dv + 1)`` read, ``B * H * Dv`` outputs written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MAX_BLOCK_SIZE = 256  # largest cache block size (tokens) the kernels accept
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1``: Triton 3.9's interpreter multiplies bf16 dot
+    operands as raw bits, so the kernels then upcast them to fp32 (a constexpr switch)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class DecodeAttnConfig:
+    """Tile shape, launch parameters and split policy of a paged decode kernel.
+
+    block_h: query heads per program. GQA: the cap on the heads of one kv group
+        handled together (the group is padded to at least 16 rows for ``tl.dot``);
+        MLA: the head tile that shares one read of each latent tile.
+    block_n: context positions per loop step (may span several cache blocks).
+    num_warps, num_stages: Triton launch options (``num_stages`` pipelines the
+        cache loads).
+    target_ctas_per_sm: the split count aims at about this many programs per SM
+        (fewer, larger programs when their partials cost more than the tail wave).
+    min_tokens_per_split: never split a context into ranges shorter than this.
+    max_splits: upper bound on the split count.
+    """
+
+    block_h: int = 16
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    target_ctas_per_sm: float = 16.0
+    min_tokens_per_split: int = 256
+    max_splits: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("block_h", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"num_warps must be a power of two, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        if self.target_ctas_per_sm <= 0:
+            raise ValueError(f"target_ctas_per_sm must be > 0, got {self.target_ctas_per_sm}")
+        if self.min_tokens_per_split < 1 or self.max_splits < 1:
+            raise ValueError("min_tokens_per_split and max_splits must be >= 1")
+
+
+def pick_num_splits(num_programs: int, max_len: int, num_sms: int, config: DecodeAttnConfig) -> int:
+    """Splits of the context for a grid of ``num_programs`` (batch x head tiles) programs.
+
+    Rounds ``target_ctas_per_sm * num_sms / num_programs`` to the nearest integer
+    (a grid that already nearly fills its target is not split), bounded by
+    ``max_splits`` and by ranges of at least ``min_tokens_per_split`` positions
+    of the table width ``max_len``. Host-only arithmetic: no device reads.
+    """
+    if num_programs <= 0:
+        return 1
+    want = round(config.target_ctas_per_sm * num_sms / num_programs)
+    by_len = max(1, max_len // config.min_tokens_per_split)
+    return max(1, min(want, by_len, config.max_splits))
+
+
+def split_geometry(max_len: int, num_splits: int, block_n: int) -> tuple[int, int]:
+    """``(num_splits, tokens_per_split)``: ranges of whole ``block_n`` tiles covering
+    ``max_len`` positions; the split count is lowered if the last ones would be empty."""
+    tiles = max(1, triton.cdiv(max_len, block_n))
+    tiles_per_split = triton.cdiv(tiles, max(1, num_splits))
+    return triton.cdiv(tiles, tiles_per_split), tiles_per_split * block_n
+
+
+def check_paged_args(block_tables: torch.Tensor, context_lens: torch.Tensor, batch: int) -> None:
+    """Shape/dtype checks shared by the decode launchers (ValueError: callers fall back)."""
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must be [B={batch}, max_blocks], got {block_tables.shape}")
+    if context_lens.shape != (batch,):
+        raise ValueError(f"context_lens must be [B={batch}], got {tuple(context_lens.shape)}")
+    for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be int32 (or int64), got {t.dtype}")
+    if block_tables.shape[1] and block_tables.stride(1) != 1:
+        raise ValueError("block_tables rows must be contiguous")
+
+
+def check_block_size(block_size: int) -> None:
+    if block_size < 1 or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
+        raise ValueError(
+            f"cache block_size {block_size} is not supported by the Triton decode kernels "
+            f"(a power of two from 1 to {MAX_BLOCK_SIZE}); use the generic attention op"
+        )
+
+
+_NUM_SMS: dict[torch.device, int] = {}
+
+
+def device_num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors (compute units) of ``device``; 8 for the CPU interpreter."""
+    if device.type != "cuda":
+        return 8
+    n = _NUM_SMS.get(device)
+    if n is None:
+        n = torch.cuda.get_device_properties(device).multi_processor_count
+        _NUM_SMS[device] = n
+    return n
+
+
+@triton.jit
+def attn_dot(a, b, acc, FP32_DOT: tl.constexpr):
+    """``acc + a @ b`` in fp32. FP32_DOT (fp32 caches, or the CPU interpreter): exact
+    fp32 products (no TF32), operands upcast."""
+    if FP32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def attn_splitk_reduce_kernel(
+    o_ws_ptr,  # [B, H, S, DV] fp32 normalised partial outputs
+    lse_ws_ptr,  # [B, H, S] fp32 base-2 log-sum-exp of each partial
+    context_lens_ptr,  # [B] int32
+    out_ptr,  # [B, H, DV] output dtype
+    num_heads,
+    num_splits,
+    tokens_per_split,
+    max_len,
+    stride_ob,
+    stride_oh,
+    DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """One program per (head, sequence): combine the splits that hold tokens."""
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    ctx_len = tl.minimum(tl.load(context_lens_ptr + b), max_len)
+    num_valid = tl.minimum(tl.cdiv(ctx_len, tokens_per_split), num_splits)
+    row = b * num_heads + h
+    offs_s = tl.arange(0, BLOCK_S)
+    lse = tl.load(
+        lse_ws_ptr + row * num_splits + offs_s, mask=offs_s < num_valid, other=float("-inf")
+    )
+    m = tl.max(lse, axis=0)
+    m = tl.where(num_valid > 0, m, 0.0)  # no tokens: avoid -inf - -inf
+    weights = tl.exp2(lse - m)
+    denom = tl.sum(weights, axis=0)
+    offs_d = tl.arange(0, BLOCK_DV)
+    d_mask = offs_d < DV
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    o_ptrs = o_ws_ptr + row.to(tl.int64) * num_splits * DV + offs_d
+    for s in range(0, num_valid):
+        w = tl.exp2(tl.load(lse_ws_ptr + row * num_splits + s) - m)
+        acc += w * tl.load(o_ptrs + s * DV, mask=d_mask, other=0.0)
+    acc = acc / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, acc.to(out_ptr.dtype.element_ty),
+             mask=d_mask)  # fmt: skip
+
+
+def combine_splits(
+    o_ws: torch.Tensor,
+    lse_ws: torch.Tensor,
+    context_lens: torch.Tensor,
+    out: torch.Tensor,
+    tokens_per_split: int,
+    max_len: int,
+) -> torch.Tensor:
+    """Reduce ``o_ws [B, H, S, Dv]`` / ``lse_ws [B, H, S]`` (fp32) into ``out [B, H, Dv]``."""
+    batch, num_heads, num_splits, dv = o_ws.shape
+    block_dv = triton.next_power_of_2(dv)
+    attn_splitk_reduce_kernel[(num_heads, batch)](
+        o_ws, lse_ws, context_lens, out, num_heads, num_splits, tokens_per_split, max_len,
+        out.stride(0), out.stride(1),
+        DV=dv, BLOCK_DV=block_dv, BLOCK_S=triton.next_power_of_2(num_splits),
+        num_warps=4 if block_dv >= 512 else 2,
+    )  # fmt: skip
+    return out
