@@ -7,9 +7,12 @@ comment; other archs of a family fall back to the nearest entry below them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from chitu_core.kernels.attn_reduce import DecodeAttnConfig
 from chitu_core.kernels.fp8_gemm import Fp8GemmConfig
+from chitu_core.kernels.mla_decode import MLA_DECODE_CONFIG
 
 
 @dataclass(frozen=True)
@@ -66,3 +69,15 @@ def soft_fp8_config(capability: tuple[int, int], m: int) -> Fp8GemmConfig:
         if m <= row.max_m:
             return row.config
     return SOFT_FP8_TABLES[archs[-1]][-1].config
+
+
+# MLA absorbed decode (DeepSeek-V3: 128 heads, R 512 + P 64). On sm_80/sm_90 the default
+# 64-position tile needs 155 KB of shared memory, more than sm_86 (99 KB a block) has:
+# there and on sm_89 16 positions (94 KB). Ampere entries are compile-checked, not timed.
+_MLA_SM86 = dataclasses.replace(MLA_DECODE_CONFIG, block_n=16)
+MLA_DECODE_TABLES = {(8, 6): _MLA_SM86, (8, 9): _MLA_SM86}
+
+
+def mla_decode_config(capability: tuple[int, int]) -> DecodeAttnConfig:
+    """The MLA decode config for a GPU of this compute capability."""
+    return MLA_DECODE_TABLES.get(capability, MLA_DECODE_CONFIG)

@@ -10,6 +10,7 @@ import torch
 from chitu_core.backend_info import BackendInfo
 from chitu_core.hookspecs import hookimpl
 from chitu_core.kernels.packed_weight import pack_weight
+from chitu_nvidia import attention as _attention
 from chitu_nvidia import linear as _linear
 from chitu_nvidia.graphs import capture_cuda_graph
 
@@ -91,6 +92,40 @@ def chitu_prepare_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: 
 def chitu_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> torch.Tensor:
     """bf16 -> cuBLAS; FP8 -> soft-FP8 Triton (sm_80+) or native FP8 (sm_89+, larger M)."""
     return _linear.linear(x, weight, bias)
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+@hookimpl
+def chitu_paged_attention_decode(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Split-K flash-decoding in Triton over the paged cache (``chitu_core/kernels``)."""
+    return _attention.paged_attention_decode(
+        q, key_cache, value_cache, block_tables, context_lens, scale
+    )
+
+
+@hookimpl
+def chitu_mla_decode(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Absorbed MLA decode in Triton straight over the paged latent cache."""
+    return _attention.mla_decode(q_latent, q_rope, latent_cache, block_tables, context_lens, scale)
+
+
+# ---------------------------------------------------------------------------- MoE
 
 
 @hookimpl

@@ -1,0 +1,69 @@
+"""Attention hooks of the NVIDIA backend: the portable Triton kernels, generic where they can't.
+
+The kernels raise ``ValueError`` before launching anything when a call is outside
+what they support (a block size that is not a power of two, mismatched dtypes, a
+non-contiguous last dimension): such calls run the generic op, and the first
+of each kind is logged, so a model that never fits the kernels is visible.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from chitu_core.kernels import mla_decode as _mla_decode
+from chitu_core.kernels import paged_decode as _paged_decode
+from chitu_core.ops import attention as generic
+from chitu_nvidia.configs import mla_decode_config
+from chitu_nvidia.linear import device_props
+
+logger = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def _fallback(op: str, exc: ValueError) -> None:
+    if op not in _logged:
+        _logged.add(op)
+        logger.warning("%s: the Triton kernel does not take this call (%s); generic op", op, exc)
+
+
+def paged_attention_decode(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """See ``chitu_core.hookspecs.chitu_paged_attention_decode``: q ``[B, Hq, D]``."""
+    _, num_sms = device_props(q.device.index or 0)
+    try:
+        return _paged_decode.paged_attention_decode(
+            q, key_cache, value_cache, block_tables, context_lens, scale, num_sms=num_sms
+        )
+    except ValueError as exc:
+        _fallback("paged_attention_decode", exc)
+    return generic.paged_attention_decode(
+        q, key_cache, value_cache, block_tables, context_lens, scale
+    )
+
+
+def mla_decode(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """See ``chitu_core.hookspecs.chitu_mla_decode``: q_latent ``[B, H, R]``."""
+    capability, num_sms = device_props(q_latent.device.index or 0)
+    try:
+        return _mla_decode.mla_decode(
+            q_latent, q_rope.to(latent_cache.dtype), latent_cache, block_tables, context_lens,
+            scale, config=mla_decode_config(capability), num_sms=num_sms,
+        )  # fmt: skip
+    except ValueError as exc:
+        _fallback("mla_decode", exc)
+    return generic.mla_decode(q_latent, q_rope, latent_cache, block_tables, context_lens, scale)
