@@ -14,8 +14,9 @@ import torch
 
 from chitu_core.kernels import mla_decode as _mla_decode
 from chitu_core.kernels import paged_decode as _paged_decode
+from chitu_core.kernels import paged_prefill as _paged_prefill
 from chitu_core.ops import attention as generic
-from chitu_nvidia.configs import mla_decode_config
+from chitu_nvidia.configs import mla_decode_config, mla_prefill_config
 from chitu_nvidia.linear import device_props
 
 logger = logging.getLogger(__name__)
@@ -67,3 +68,47 @@ def mla_decode(
     except ValueError as exc:
         _fallback("mla_decode", exc)
     return generic.mla_decode(q_latent, q_rope, latent_cache, block_tables, context_lens, scale)
+
+
+def paged_attention_prefill(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """See ``chitu_core.hookspecs.chitu_paged_attention_prefill``: q ``[T, Hq, D]``."""
+    try:
+        return _paged_prefill.paged_attention_prefill(
+            q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, scale
+        )
+    except ValueError as exc:
+        _fallback("paged_attention_prefill", exc)
+    return generic.paged_attention_prefill(
+        q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, scale
+    )
+
+
+def mla_prefill(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """See ``chitu_core.hookspecs.chitu_mla_prefill``: q_latent ``[T, H, R]``."""
+    capability, _ = device_props(q_latent.device.index or 0)
+    try:
+        return _paged_prefill.mla_prefill(
+            q_latent, q_rope.to(latent_cache.dtype), latent_cache, block_tables, cu_seqlens_q,
+            context_lens, scale, config=mla_prefill_config(capability),
+        )  # fmt: skip
+    except ValueError as exc:
+        _fallback("mla_prefill", exc)
+    return generic.mla_prefill(
+        q_latent, q_rope, latent_cache, block_tables, cu_seqlens_q, context_lens, scale
+    )

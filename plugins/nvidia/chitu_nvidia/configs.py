@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from chitu_core.kernels.attn_reduce import DecodeAttnConfig
 from chitu_core.kernels.fp8_gemm import Fp8GemmConfig
 from chitu_core.kernels.mla_decode import MLA_DECODE_CONFIG
+from chitu_core.kernels.paged_prefill import DEFAULT_MLA_CONFIG, MLA_CONFIG_SM90, PrefillConfig
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,11 @@ MLA_DECODE_TABLES = {(8, 6): _MLA_SM86, (8, 9): _MLA_SM86}
 def mla_decode_config(capability: tuple[int, int]) -> DecodeAttnConfig:
     """The MLA decode config for a GPU of this compute capability."""
     return MLA_DECODE_TABLES.get(capability, MLA_DECODE_CONFIG)
+
+
+# MLA prefill: the 64 x 64 tile with 8 warps (221 KB of shared memory) is Hopper-only
+# (2.22 ms against 3.3 ms for the portable default at 1 x 2048 tokens, 128 heads, H200);
+# everything else takes the default, which fits 99 KB.
+def mla_prefill_config(capability: tuple[int, int]) -> PrefillConfig:
+    """The MLA prefill config for a GPU of this compute capability."""
+    return MLA_CONFIG_SM90 if capability >= (9, 0) else DEFAULT_MLA_CONFIG

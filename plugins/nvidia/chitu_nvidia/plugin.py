@@ -125,6 +125,38 @@ def chitu_mla_decode(
     return _attention.mla_decode(q_latent, q_rope, latent_cache, block_tables, context_lens, scale)
 
 
+@hookimpl
+def chitu_paged_attention_prefill(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal varlen flash attention in Triton over the paged cache (prefixes included)."""
+    return _attention.paged_attention_prefill(
+        q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, scale
+    )
+
+
+@hookimpl
+def chitu_mla_prefill(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal varlen absorbed MLA in Triton over the paged latent cache."""
+    return _attention.mla_prefill(
+        q_latent, q_rope, latent_cache, block_tables, cu_seqlens_q, context_lens, scale
+    )
+
+
 # ---------------------------------------------------------------------------- MoE
 
 
