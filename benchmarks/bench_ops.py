@@ -11,6 +11,12 @@ against an fp32 reference of the exact dequantized weight, prints a table and
 writes JSON rows ``{K, N, M, soft_fp8_us, native_fp8_us, cublas_bf16_us,
 naive_us, roofline_us, max_rel_err, ...}`` under a header (GPU, torch, triton).
 ``--tune`` first sweeps a few soft-FP8 configs per M regime and uses the winners.
+
+``--sections gemm,moe,attention,prefill`` adds the fused-MoE, paged/MLA decode
+attention and prefill attention benchmarks (``moe_bench.py``, ``attn_bench.py``,
+``prefill_bench.py``: kernel vs the generic torch op vs the roofline, numerics vs
+an fp32 reference), written as rows ``{op, shape, kernel_us, generic_us,
+roofline_us, max_rel_err, ...}`` to ``--moe-attn-out``.
 """
 
 from __future__ import annotations
@@ -196,7 +202,12 @@ def main() -> None:
     ap.add_argument("--tune-budget-s", type=float, default=180)
     ap.add_argument("--shapes", default="all", help="'all' or comma list of KxN")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--sections", default="gemm", help="any of gemm,moe,attention,prefill")
+    ap.add_argument("--moe-attn-out", default="moe-attn.json")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    if sections - {"gemm", "moe", "attention", "prefill"}:
+        ap.error(f"unknown section in {args.sections!r}")
 
     from chitu_nvidia import configs, linear
 
@@ -207,6 +218,10 @@ def main() -> None:
     HBM_BYTES_PER_S = 2 * buf.numel() / copy_s  # bytes read + written
     print(f"copy bandwidth {HBM_BYTES_PER_S / 1e12:.2f} TB/s", flush=True)
     props = torch.cuda.get_device_properties(0)
+    if sections - {"gemm"}:
+        run_kernel_sections(sections, args.moe_attn_out, props)
+    if "gemm" not in sections:
+        return
     cap = (props.major, props.minor)
     num_sms = props.multi_processor_count
     if args.tune:
@@ -244,6 +259,41 @@ def main() -> None:
         torch.cuda.empty_cache()
     dump(rows)
     linear.device_props.cache_clear()
+
+
+def run_kernel_sections(sections: set[str], path: str, props) -> None:
+    """The MoE / decode attention / prefill attention rows, printed and written to ``path``."""
+    rows: list[dict] = []
+
+    def dump() -> None:
+        header = {"gpu": props.name, "torch": torch.__version__, "triton": triton.__version__,
+                  "date": time.strftime("%Y-%m-%d"), "hbm_bytes_per_s": HBM_BYTES_PER_S}  # fmt: skip
+        with open(path, "w") as f:
+            json.dump({**header, "rows": rows}, f, indent=1)
+
+    def add(new_rows: list[dict]) -> None:
+        for row in new_rows:
+            pct = 100 * row["roofline_us"] / row["kernel_us"] if row.get("kernel_us") else 0
+            generic = row.get("generic_us") or float("nan")
+            print(f"{row['op']:<24} {str(row['shape']):<44} kernel {row['kernel_us']:9.1f} us  "
+                  f"generic {generic:9.1f} us  roofline {row['roofline_us']:8.1f} us "
+                  f"({pct:5.1f}%)  err {row['max_rel_err']:.1e}", flush=True)  # fmt: skip
+        rows.extend(new_rows)
+        dump()
+
+    if "moe" in sections:
+        from moe_bench import bench_fused_moe
+
+        add(bench_fused_moe("cuda"))
+    if "attention" in sections:
+        from attn_bench import bench_decode_attention
+
+        add(bench_decode_attention("cuda", hbm_bytes_per_s=HBM_BYTES_PER_S))
+    if "prefill" in sections:
+        from prefill_bench import bench_prefill_attention
+
+        add(bench_prefill_attention("cuda"))
+    torch.cuda.empty_cache()
 
 
 def write_json(path, rows, props, configs, cap, num_sms) -> None:
