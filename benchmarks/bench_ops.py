@@ -273,11 +273,13 @@ def run_kernel_sections(sections: set[str], path: str, props) -> None:
 
     def add(new_rows: list[dict]) -> None:
         for row in new_rows:
-            pct = 100 * row["roofline_us"] / row["kernel_us"] if row.get("kernel_us") else 0
+            kernel, roof = row.get("kernel_us") or float("nan"), row.get("roofline_us") or 0.0
             generic = row.get("generic_us") or float("nan")
-            print(f"{row['op']:<24} {str(row['shape']):<44} kernel {row['kernel_us']:9.1f} us  "
-                  f"generic {generic:9.1f} us  roofline {row['roofline_us']:8.1f} us "
-                  f"({pct:5.1f}%)  err {row['max_rel_err']:.1e}", flush=True)  # fmt: skip
+            err = row.get("max_rel_err")
+            print(f"{row['op']:<24} {str(row['shape']):<44} kernel {kernel:9.1f} us  "
+                  f"generic {generic:9.1f} us  roofline {roof:8.1f} us "
+                  f"({100 * roof / kernel:5.1f}%)  err {err if err is not None else float('nan'):.1e}",
+                  flush=True)  # fmt: skip
         rows.extend(new_rows)
         dump()
 
