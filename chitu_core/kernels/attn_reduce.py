@@ -20,7 +20,6 @@ Bytes of the reduce: ``4 * B * H * S * (Dv + 1)`` read, ``B * H * Dv`` outputs w
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +28,6 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 MAX_BLOCK_SIZE = 256  # largest cache block size (tokens) the kernels accept
-
-
-def interpreting() -> bool:
-    """True under ``TRITON_INTERPRET=1``: Triton 3.9's interpreter multiplies bf16 dot
-    operands as raw bits, so the kernels then upcast them to fp32 (a constexpr switch)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)

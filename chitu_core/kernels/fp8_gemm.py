@@ -32,13 +32,13 @@ FLOPs: 2*M*N*K.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from chitu_core.kernels import interpreting
 from chitu_core.kernels.e4m3_widen import e4m3_to_bf16, e4m3_to_f16_x256
 
 SCALE_BLOCK = 128  # DeepSeek-V3 block size along N and K
@@ -47,13 +47,6 @@ SCALE_BLOCK = 128  # DeepSeek-V3 block size along N and K
 SCALE_BLOCK_ON_ACC = 0
 SCALE_BLOCK_ON_WEIGHT = 1
 SCALE_CHANNEL = 2
-
-
-def _interpreting() -> bool:
-    # Triton 3.9's interpreter multiplies bf16 dot operands as raw uint16 bits,
-    # so under TRITON_INTERPRET=1 the kernel upcasts its (bf16-valued) operands
-    # to fp32 before tl.dot: same values, a dot the interpreter gets right.
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)
@@ -675,7 +668,7 @@ def fp8_gemm(
             BLOCK_M=cfg.block_m,
             BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m,
-            DOT_IN_FP32=_interpreting(),
+            DOT_IN_FP32=interpreting(),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )  # fmt: skip
@@ -684,13 +677,13 @@ def fp8_gemm(
     else:
         # The fused reduction needs a GPU-scope fence: inline PTX on NVIDIA; the
         # interpreter runs programs one after another and needs none.
-        fused = split > 1 and cfg.fused_reduce and (use_ptx or _interpreting())
+        fused = split > 1 and cfg.fused_reduce and (use_ptx or interpreting())
         ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
         cnt = _counters(x.device, num_tiles) if fused else ws
         common = dict(
             SCALE_MODE=mode, HAS_BIAS=has_bias, FUSED_REDUCE=fused,
-            FENCE_PTX=fused and use_ptx and not _interpreting(),
-            EVEN_K=k % block_k == 0, USE_PTX=use_ptx, DOT_IN_FP32=_interpreting(),
+            FENCE_PTX=fused and use_ptx and not interpreting(),
+            EVEN_K=k % block_k == 0, USE_PTX=use_ptx, DOT_IN_FP32=interpreting(),
             WIDEN_BF16=x.dtype == torch.bfloat16,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

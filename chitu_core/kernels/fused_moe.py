@@ -40,8 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
+from chitu_core.kernels import interpreting
 from chitu_core.kernels.e4m3_widen import e4m3_to_bf16, e4m3_to_f16_x256
-from chitu_core.kernels.fp8_gemm import _dot, _interpreting, grouped_tile
+from chitu_core.kernels.fp8_gemm import _dot, grouped_tile
 from chitu_core.kernels.moe_align import UNUSED_BLOCK, moe_align
 from chitu_core.quant import (
     FORMAT_FP8_BLOCK128,
@@ -464,7 +465,7 @@ def fused_moe(
             f"block-128 scales need K steps dividing 128, got {cfg.block_k}, {cfg.down_block_k}"
         )
     if use_ptx is None:
-        use_ptx = x.is_cuda and torch.version.hip is None and not _interpreting()
+        use_ptx = x.is_cuda and torch.version.hip is None and not interpreting()
 
     num_pairs = num_tokens * top_k
     ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
@@ -484,7 +485,7 @@ def fused_moe(
     common = dict(
         FMT=_FMT_CODES[fmt], SCALE_ON_ACC=cfg.scale_on_acc, USE_PTX=use_ptx,
         WIDEN_BF16=x.dtype == torch.bfloat16, PAIR_PER_BLOCK=pair_per_block,
-        BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, DOT_IN_FP32=_interpreting(),
+        BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, DOT_IN_FP32=interpreting(),
     )  # fmt: skip
     num_rows = max_blocks * cfg.block_m
     if inter > 0:

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from chitu_core.kernels import interpreting
 from chitu_core.kernels.attn_reduce import (
     LOG2E,
     DecodeAttnConfig,
@@ -42,7 +43,6 @@ from chitu_core.kernels.attn_reduce import (
     check_paged_args,
     combine_splits,
     device_num_sms,
-    interpreting,
     pick_num_splits,
     split_geometry,
 )

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from chitu_core.kernels.fp8_gemm import _interpreting
+from chitu_core.kernels import interpreting
 
 SEARCH_BLOCK = 128  # sequences examined per vector step of the program -> sequence search
 
@@ -93,7 +93,7 @@ MLA_CONFIG_SM90 = PrefillConfig(block_m=64, block_n=64, pack_heads=16, num_warps
 def _mma(a, b, acc, DOT_FP32: tl.constexpr):
     """acc + a @ b, fp32 accumulate. DOT_FP32 widens the operands and asks for an
     exact fp32 product: fp32 caches (no silent TF32) and the CPU interpreter, whose
-    bf16 ``tl.dot`` is wrong (see ``fp8_gemm._interpreting``)."""
+    bf16 ``tl.dot`` is wrong (see ``chitu_core.kernels.interpreting``)."""
     if DOT_FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
@@ -296,7 +296,7 @@ def _launch(q, q_pe, k, k_pe, v, out, block_tables, cu_seqlens_q, context_lens, 
         DV=dv, DV_PAD=triton.next_power_of_2(dv), V_IS_K=v_is_k,
         PAGE_SIZE=k.shape[1], BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         SEARCH=SEARCH_BLOCK,
-        DOT_FP32=_interpreting() or q.dtype == torch.float32 or k.dtype == torch.float32,
+        DOT_FP32=interpreting() or q.dtype == torch.float32 or k.dtype == torch.float32,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out

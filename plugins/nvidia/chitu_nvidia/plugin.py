@@ -12,6 +12,7 @@ from chitu_core.hookspecs import hookimpl
 from chitu_core.kernels.packed_weight import pack_weight
 from chitu_nvidia import attention as _attention
 from chitu_nvidia import linear as _linear
+from chitu_nvidia import moe as _moe
 from chitu_nvidia.graphs import capture_cuda_graph
 
 
@@ -164,15 +165,5 @@ def chitu_mla_prefill(
 def chitu_fused_moe(
     x: torch.Tensor, w13: Any, w2: Any, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:
-    """The generic fused MoE over this backend's weight handles (a Triton kernel is issue 7).
-
-    Needed because ``prepare_weight`` returns ``PackedWeight`` handles, which the
-    generic op cannot read: unwrap them to ``QuantizedWeight`` views (no copy).
-    """
-    from chitu_core.ops.moe import fused_moe
-
-    return fused_moe(x, _as_quantized(w13), _as_quantized(w2), topk_weights, topk_ids)
-
-
-def _as_quantized(weight: Any) -> Any:
-    return weight.as_quantized() if hasattr(weight, "as_quantized") else weight
+    """Fused MoE in Triton (device-side expert alignment, FP8 experts widened in-kernel)."""
+    return _moe.fused_moe(x, w13, w2, topk_weights, topk_ids)
