@@ -7,6 +7,16 @@ tokens. The logits of every step are captured at the model runner and
 compared with the oracle's (cpu_ref in fp32, computed once per process);
 the greedy tokens must match under the near-tie rule of
 ``conformance/tolerances.py``.
+
+MoE routing is discrete: a router score within rounding of another flips an
+expert choice, and with it a token's whole MLP output (the tiny DeepSeek-V3
+shows it with cpu_ref itself in bf16: one flipped token moved the logits by
+49%). So the oracle marks its near-tied choices (rows whose experts change
+when the router logits move by ``ROUTE_TIE_REL`` of their size) and the
+backend's run takes the oracle's experts for those rows only: a backend that
+routes clear decisions differently still fails. Replaying runs eagerly (a
+captured graph would freeze the replayed choices); graphs are checked by the
+``capture_graph`` case.
 """
 
 from __future__ import annotations
@@ -31,6 +41,12 @@ PROMPTS = ([5, 6, 7, 8, 9], list(range(10, 40)))  # ids of the demo vocabulary (
 MAX_NEW_TOKENS = 4
 NUM_BLOCKS = 32
 REFERENCE_BACKEND = "cpu_ref"
+# Router logits moved by this fraction of their size (the bf16 op tolerance) and the
+# number of random moves tried when marking the oracle's near-tied expert choices.
+ROUTE_TIE_REL = 2.0**-6
+ROUTE_TIE_TRIALS = 8
+
+Route = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 _workdir: Path | None = None
 _reference: dict[str, Trace] = {}
@@ -60,6 +76,8 @@ class Trace:
 
     tokens: list[list[int]]
     logits: list[list[torch.Tensor]]
+    # (topk_weights, topk_ids, near_tie [T] bool) of every moe_route call, in call order
+    routes: list[Route] = field(default_factory=list)
 
 
 def demo_model(arch: str) -> Path:
@@ -76,8 +94,33 @@ def demo_model(arch: str) -> Path:
     return path
 
 
-def run_model(arch: str, backend: str, demote: tuple[str, ...], dtype: str | None) -> Trace:
-    """Greedy-generate ``PROMPTS`` on ``backend`` (with ``demote``) and capture every step's logits."""
+def near_tied_rows(router_logits: torch.Tensor, ids: torch.Tensor, *route_args) -> torch.Tensor:
+    """``[T]`` bool: rows whose chosen experts change when the logits move by
+    ``ROUTE_TIE_REL`` of their magnitude (random moves, generic router, fixed seed)."""
+    from chitu_core.ops.moe import moe_route
+
+    logits = router_logits.detach().float().cpu()
+    chosen = ids.cpu().sort(dim=-1).values
+    gen = torch.Generator().manual_seed(0)
+    tied = torch.zeros(logits.shape[0], dtype=torch.bool)
+    args = [a.detach().float().cpu() if isinstance(a, torch.Tensor) else a for a in route_args]
+    for _ in range(ROUTE_TIE_TRIALS):
+        noise = torch.randn(logits.shape, generator=gen) * ROUTE_TIE_REL * logits.abs()
+        _, moved = moe_route(logits + noise, ids.shape[1], *args)
+        tied |= (moved.sort(dim=-1).values != chosen).any(dim=-1)
+    return tied
+
+
+def run_model(
+    arch: str,
+    backend: str,
+    demote: tuple[str, ...],
+    dtype: str | None,
+    replay_routes: list[Route] | None = None,
+) -> Trace:
+    """Greedy-generate ``PROMPTS`` on ``backend`` (with ``demote``) and capture every step's
+    logits and routing. With ``replay_routes`` (the oracle's), its near-tied rows replace
+    the backend's choices, call by call while the calls line up (same token count)."""
     from chitu_core.engine.llm_engine import EngineConfig, LLMEngine
     from chitu_core.engine.sampling import SamplingParams
 
@@ -88,8 +131,28 @@ def run_model(arch: str, backend: str, demote: tuple[str, ...], dtype: str | Non
         num_blocks=NUM_BLOCKS,
         show_progress=False,
         demote_ops=tuple(demote),
+        enforce_eager=replay_routes is not None,
     )
     engine = LLMEngine(config)
+    routes: list[Route] = []
+    route = engine.ops.moe_route
+
+    def recording_route(router_logits, top_k, *args):
+        weights, ids = route(router_logits, top_k, *args)
+        call = len(routes)
+        if replay_routes is None:  # the oracle: mark its near ties
+            tied = near_tied_rows(router_logits, ids, *args)
+        elif call < len(replay_routes) and replay_routes[call][1].shape == ids.shape:
+            ref_weights, ref_ids, tied = replay_routes[call]
+            rows = tied.to(ids.device)[:, None]
+            weights = torch.where(rows, ref_weights.to(weights), weights)
+            ids = torch.where(rows, ref_ids.to(ids), ids)
+        else:
+            tied = torch.zeros(ids.shape[0], dtype=torch.bool)
+        routes.append((weights.detach().cpu(), ids.detach().cpu(), tied.cpu()))
+        return weights, ids
+
+    engine.ops.moe_route = recording_route
     logits: dict[int, list[torch.Tensor]] = {}
     execute = engine.runner.execute
 
@@ -103,7 +166,7 @@ def run_model(arch: str, backend: str, demote: tuple[str, ...], dtype: str | Non
     params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, ignore_eos=True)
     completions = engine.generate([list(p) for p in PROMPTS], params)
     ids = sorted(logits)
-    return Trace([c.token_ids for c in completions], [logits[i] for i in ids])
+    return Trace([c.token_ids for c in completions], [logits[i] for i in ids], routes)
 
 
 def reference_trace(arch: str) -> Trace:
@@ -163,7 +226,7 @@ def check_models(backend: str, demote: tuple[str, ...], dtype: torch.dtype) -> l
         start = time.perf_counter()
         try:
             ref = reference_trace(arch)
-            got = ref if is_oracle else run_model(arch, backend, demote, dtype_name)
+            got = ref if is_oracle else run_model(arch, backend, demote, dtype_name, ref.routes)
             result = compare_traces(arch, got, ref, dtype)
         except Exception as exc:  # a backend may fail inside the engine in any way
             result = ModelResult(arch, False, f"model[{arch}]: raised {type(exc).__name__}: {exc}")
