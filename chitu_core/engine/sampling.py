@@ -291,14 +291,21 @@ class Sampler:
         raw_logits = logits.float()
         logits = apply_penalties(raw_logits, params, output_token_ids, prompt_token_ids)
         logits = apply_min_p(logits, params)
-        temperatures = torch.tensor(
-            [p.temperature for p in params], dtype=torch.float32, device=self.device
-        )
-        top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=self.device)
-        top_ks = torch.tensor([p.top_k for p in params], dtype=torch.int32, device=self.device)
-        sampled = self.ops.sample(
-            logits, temperatures, top_ps, top_ks, list(generators)
-        )  # [B] int64
+        if all(p.is_greedy for p in params):
+            # What ops.sample does for temperature-0 rows (first maximum), without its
+            # sort over the vocabulary and three parameter uploads: the common decode case.
+            sampled = logits.argmax(dim=-1)
+        else:
+            temperatures = torch.tensor(
+                [p.temperature for p in params], dtype=torch.float32, device=self.device
+            )
+            top_ps = torch.tensor(
+                [p.top_p for p in params], dtype=torch.float32, device=self.device
+            )
+            top_ks = torch.tensor([p.top_k for p in params], dtype=torch.int32, device=self.device)
+            sampled = self.ops.sample(
+                logits, temperatures, top_ps, top_ks, list(generators)
+            )  # [B] int64
         token_ids = sampled.tolist()
         return SampleResult(
             token_ids=token_ids, logprobs=_logprobs(raw_logits, sampled, token_ids, params)

@@ -13,6 +13,7 @@ from chitu_core.kernels.packed_weight import pack_weight
 from chitu_nvidia import attention as _attention
 from chitu_nvidia import linear as _linear
 from chitu_nvidia import moe as _moe
+from chitu_nvidia import small_ops as _small
 from chitu_nvidia.graphs import capture_cuda_graph
 
 
@@ -167,3 +168,30 @@ def chitu_fused_moe(
 ) -> torch.Tensor:
     """Fused MoE in Triton (device-side expert alignment, FP8 experts widened in-kernel)."""
     return _moe.fused_moe(x, w13, w2, topk_weights, topk_ids)
+
+
+# ---------------------------------------------------------------------------- small ops
+
+
+@hookimpl
+def chitu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """One Triton launch a call (fp32 inside); generic for inputs the kernel does not take."""
+    return _small.rms_norm(x, weight, eps)
+
+
+@hookimpl
+def chitu_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox_style: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k rotated in one Triton launch (program per token and head tile)."""
+    return _small.rope(q, k, positions, cos_sin_cache, is_neox_style)
+
+
+@hookimpl
+def chitu_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU in one Triton launch (fp32 inside)."""
+    return _small.silu_and_mul(x)
