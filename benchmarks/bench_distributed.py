@@ -11,7 +11,7 @@ threads (default 1: with more, OpenMP's spinning threads of several ranks on
 a busy 2-core host make any comparison meaningless).
 
     python benchmarks/bench_distributed.py [--backend cpu_ref] [--size small]
-        [--layouts 1x1 2x1 1x2] [--batch 1] [--prompt-len 16] [--new-tokens 16]
+        [--layouts 1x1 2x1 1x2] [--batch 1,32] [--prompt-len 16] [--new-tokens 16]
         [--threads-per-rank 1] [--json out.json]
 """
 
@@ -62,10 +62,12 @@ def decode_times_ms(
 
 def run_layout(args: argparse.Namespace) -> int:
     """``--run``: one layout; rank 0 writes its figure to ``--json``."""
+    batches = [int(b) for b in args.batch.split(",")]
     config = EngineConfig(
         model=args.model,
         backend=args.backend,
-        num_blocks=args.batch * -(-(args.prompt_len + args.new_tokens) // 16) + 1,
+        num_blocks=max(batches) * -(-(args.prompt_len + args.new_tokens) // 16) + 1,
+        max_num_seqs=max(64, max(batches)),
         show_progress=False,
         tp=args.tp,
         pp=args.pp,
@@ -73,15 +75,23 @@ def run_layout(args: argparse.Namespace) -> int:
     )
 
     def measure() -> int:
+        results = []
         with LLMEngine(config) as engine:
-            prefill, ms = decode_times_ms(engine, args.batch, args.prompt_len, args.new_tokens)
-            device = str(engine.device)
-        result = {"tp": args.tp, "pp": args.pp, "batch": args.batch, "device": device}
-        result |= {"prompt_len": args.prompt_len, "prefill_ms": prefill}
-        # ms_per_batch_step: every sequence one token further (the inter-token latency)
-        result |= {"ms_per_token": ms, "ms_per_batch_step": ms * args.batch}
-        result["threads_per_rank"] = torch.get_num_threads()
-        Path(args.json).write_text(json.dumps(result))
+            decode_times_ms(engine, 1, args.prompt_len, 4)  # warm-up: first calls compile
+            for batch in batches:
+                prefill, ms = decode_times_ms(engine, batch, args.prompt_len, args.new_tokens)
+                result = {
+                    "tp": args.tp,
+                    "pp": args.pp,
+                    "batch": batch,
+                    "device": str(engine.device),
+                }
+                result |= {"prompt_len": args.prompt_len, "prefill_ms": prefill}
+                # ms_per_batch_step: every sequence one token further (the inter-token latency)
+                result |= {"ms_per_token": ms, "ms_per_batch_step": ms * batch}
+                result |= {"tokens_per_s": 1e3 / ms, "threads_per_rank": torch.get_num_threads()}
+                results.append(result)
+        Path(args.json).write_text(json.dumps(results))
         return 0
 
     return run_ranks(config, measure)
@@ -93,7 +103,7 @@ def main() -> int:
     parser.add_argument("--size", default="small", choices=["tiny", "small"])
     parser.add_argument("--model", help="checkpoint directory (default: a demo DeepSeek-V3 FP8)")
     parser.add_argument("--layouts", nargs="+", default=["1x1", "2x1", "1x2"], help="TPxPP")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", default="1", help="batch size, or a list: 1,32")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads-per-rank", type=int, default=1)
@@ -112,21 +122,22 @@ def main() -> int:
             tp, pp = (int(n) for n in layout.lower().split("x"))
             out = Path(tmp) / f"{layout}.json"
             cmd = [sys.executable, __file__, "--run", "--model", model, "--backend", args.backend]
-            cmd += ["--tp", str(tp), "--pp", str(pp), "--batch", str(args.batch)]
+            cmd += ["--tp", str(tp), "--pp", str(pp), "--batch", args.batch]
             cmd += ["--new-tokens", str(args.new_tokens), "--json", str(out)]
             cmd += ["--prompt-len", str(args.prompt_len)]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads_per_rank)}
             subprocess.run(cmd, check=True, env=env)
-            result = json.loads(out.read_text())
-            results.append(result)
-            print(
-                f"TP={tp} PP={pp} batch {args.batch} on {result['device']} "
-                f"({result['threads_per_rank']} threads/rank): "
-                f"decode {result['ms_per_token']:.1f} ms per token ({result['ms_per_batch_step']:.1f} "
-                f"ms between a sequence's tokens); prefill of {args.batch} x {args.prompt_len} tokens "
-                f"{result['prefill_ms']:.0f} ms",
-                flush=True,
-            )
+            for result in json.loads(out.read_text()):
+                results.append(result)
+                print(
+                    f"TP={tp} PP={pp} batch {result['batch']} on {result['device']} "
+                    f"({result['threads_per_rank']} threads/rank): decode "
+                    f"{result['tokens_per_s']:.1f} tokens/s, {result['ms_per_token']:.2f} ms per "
+                    f"token ({result['ms_per_batch_step']:.1f} ms between a sequence's tokens); "
+                    f"prefill of {result['batch']} x {args.prompt_len} tokens "
+                    f"{result['prefill_ms']:.0f} ms",
+                    flush=True,
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
