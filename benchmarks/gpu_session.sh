@@ -7,6 +7,8 @@
 #   e2e-llama    bench_e2e.py on the Llama-3-8B-shaped model, with serving (needs the
 #                fastapi/uvicorn wheels in .gpu_wheels)
 #   e2e-deepseek bench_e2e.py on the 4-layer DeepSeek-V3-shaped FP8 model
+#   tp2          (2 GPUs) Llama-3-8B-shaped FP8: greedy token ids of 1 GPU vs TP=2 vs PP=2,
+#                bench_distributed 1x1 / 2x1 / 1x2 at batch 1 and 32, serve --tp 2 at c=16
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 OUT=${OUT:-/tmp/chitu-gpu}; mkdir -p "$OUT"
@@ -54,6 +56,30 @@ e2e-deepseek)
     timeout 570 python3 benchmarks/bench_e2e.py --arch deepseek_v3 --workdir /tmp/e2e \
         --out "$OUT/e2e.json" --modes soft_fp8 --batches 1,4,16,64 --profile 2>&1 \
         | grep -v "it/s\]\|Warning" | tee -a "$OUT/summary.txt" | tail -60
+    ;;
+tp2)
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    log "Llama-3-8B-shaped FP8 model, written on GPU 0"
+    python3 -c "from chitu_core.demo_model import write_demo_model as w; w('/tmp/ll8', 'llama', 'real', fp8=True, device='cuda')" 2>/dev/null
+    ids() { timeout 200 "$@" --backend nvidia --model /tmp/ll8 --prompt "The capital of France is" \
+        --max-tokens 24 --print-token-ids 2>>"$OUT/stderr.txt" | tail -1; }
+    log "greedy token ids: 1 GPU, TP=2, PP=2 (torchrun, NCCL)"
+    printf '1 GPU: %s\n' "$(CUDA_VISIBLE_DEVICES=0 ids python3 -m chitu_core generate)" | tee -a "$OUT/summary.txt"
+    printf 'TP=2 : %s\n' "$(ids torchrun --standalone --nproc_per_node 2 -m chitu_core generate --tp 2)" | tee -a "$OUT/summary.txt"
+    printf 'PP=2 : %s\n' "$(ids torchrun --standalone --nproc_per_node 2 -m chitu_core generate --pp 2)" | tee -a "$OUT/summary.txt"
+    log "decode tokens/s: 1x1, TP=2, PP=2 at batch 1 and 32"
+    timeout 330 python3 benchmarks/bench_distributed.py --backend nvidia --model /tmp/ll8 \
+        --layouts 1x1 2x1 1x2 --batch 1,32 --prompt-len 128 --new-tokens 64 --json "$OUT/tp.json" \
+        2>>"$OUT/stderr.txt" | tee -a "$OUT/summary.txt"
+    log "chitu serve --tp 2, benchmark_serving at concurrency 16"
+    python3 -m chitu_core serve /tmp/ll8 --backend nvidia --tp 2 --port 21078 --skip-conformance \
+        --max-model-len 4096 >"$OUT/serve-tp2.log" 2>&1 &
+    for _ in $(seq 120); do curl -sf http://127.0.0.1:21078/health >/dev/null && break; sleep 2; done
+    timeout 120 python3 benchmarks/benchmark_serving.py --base-url http://127.0.0.1:21078 --concurrency 16 \
+        --num-prompts 32 --input-len 128 --output-len 128 --ignore-eos --json "$OUT/serving-tp2.json" \
+        2>&1 | tail -25 | tee -a "$OUT/summary.txt"
+    kill %1; wait
+    tail -3 "$OUT/stderr.txt"
     ;;
 *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac

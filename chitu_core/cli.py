@@ -203,6 +203,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 prompt = engine.tokenizer.encode_chat([{"role": "user", "content": prompt}])
             completion = engine.generate([prompt], params)[0]
         print(completion.text)
+        if args.print_token_ids:  # exact comparisons across backends and layouts
+            print(json.dumps(completion.token_ids))
         return 0
 
     return run_ranks(config, complete)
@@ -262,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--print-token-ids", action="store_true", help="also print the token ids (a JSON list)"
+    )
     add_engine_options(p)
     p.set_defaults(func=cmd_generate)
 
