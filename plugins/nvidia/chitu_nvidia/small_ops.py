@@ -1,0 +1,60 @@
+"""Small-op hooks of the NVIDIA backend: one Triton launch each, generic where they can't.
+
+RMSNorm, rotary embedding and SwiGLU run the portable kernels of
+``chitu_core.kernels.small_ops`` (the generic ops chain 5-10 small torch kernels
+per call, which dominates batch-1 decode). The kernels raise ``ValueError``
+before launching anything for calls they do not take (an unsupported dtype,
+mismatched shapes): such calls run the generic op, and the first of each op is
+logged, so a model that never fits the kernels is visible.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from chitu_core.kernels import small_ops as _kernels
+from chitu_core.ops import small as generic
+
+logger = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def _fallback(op: str, exc: ValueError) -> None:
+    if op not in _logged:
+        _logged.add(op)
+        logger.warning("%s: the Triton kernel does not take this call (%s); generic op", op, exc)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """See ``chitu_core.hookspecs.chitu_rms_norm``: x ``[M, D]`` -> ``[M, D]`` x.dtype."""
+    try:
+        return _kernels.rms_norm(x, weight, eps)
+    except ValueError as exc:
+        _fallback("rms_norm", exc)
+    return generic.rms_norm(x, weight, eps)
+
+
+def rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox_style: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See ``chitu_core.hookspecs.chitu_rope``: q ``[T, Hq, Dq]``, k ``[T, Hk, Dk]`` -> new (q, k)."""
+    try:
+        return _kernels.rope(q, k, positions, cos_sin_cache, is_neox_style)
+    except ValueError as exc:
+        _fallback("rope", exc)
+    return generic.rope(q, k, positions, cos_sin_cache, is_neox_style)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """See ``chitu_core.hookspecs.chitu_silu_and_mul``: x ``[M, 2I]`` -> ``[M, I]`` x.dtype."""
+    try:
+        return _kernels.silu_and_mul(x)
+    except ValueError as exc:
+        _fallback("silu_and_mul", exc)
+    return generic.silu_and_mul(x)
