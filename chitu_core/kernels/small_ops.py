@@ -400,5 +400,8 @@ def rope(
         BLOCK_PASS_Q=triton.next_power_of_2(max(pass_q, 1)),
         BLOCK_PASS_K=triton.next_power_of_2(max(pass_k, 1)),
         NEOX=bool(is_neox_style), num_warps=num_warps,
+        # No FMA contraction: ``a cos - b sin`` rounds like torch's separate mul and sub
+        # (a fused FMA differs in the last bits where the terms cancel).
+        enable_fp_fusion=False,
     )  # fmt: skip
     return q_out, k_out
