@@ -165,6 +165,10 @@ def check_rope(tokens, hq, hk, dq, dk, rot, neox, dtype, *, fused=False, pos_dty
         k = torch.randn(tokens, hk, dk).to(dtype)
     positions = torch.randperm(64)[:tokens].to(pos_dtype)  # not sorted
     q_d, k_d, pos_d, cache_d = _dev(q, k, positions, cache)
+    if fused:  # split on the device too: .to() of a strided view makes it contiguous
+        (qkv_d,) = _dev(qkv)
+        q_flat_d, k_flat_d, _ = qkv_d.split([hq * dq, hk * dq, hk * dq], dim=-1)
+        q_d, k_d = q_flat_d.reshape(tokens, hq, dq), k_flat_d.reshape(tokens, hk, dq)
     if fused and tokens > 1:
         assert not q_d.is_contiguous()  # strided tokens reach the kernel
     q_out, k_out = rope(q_d, k_d, pos_d, cache_d, neox)
