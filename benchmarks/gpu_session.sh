@@ -61,24 +61,25 @@ tp2)
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     log "Llama-3-8B-shaped FP8 model, written on GPU 0"
     python3 -c "from chitu_core.demo_model import write_demo_model as w; w('/tmp/ll8', 'llama', 'real', fp8=True, device='cuda')" 2>/dev/null
-    ids() { timeout 200 "$@" --backend nvidia --model /tmp/ll8 --prompt "The capital of France is" \
+    ids() { timeout 100 "$@" --backend nvidia --model /tmp/ll8 --prompt "The capital of France is" \
         --max-tokens 24 --print-token-ids 2>>"$OUT/stderr.txt" | tail -1; }
     log "greedy token ids: 1 GPU, TP=2, PP=2 (torchrun, NCCL)"
     printf '1 GPU: %s\n' "$(CUDA_VISIBLE_DEVICES=0 ids python3 -m chitu_core generate)" | tee -a "$OUT/summary.txt"
     printf 'TP=2 : %s\n' "$(ids torchrun --standalone --nproc_per_node 2 -m chitu_core generate --tp 2)" | tee -a "$OUT/summary.txt"
     printf 'PP=2 : %s\n' "$(ids torchrun --standalone --nproc_per_node 2 -m chitu_core generate --pp 2)" | tee -a "$OUT/summary.txt"
     log "decode tokens/s: 1x1, TP=2, PP=2 at batch 1 and 32"
-    timeout 330 python3 benchmarks/bench_distributed.py --backend nvidia --model /tmp/ll8 \
+    timeout 200 python3 benchmarks/bench_distributed.py --backend nvidia --model /tmp/ll8 \
         --layouts 1x1 2x1 1x2 --batch 1,32 --prompt-len 128 --new-tokens 64 --json "$OUT/tp.json" \
         2>>"$OUT/stderr.txt" | tee -a "$OUT/summary.txt"
     log "chitu serve --tp 2, benchmark_serving at concurrency 16"
     python3 -m chitu_core serve /tmp/ll8 --backend nvidia --tp 2 --port 21078 --skip-conformance \
         --max-model-len 4096 >"$OUT/serve-tp2.log" 2>&1 &
-    for _ in $(seq 120); do curl -sf http://127.0.0.1:21078/health >/dev/null && break; sleep 2; done
+    server=$!
+    for _ in $(seq 60); do curl -sf http://127.0.0.1:21078/health >/dev/null && break; sleep 2; done
     timeout 120 python3 benchmarks/benchmark_serving.py --base-url http://127.0.0.1:21078 --concurrency 16 \
         --num-prompts 32 --input-len 128 --output-len 128 --ignore-eos --json "$OUT/serving-tp2.json" \
         2>&1 | tail -25 | tee -a "$OUT/summary.txt"
-    kill %1; wait
+    kill "$server"; wait
     tail -3 "$OUT/stderr.txt"
     ;;
 *) echo "unknown stage $STAGE" >&2; exit 2 ;;
