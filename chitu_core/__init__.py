@@ -1,3 +1,3 @@
 """Chitu core: models, engine, hook contract."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -33,4 +33,4 @@ Everything here has been run only against the fake torch_npu module of
 on an NPU; see README.md for what is unverified on hardware.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

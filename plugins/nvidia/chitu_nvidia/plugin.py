@@ -100,6 +100,18 @@ def chitu_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> tor
 
 
 @hookimpl
+def chitu_store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor | None,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """K and V (or the MLA latent) into the paged cache in one Triton launch."""
+    _small.store_kv(key, value, key_cache, value_cache, slot_mapping)
+
+
+@hookimpl
 def chitu_paged_attention_decode(
     q: torch.Tensor,
     key_cache: torch.Tensor,

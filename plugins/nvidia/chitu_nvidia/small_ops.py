@@ -1,7 +1,8 @@
 """Small-op hooks of the NVIDIA backend: one Triton launch each, generic where they can't.
 
 RMSNorm, rotary embedding and SwiGLU run the portable kernels of
-``chitu_core.kernels.small_ops`` (the generic ops chain 5-10 small torch kernels
+``chitu_core.kernels.small_ops``, the paged KV-cache write that of
+``chitu_core.kernels.store_kv`` (the generic ops chain 2-10 small torch kernels
 per call, which dominates batch-1 decode). The kernels raise ``ValueError``
 before launching anything for calls they do not take (an unsupported dtype,
 mismatched shapes): such calls run the generic op, and the first of each op is
@@ -15,6 +16,8 @@ import logging
 import torch
 
 from chitu_core.kernels import small_ops as _kernels
+from chitu_core.kernels import store_kv as _store_kv
+from chitu_core.ops import attention as generic_attention
 from chitu_core.ops import small as generic
 
 logger = logging.getLogger(__name__)
@@ -58,3 +61,20 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     except ValueError as exc:
         _fallback("silu_and_mul", exc)
     return generic.silu_and_mul(x)
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor | None,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """See ``chitu_core.hookspecs.chitu_store_kv``: key/value ``[T, Hkv, D]`` into the
+    paged caches at ``slot_mapping``, in place."""
+    try:
+        _store_kv.store_kv(key, value, key_cache, value_cache, slot_mapping)
+        return
+    except ValueError as exc:
+        _fallback("store_kv", exc)
+    generic_attention.store_kv(key, value, key_cache, value_cache, slot_mapping)
