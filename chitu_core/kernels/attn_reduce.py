@@ -197,3 +197,55 @@ def combine_splits(
         num_warps=4 if block_dv >= 512 else 2,
     )  # fmt: skip
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class SplitPlan:
+    """How a decode launch splits the context, with the fp32 workspaces of the splits.
+
+    ``o_ws [B, H, S, Dv]`` / ``lse_ws [B, H, S]`` exist only when ``num_splits > 1``;
+    otherwise both are the output itself (passed to the kernel, never written).
+    """
+
+    num_splits: int
+    tokens_per_split: int
+    max_len: int
+    o_ws: torch.Tensor
+    lse_ws: torch.Tensor
+
+    @property
+    def is_split(self) -> bool:
+        return self.num_splits > 1
+
+    def finish(self, context_lens: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """After the decode kernel: combine the splits into ``out`` (a no-op unsplit)."""
+        if self.is_split:
+            combine_splits(
+                self.o_ws, self.lse_ws, context_lens, out, self.tokens_per_split, self.max_len
+            )
+        return out
+
+
+def plan_splits(
+    out: torch.Tensor,
+    max_len: int,
+    num_programs: int,
+    num_splits: int | None,
+    config: DecodeAttnConfig,
+    num_sms: int | None,
+) -> SplitPlan:
+    """The split plan of a decode kernel writing ``out [B, H, Dv]`` over a table of
+    ``max_len`` positions with ``num_programs`` programs per split (host arithmetic only;
+    ``num_splits`` None picks it from the SM count, see ``pick_num_splits``)."""
+    if num_splits is None:
+        sms = num_sms if num_sms is not None else device_num_sms(out.device)
+        num_splits = pick_num_splits(num_programs, max_len, sms, config)
+    num_splits, tokens_per_split = split_geometry(max_len, num_splits, config.block_n)
+    o_ws = lse_ws = out
+    if num_splits > 1:
+        batch, num_heads, dv = out.shape
+        o_ws = torch.empty(
+            (batch, num_heads, num_splits, dv), dtype=torch.float32, device=out.device
+        )
+        lse_ws = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=out.device)
+    return SplitPlan(num_splits, tokens_per_split, max_len, o_ws, lse_ws)

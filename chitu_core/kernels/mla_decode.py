@@ -41,10 +41,7 @@ from chitu_core.kernels.attn_reduce import (
     attn_dot,
     check_block_size,
     check_paged_args,
-    combine_splits,
-    device_num_sms,
-    pick_num_splits,
-    split_geometry,
+    plan_splits,
 )
 
 # DeepSeek-V3 (128 heads, R 512, P 64): two head tiles of 64, 8 warps, 64 positions a
@@ -233,29 +230,17 @@ def mla_decode(
     block_h = config.block_h
     num_h_tiles = triton.cdiv(num_heads, block_h)
     max_len = block_tables.shape[1] * block_size
-    if num_splits is None:
-        sms = num_sms if num_sms is not None else device_num_sms(q_latent.device)
-        num_splits = pick_num_splits(batch * num_h_tiles, max_len, sms, config)
-    num_splits, tokens_per_split = split_geometry(max_len, num_splits, config.block_n)
-    is_split = num_splits > 1
-    dev = q_latent.device
-    if is_split:
-        o_ws = torch.empty((batch, num_heads, num_splits, rank), dtype=torch.float32, device=dev)
-        lse_ws = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=dev)
-    else:
-        o_ws = lse_ws = out  # unused
-    mla_decode_kernel[(num_h_tiles, num_splits, batch)](
-        q_latent, q_rope, latent_cache, block_tables, context_lens, out, o_ws, lse_ws,
-        num_heads, max_len, tokens_per_split, scale * LOG2E,
+    plan = plan_splits(out, max_len, batch * num_h_tiles, num_splits, config, num_sms)
+    mla_decode_kernel[(num_h_tiles, plan.num_splits, batch)](
+        q_latent, q_rope, latent_cache, block_tables, context_lens, out, plan.o_ws, plan.lse_ws,
+        num_heads, max_len, plan.tokens_per_split, scale * LOG2E,
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
         latent_cache.stride(0), latent_cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         R=rank, P=rope_dim,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), BLOCK_P=max(16, triton.next_power_of_2(rope_dim)),
-        BLOCK_H=block_h, BLOCK_N=config.block_n, BLOCK_SIZE=block_size, IS_SPLIT=is_split,
+        BLOCK_H=block_h, BLOCK_N=config.block_n, BLOCK_SIZE=block_size, IS_SPLIT=plan.is_split,
         FP32_DOT=interpreting() or q_latent.dtype == torch.float32,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    if is_split:
-        combine_splits(o_ws, lse_ws, context_lens, out, tokens_per_split, max_len)
-    return out
+    return plan.finish(context_lens, out)

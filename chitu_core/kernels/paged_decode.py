@@ -32,10 +32,7 @@ from chitu_core.kernels.attn_reduce import (
     attn_dot,
     check_block_size,
     check_paged_args,
-    combine_splits,
-    device_num_sms,
-    pick_num_splits,
-    split_geometry,
+    plan_splits,
 )
 
 # Llama-3-8B shapes (G = 4, D = 128): on an H200 (benchmarks/attn_bench.py --sweep)
@@ -225,22 +222,12 @@ def paged_attention_decode(
     block_g = min(max(16, triton.next_power_of_2(group)), max(16, config.block_h))
     num_g_tiles = triton.cdiv(group, block_g)
     max_len = block_tables.shape[1] * block_size
-    programs = batch * num_kv_heads * num_g_tiles
-    if num_splits is None:
-        sms = num_sms if num_sms is not None else device_num_sms(q.device)
-        num_splits = pick_num_splits(programs, max_len, sms, config)
-    num_splits, tokens_per_split = split_geometry(max_len, num_splits, config.block_n)
-    is_split = num_splits > 1
-    if is_split:
-        o_ws = torch.empty(
-            (batch, num_heads, num_splits, head_dim_v), dtype=torch.float32, device=q.device
-        )
-        lse_ws = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    else:
-        o_ws = lse_ws = out  # unused
-    paged_decode_kernel[(num_kv_heads * num_g_tiles, num_splits, batch)](
-        q, key_cache, value_cache, block_tables, context_lens, out, o_ws, lse_ws,
-        num_heads, group, num_g_tiles, max_len, tokens_per_split, scale * LOG2E,
+    plan = plan_splits(
+        out, max_len, batch * num_kv_heads * num_g_tiles, num_splits, config, num_sms
+    )
+    paged_decode_kernel[(num_kv_heads * num_g_tiles, plan.num_splits, batch)](
+        q, key_cache, value_cache, block_tables, context_lens, out, plan.o_ws, plan.lse_ws,
+        num_heads, group, num_g_tiles, max_len, plan.tokens_per_split, scale * LOG2E,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -248,10 +235,8 @@ def paged_attention_decode(
         D=head_dim, DV=head_dim_v,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
-        BLOCK_G=block_g, BLOCK_N=config.block_n, BLOCK_SIZE=block_size, IS_SPLIT=is_split,
+        BLOCK_G=block_g, BLOCK_N=config.block_n, BLOCK_SIZE=block_size, IS_SPLIT=plan.is_split,
         FP32_DOT=interpreting() or q.dtype == torch.float32,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    if is_split:
-        combine_splits(o_ws, lse_ws, context_lens, out, tokens_per_split, max_len)
-    return out
+    return plan.finish(context_lens, out)

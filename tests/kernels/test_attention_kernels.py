@@ -8,16 +8,11 @@ the compile tests of the same pytest run).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 triton = pytest.importorskip("triton")
 import torch  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from kernel_test_helpers import CUDA_TARGETS, INTERPRETING, SMEM_LIMIT, run_cases  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from chitu_core.kernels.attn_reduce import (  # noqa: E402
@@ -29,33 +24,13 @@ from chitu_core.kernels.attn_reduce import (  # noqa: E402
 from chitu_core.kernels.mla_decode import MLA_DECODE_CONFIG, mla_decode_kernel  # noqa: E402
 from chitu_core.kernels.paged_decode import GQA_DECODE_CONFIG, paged_decode_kernel  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CASES = ["gqa_fp32", "gqa_bf16", "gqa_odd_shapes", "gqa_table_full_and_strided", "mla_small",
          "mla_deepseek_dims", "edges"]  # fmt: skip
-CUDA_TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 86, 32), GPUTarget("cuda", 90, 32)]
-# Largest shared memory a program may use (opt-in): A100, RTX 30xx/A10, H100/H200.
-SMEM_LIMIT = {80: 166912, 86: 101376, 90: 232448}
-
-
-def _run_cases(case: str, device: str) -> None:
-    env = dict(os.environ)
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    else:
-        env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "attn_interp_cases.py"), "--device", device, case],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_case_under_interpreter(case):
-    _run_cases(case, "cpu")
+    run_cases("attn_interp_cases.py", "cpu", case)
 
 
 # --------------------------------------------------------------------------------------
@@ -194,7 +169,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an N
 @needs_gpu
 @pytest.mark.parametrize("case", CASES)
 def test_case_on_gpu(case):
-    _run_cases(case, "cuda")
+    run_cases("attn_interp_cases.py", "cuda", case)
 
 
 def _paged_problem(batch, max_ctx, block_size, kv_heads, width, dtype, seed, full=False):

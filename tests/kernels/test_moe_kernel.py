@@ -9,16 +9,17 @@ test of this module runs, so they overlap the compile tests on a multi-core box.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 triton = pytest.importorskip("triton")
 import torch  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from kernel_test_helpers import (  # noqa: E402
+    CUDA_TARGETS,
+    INTERPRETING,
+    SMEM_LIMIT,
+    finish_cases,
+    start_cases,
+)
 from triton.compiler import ASTSource  # noqa: E402
 
 from chitu_core.kernels.fused_moe import (  # noqa: E402
@@ -33,36 +34,8 @@ from chitu_core.kernels.fused_moe import (  # noqa: E402
 )
 from chitu_core.kernels.moe_align import moe_align_kernel  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CASES = ["align", "formats_block128", "formats_channel", "formats_unquantized", "all_codes",
          "nan_codes"]  # fmt: skip
-CUDA_TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 86, 32), GPUTarget("cuda", 90, 32)]
-# Largest shared memory a program may use (opt-in): A100, RTX 30xx/A10, H100/H200.
-SMEM_LIMIT = {80: 166912, 86: 101376, 90: 232448}
-
-
-def _start_case(case: str, device: str) -> subprocess.Popen:
-    env = dict(os.environ)
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    else:
-        env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    return subprocess.Popen(
-        [sys.executable, str(HERE / "moe_interp_cases.py"), "--device", device, case],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-
-
-def _finish(proc: subprocess.Popen) -> None:
-    try:
-        out, _ = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    assert proc.returncode == 0, out
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,7 +43,9 @@ def interp_procs(request):
     """Start every selected interpreter case in the background; tests collect them."""
     selected = {item.callspec.params["case"] for item in request.session.items
                 if item.name.startswith("test_case_under_interpreter")}  # fmt: skip
-    procs = {case: _start_case(case, "cpu") for case in CASES if case in selected}
+    procs = {
+        case: start_cases("moe_interp_cases.py", "cpu", case) for case in CASES if case in selected
+    }
     yield procs
     for proc in procs.values():
         if proc.poll() is None:
@@ -194,7 +169,7 @@ def test_launcher_rejects_bad_inputs():
 
 @pytest.mark.parametrize("case", CASES)
 def test_case_under_interpreter(case, interp_procs):
-    _finish(interp_procs[case])
+    finish_cases(interp_procs[case])
 
 
 # --------------------------------------------------------------------------------------
@@ -208,7 +183,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an N
 @needs_gpu
 @pytest.mark.parametrize("case", CASES)
 def test_case_on_gpu(case):
-    _finish(_start_case(case, "cuda"))
+    finish_cases(start_cases("moe_interp_cases.py", "cuda", case))
 
 
 def random_fp8_experts(num_experts, rows, cols, seed):

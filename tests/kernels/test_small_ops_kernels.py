@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 triton = pytest.importorskip("triton")
 import torch  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from kernel_test_helpers import CUDA_TARGETS, INTERPRETING, run_cases  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from chitu_core.kernels.small_ops import (  # noqa: E402
@@ -31,30 +27,12 @@ from chitu_core.kernels.small_ops import (  # noqa: E402
     silu_and_mul_kernel,
 )
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CASES = ["rms_norm", "rms_norm_wide", "silu_and_mul", "rope_neox", "rope_interleaved", "edges"]
-CUDA_TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 86, 32), GPUTarget("cuda", 90, 32)]
-
-
-def _run_cases(case: str, device: str) -> None:
-    env = dict(os.environ)
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    else:
-        env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "small_ops_interp_cases.py"), "--device", device, case],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_case_under_interpreter(case):
-    _run_cases(case, "cpu")
+    run_cases("small_ops_interp_cases.py", "cpu", case)
 
 
 # --------------------------------------------------------------------------------------
@@ -204,7 +182,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an N
 @needs_gpu
 @pytest.mark.parametrize("case", CASES)
 def test_case_on_gpu(case):
-    _run_cases(case, "cuda")
+    run_cases("small_ops_interp_cases.py", "cuda", case)
 
 
 def _assert_matches(op: str, out, ref, gen, dtype):

@@ -10,45 +10,22 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 triton = pytest.importorskip("triton")
 import torch  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from kernel_test_helpers import CUDA_TARGETS, INTERPRETING, run_cases  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from chitu_core.kernels.store_kv import store_kv_geometry, store_kv_kernel  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CASES = ["dtypes", "rounding", "mla", "fused_views", "block_sizes", "edges"]
-CUDA_TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 86, 32), GPUTarget("cuda", 90, 32)]
-
-
-def _run_cases(cases: list[str], device: str) -> None:
-    env = dict(os.environ)
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    else:
-        env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-W", "ignore::RuntimeWarning", str(HERE / "store_kv_interp_cases.py"),
-         "--device", device, *cases],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_cases_under_interpreter():
     """All cases in one subprocess (each takes well under a second interpreted)."""
-    _run_cases(CASES, "cpu")
+    run_cases("store_kv_interp_cases.py", "cpu", *CASES, PYTHONWARNINGS="ignore::RuntimeWarning")
 
 
 # --------------------------------------------------------------------------------------
@@ -163,7 +140,7 @@ def _assert_same_bits(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 @pytest.mark.gpu
 @needs_gpu
 def test_cases_on_gpu():
-    _run_cases(CASES, "cuda")
+    run_cases("store_kv_interp_cases.py", "cuda", *CASES, PYTHONWARNINGS="ignore::RuntimeWarning")
 
 
 @pytest.mark.gpu
