@@ -138,6 +138,37 @@ def attn_dot(a, b, acc, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def online_softmax_step(qk, m_i, l_i):
+    """One key tile of a base-2 online softmax: ``qk [ROWS, BLOCK_N]`` scaled scores
+    (-inf where masked; every tile holds >= 1 valid key, so the new max is finite).
+    Returns ``(p, alpha, m_new, l_new)``: the tile's unnormalised probabilities, the
+    factor that rescales the running accumulator, the new row max and row sum."""
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def store_decode_output(acc, m_i, l_i, b, heads, row_mask, offs_v, v_mask, pid_s, num_heads,
+                        out_ptr, stride_ob, stride_oh, o_ws_ptr, lse_ws_ptr,
+                        DV: tl.constexpr, IS_SPLIT: tl.constexpr):  # fmt: skip
+    """The epilogue of a decode program: ``acc [ROWS, BLOCK_V]`` normalised by ``l_i``,
+    written to the output (one split) or, with its base-2 LSE, to the split workspaces."""
+    # l_i == 0 only for an (out-of-contract) empty context: write zeros, not NaN.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_mask = row_mask[:, None] & v_mask[None, :]
+    if IS_SPLIT:
+        num_splits = tl.num_programs(1)
+        ws_rows = (b * num_heads + heads).to(tl.int64) * num_splits + pid_s  # [ROWS]
+        tl.store(o_ws_ptr + ws_rows[:, None] * DV + offs_v[None, :], out, mask=o_mask)
+        tl.store(lse_ws_ptr + ws_rows, m_i + tl.log2(l_i), mask=row_mask)
+    else:
+        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_v[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
 def attn_splitk_reduce_kernel(
     o_ws_ptr,  # [B, H, S, DV] fp32 normalised partial outputs
     lse_ws_ptr,  # [B, H, S] fp32 base-2 log-sum-exp of each partial

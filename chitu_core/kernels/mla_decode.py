@@ -41,7 +41,9 @@ from chitu_core.kernels.attn_reduce import (
     attn_dot,
     check_block_size,
     check_paged_args,
+    online_softmax_step,
     plan_splits,
+    store_decode_output,
 )
 
 # DeepSeek-V3 (128 heads, R 512, P 64): two head tiles of 64, 8 warps, 64 positions a
@@ -143,25 +145,11 @@ def mla_decode_kernel(
         qk = attn_dot(q_rope, k_pe_t, tl.zeros([BLOCK_H, BLOCK_N], tl.float32), FP32_DOT)
         qk = attn_dot(q_latent, tl.trans(c), qk, FP32_DOT)
         qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
-        # Every tile holds >= 1 valid position, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = online_softmax_step(qk, m_i, l_i)
         acc = attn_dot(p.to(c.dtype), c, acc * alpha[:, None], FP32_DOT)
-        m_i = m_new
 
-    # l_i == 0 only for an (out-of-contract) empty context: write zeros, not NaN.
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_mask = h_mask[:, None] & r_mask[None, :]
-    if IS_SPLIT:
-        num_splits = tl.num_programs(1)
-        ws_rows = (b * num_heads + heads).to(tl.int64) * num_splits + pid_s  # [BLOCK_H]
-        tl.store(o_ws_ptr + ws_rows[:, None] * R + offs_r[None, :], out, mask=o_mask)
-        tl.store(lse_ws_ptr + ws_rows, m_i + tl.log2(l_i), mask=h_mask)
-    else:
-        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_r[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    store_decode_output(acc, m_i, l_i, b, heads, h_mask, offs_r, r_mask, pid_s, num_heads,
+                        out_ptr, stride_ob, stride_oh, o_ws_ptr, lse_ws_ptr, R, IS_SPLIT)  # fmt: skip
 
 
 def mla_decode(

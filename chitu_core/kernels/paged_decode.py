@@ -32,7 +32,9 @@ from chitu_core.kernels.attn_reduce import (
     attn_dot,
     check_block_size,
     check_paged_args,
+    online_softmax_step,
     plan_splits,
+    store_decode_output,
 )
 
 # Llama-3-8B shapes (G = 4, D = 128): on an H200 (benchmarks/attn_bench.py --sweep)
@@ -134,30 +136,16 @@ def paged_decode_kernel(
         )  # [BLOCK_D, BLOCK_N]
         qk = attn_dot(q, k_t, tl.zeros([BLOCK_G, BLOCK_N], tl.float32), FP32_DOT)
         qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
-        # Every tile holds >= 1 valid position, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = online_softmax_step(qk, m_i, l_i)
         v = tl.load(
             v_base + (block * stride_vb + in_block * stride_vt)[:, None],
             mask=valid[:, None] & dv_mask[None, :],
             other=0.0,
         )  # [BLOCK_N, BLOCK_DV]
         acc = attn_dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
-        m_i = m_new
 
-    # l_i == 0 only for an (out-of-contract) empty context: write zeros, not NaN.
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_mask = g_mask[:, None] & dv_mask[None, :]
-    if IS_SPLIT:
-        num_splits = tl.num_programs(1)
-        rows = (b * num_heads + heads).to(tl.int64) * num_splits + pid_s  # [BLOCK_G]
-        tl.store(o_ws_ptr + rows[:, None] * DV + offs_dv[None, :], out, mask=o_mask)
-        tl.store(lse_ws_ptr + rows, m_i + tl.log2(l_i), mask=g_mask)
-    else:
-        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_dv[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    store_decode_output(acc, m_i, l_i, b, heads, g_mask, offs_dv, dv_mask, pid_s, num_heads,
+                        out_ptr, stride_ob, stride_oh, o_ws_ptr, lse_ws_ptr, DV, IS_SPLIT)  # fmt: skip
 
 
 def paged_attention_decode(
