@@ -61,7 +61,10 @@ def profile_prefill(
     """Run one prefill of ``num_tokens`` (token 0 everywhere) over a one-block dummy cache.
 
     Every slot and table entry points at that block: the contract allows
-    repeated slots, and attention reads whatever it holds. Returns the device
+    repeated slots, and attention reads whatever it holds. A pipeline stage after
+    the first starts from zero hidden states (the stages run it side by side, no
+    transfer between them; tensor-parallel ranks run their collectives as in a
+    real step). Returns the device
     memory the run took (free before minus free after): the caching allocator
     keeps the peak, which later steps reuse. Only meaningful on accelerators.
     """
@@ -92,7 +95,11 @@ def profile_prefill(
         last_token_indices=tensor([num_tokens - 1], torch.int64),
         is_decode=num_tokens == 1,
     )
-    model(batch, caches)
+    hidden = None
+    parallel = getattr(model, "parallel", None)
+    if parallel is not None and not parallel.is_first_stage:  # a later pipeline stage
+        hidden = torch.zeros(num_tokens, model.hidden_size, dtype=dtype, device=device)
+    model(batch, caches, hidden)
     ops.synchronize(device)
     free_after, _ = ops.memory_info(device)
     return max(0, free_before - free_after)

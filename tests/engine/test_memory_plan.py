@@ -100,3 +100,25 @@ def test_describe_mentions_every_part():
     text = MemoryPlan(2 * GIB, GIB // 2, 10 * GIB, 1001, 16, 4096).describe()
     assert "weights 2.00 GiB" in text and "KV cache 10.00 GiB = 1001 blocks x 16 tokens" in text
     assert "(3 concurrent sequences of 4096 tokens)" in text
+
+
+def test_profile_of_a_later_pipeline_stage_starts_from_hidden_states():
+    seen = {}
+
+    class StageModel:  # a second pipeline stage: no embedding, hidden states in
+        parallel = SimpleNamespace(is_first_stage=False)
+        hidden_size = 24
+
+        def __call__(self, batch, caches, hidden_states=None):
+            seen["hidden"] = hidden_states
+            seen["tokens"] = batch.input_ids.shape[0]
+            return hidden_states
+
+    ops = SimpleNamespace(
+        allocate_kv_cache=lambda n, bs, h, d, dtype, device: torch.zeros(n, bs, h, d, dtype=dtype),
+        memory_info=lambda device: (GIB, 2 * GIB),
+        synchronize=lambda device: None,
+    )
+    profile_prefill(StageModel(), ops, torch.device("cpu"), torch.bfloat16, LAYOUT, 16, 40)
+    assert seen["tokens"] == 40
+    assert seen["hidden"].shape == (40, 24) and seen["hidden"].dtype == torch.bfloat16
