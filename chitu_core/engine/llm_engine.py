@@ -94,7 +94,10 @@ class EngineConfig:
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
         if not 0 < self.memory_utilization <= 1:
-            raise ValueError(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
+            raise ValueError(
+                f"memory_utilization (--gpu-memory-utilization) must be in (0, 1], got "
+                f"{self.memory_utilization}"
+            )
 
 
 @dataclass

@@ -1,0 +1,37 @@
+"""The engine options of ``chitu serve`` / ``chitu generate`` reach the EngineConfig."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from chitu_core.cli import add_engine_options, engine_config
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_engine_options(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults_just_work():
+    config = engine_config(_parse(), "/models/m")
+    assert config.memory_utilization == 0.9
+    assert config.max_num_batched_tokens == 2048
+    assert config.enforce_eager is False and config.max_num_seqs == 64
+
+
+def test_memory_graph_and_batching_options():
+    args = _parse(
+        "--gpu-memory-utilization", "0.5", "--enforce-eager", "--max-num-batched-tokens", "512",
+        "--max-num-seqs", "8",
+    )  # fmt: skip
+    config = engine_config(args, "/models/m")
+    assert config.memory_utilization == 0.5 and config.enforce_eager
+    assert config.max_num_batched_tokens == 512 and config.max_num_seqs == 8
+
+
+def test_bad_utilization_is_a_clear_error():
+    with pytest.raises(ValueError, match="memory_utilization must be in"):
+        engine_config(_parse("--gpu-memory-utilization", "1.5"), "/models/m")
