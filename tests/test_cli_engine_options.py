@@ -33,5 +33,5 @@ def test_memory_graph_and_batching_options():
 
 
 def test_bad_utilization_is_a_clear_error():
-    with pytest.raises(ValueError, match="memory_utilization must be in"):
+    with pytest.raises(ValueError, match="--gpu-memory-utilization. must be in"):
         engine_config(_parse("--gpu-memory-utilization", "1.5"), "/models/m")
