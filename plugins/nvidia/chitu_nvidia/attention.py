@@ -17,16 +17,11 @@ from chitu_core.kernels import paged_decode as _paged_decode
 from chitu_core.kernels import paged_prefill as _paged_prefill
 from chitu_core.ops import attention as generic
 from chitu_nvidia.configs import mla_decode_config, mla_prefill_config
+from chitu_nvidia.fallback import KernelFallback
 from chitu_nvidia.linear import device_props
 
 logger = logging.getLogger(__name__)
-_logged: set[str] = set()
-
-
-def _fallback(op: str, exc: ValueError) -> None:
-    if op not in _logged:
-        _logged.add(op)
-        logger.warning("%s: the Triton kernel does not take this call (%s); generic op", op, exc)
+_fallback = KernelFallback(logger)
 
 
 def paged_attention_decode(

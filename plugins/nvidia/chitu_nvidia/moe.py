@@ -19,19 +19,19 @@ from chitu_core.kernels import fused_moe as _fused_moe
 from chitu_core.kernels.packed_weight import as_packed
 from chitu_core.ops import moe as generic
 from chitu_core.quant import FORMAT_UNQUANTIZED
+from chitu_nvidia.fallback import KernelFallback
 
 logger = logging.getLogger(__name__)
 
 # Tokens from which dense (bf16) experts take the generic cuBLAS loop.
 DENSE_GENERIC_MIN_TOKENS = 1024
-_logged = False
+_fallback = KernelFallback(logger)
 
 
 def fused_moe(
     x: torch.Tensor, w13: Any, w2: Any, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:
     """See ``chitu_core.hookspecs.chitu_fused_moe``: x ``[T, H]``, returns ``[T, H]``."""
-    global _logged
     w13, w2 = as_packed(w13), as_packed(w2)
     dense_prefill = w13.fmt == FORMAT_UNQUANTIZED and x.shape[0] >= DENSE_GENERIC_MIN_TOKENS
     if x.dtype in (torch.bfloat16, torch.float16) and not dense_prefill:
@@ -40,7 +40,5 @@ def fused_moe(
                 x, w13.weight, w13.scale, w2.weight, w2.scale, w13.fmt, topk_weights, topk_ids
             )
         except ValueError as exc:
-            if not _logged:
-                _logged = True
-                logger.warning("fused_moe: the Triton kernel does not take this call (%s)", exc)
+            _fallback("fused_moe", exc)
     return generic.fused_moe(x, w13.as_quantized(), w2.as_quantized(), topk_weights, topk_ids)

@@ -19,15 +19,11 @@ from chitu_core.kernels import small_ops as _kernels
 from chitu_core.kernels import store_kv as _store_kv
 from chitu_core.ops import attention as generic_attention
 from chitu_core.ops import small as generic
+from chitu_nvidia.fallback import KernelFallback
 
 logger = logging.getLogger(__name__)
-_logged: set[str] = set()
-
-
-def _fallback(op: str, exc: ValueError) -> None:
-    if op not in _logged:
-        _logged.add(op)
-        logger.warning("%s: the Triton kernel does not take this call (%s); generic op", op, exc)
+_fallback = KernelFallback(logger)
+_logged = _fallback.logged
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
