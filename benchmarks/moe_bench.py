@@ -25,6 +25,7 @@ import argparse
 import json
 
 import torch
+from attn_bench import device_hbm_bytes_per_s  # beside this script
 from triton.testing import do_bench
 
 from chitu_core.kernels.fused_moe import default_config, fused_moe
@@ -34,11 +35,6 @@ from chitu_core.quant import QuantizedWeight, dequantize_block_fp8, quantize_fp8
 
 BF16_FLOPS_PER_S = 989e12  # H100/H200 SXM dense bf16
 GRAPH_CALLS = 10  # kernel calls per graph replay
-
-
-def hbm_bytes_per_s(device: torch.device) -> float:
-    name = torch.cuda.get_device_name(device)
-    return 4.8e12 if "H200" in name else 3.35e12
 
 
 def random_fp8_experts(num_experts: int, rows: int, cols: int, device, seed: int):
@@ -131,7 +127,7 @@ def _row(op, shape, x, w13, w2, weights, ids, device, baseline: bool = False) ->
         "shape": shape,
         "kernel_us": kernel_us(call),
         "generic_us": eager_us(lambda: generic_fused_moe(x, w13, w2, weights, ids), rep=10),
-        "roofline_us": distinct * expert_bytes(w13, w2) / hbm_bytes_per_s(device) * 1e6,
+        "roofline_us": distinct * expert_bytes(w13, w2) / device_hbm_bytes_per_s(device) * 1e6,
         "flops_us": 2 * num_pairs * 3 * inter * hidden / BF16_FLOPS_PER_S * 1e6,
         "max_rel_err": ((out - ref).abs().max() / ref.abs().max()).item(),
         "distinct_experts": distinct,
@@ -205,7 +201,10 @@ def tune_fused_moe(device, token_counts=(1, 8, 64), budget_s: float = 400.0) -> 
         x = torch.randn(t, h, generator=gen, device=device, dtype=torch.bfloat16)
         cfg = default_config(t, k, e)
         roof = (
-            int(torch.unique(ids).numel()) * expert_bytes(w13, w2) / hbm_bytes_per_s(device) * 1e6
+            int(torch.unique(ids).numel())
+            * expert_bytes(w13, w2)
+            / device_hbm_bytes_per_s(device)
+            * 1e6
         )
 
         def time_cfg(c, x=x, weights=weights, ids=ids):
