@@ -195,6 +195,14 @@ def measure(k, n, m, wq, s, w_bf16, w_f32, cap, num_sms, configs) -> dict:
     return row
 
 
+def copy_bytes_per_s() -> float:
+    """Bytes/s (read + written) of a 1 GiB device-to-device copy: the roofline's bandwidth."""
+    buf = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(buf)
+    copy_s = do_bench(lambda: dst.copy_(buf), warmup=10, rep=100, return_mode="median") * 1e-3
+    return 2 * buf.numel() / copy_s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gemm.json")
@@ -212,10 +220,7 @@ def main() -> None:
     from chitu_nvidia import configs, linear
 
     global HBM_BYTES_PER_S
-    buf = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(buf)
-    copy_s = do_bench(lambda: dst.copy_(buf), warmup=10, rep=100, return_mode="median") * 1e-3
-    HBM_BYTES_PER_S = 2 * buf.numel() / copy_s  # bytes read + written
+    HBM_BYTES_PER_S = copy_bytes_per_s()
     print(f"copy bandwidth {HBM_BYTES_PER_S / 1e12:.2f} TB/s", flush=True)
     props = torch.cuda.get_device_properties(0)
     if sections - {"gemm"}:
