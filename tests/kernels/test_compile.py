@@ -14,6 +14,7 @@ import os
 import pytest
 
 triton = pytest.importorskip("triton")
+from kernel_test_helpers import CUDA_TARGETS  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -29,7 +30,6 @@ from chitu_core.kernels.fp8_gemm import (  # noqa: E402
     splitk_reduce_kernel,
 )
 
-CUDA_TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 86, 32), GPUTarget("cuda", 90, 32)]
 HIP_TARGETS = [GPUTarget("hip", "gfx90a", 64), GPUTarget("hip", "gfx942", 64)]
 
 

@@ -13,19 +13,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+from kernel_test_helpers import HERE, INTERPRETING, ROOT, finish_cases, start_cases  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 HAS_NVIDIA_GPU = torch.cuda.is_available() and torch.version.hip is None
 
 # Cases per subprocess: fewer interpreter start-ups, still a readable failure.
@@ -39,16 +34,8 @@ CASE_GROUPS = {
 @pytest.fixture(scope="module")
 def interp_runs():
     """Start every case group at once under the interpreter; tests wait on their own."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     procs = {
-        group: subprocess.Popen(
-            [sys.executable, str(HERE / "prefill_interp_cases.py"), *cases],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        group: start_cases("prefill_interp_cases.py", "cpu", *cases)
         for group, cases in CASE_GROUPS.items()
     }
     yield procs
@@ -163,8 +150,7 @@ def test_kernel_compiles_for_cuda(interp_runs, variant, arch):
 
 @pytest.mark.parametrize("group", list(CASE_GROUPS))
 def test_cases_under_interpreter(interp_runs, group):
-    output, _ = interp_runs[group].communicate(timeout=600)
-    assert interp_runs[group].returncode == 0, output
+    finish_cases(interp_runs[group])
 
 
 # --------------------------------------------------------------------------------------
