@@ -9,7 +9,10 @@ times each path from CUDA-graph replays (no CPU launch overhead; each call
 reads its own weight copy, together over 3x L2, so weights come from HBM), checks each result
 against an fp32 reference of the exact dequantized weight, prints a table and
 writes JSON rows ``{K, N, M, soft_fp8_us, native_fp8_us, cublas_bf16_us,
-naive_us, roofline_us, max_rel_err, ...}`` under a header (GPU, torch, triton).
+naive_us, roofline_us, read_stream_us, max_rel_err, ...}`` under a header (GPU, torch,
+triton). ``read_stream_us``: the time a kernel that only reads the weight (the decode
+GEMV's access pattern, no math) takes in the same harness: the practical ceiling of a
+weight-streaming kernel, next to the copy-bandwidth roofline.
 ``--tune`` first sweeps a few soft-FP8 configs per M regime and uses the winners.
 
 ``--sections gemm,moe,attention,prefill`` adds the fused-MoE, paged/MLA decode
@@ -29,9 +32,11 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 from triton.testing import do_bench
 
 from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm
+from chitu_core.kernels.packed_weight import has_nan_codes
 from chitu_core.quant import dequantize_block_fp8, quantize_block_fp8
 
 SHAPES = [  # (K, N): DeepSeek-V3, then Llama-8B
@@ -44,30 +49,33 @@ BF16_FLOPS_PER_S = 989e12  # H100/H200 SXM dense bf16 peak
 
 C = Fp8GemmConfig
 G = dict(kind="gemv")
+MM = dict(kind="mm")
 TUNE_SPACE = {  # max_m -> candidates (kinds: see Fp8GemmConfig)
     1: [C(**G, block_m=1, block_n=bn, num_warps=w, num_stages=1, prefetch=pf)
-        for bn, w, pf in [(64, 8, False), (64, 8, True), (32, 4, True), (64, 4, True), (128, 8, True),
-                          (32, 4, False)]],
-    4: [C(kind="mm", block_m=16, block_n=bn, block_k=128, num_warps=w, num_stages=st)
-        for bn, w, st in [(64, 2, 4), (64, 4, 3), (128, 4, 3)]]
-       + [C(**G, block_m=16, block_n=64, num_warps=4, num_stages=3)],
-    16: [C(kind="mm", block_m=16, block_n=bn, block_k=128, num_warps=w, num_stages=st)
-         for bn, w, st in [(64, 4, 3), (64, 2, 4), (128, 4, 3)]]
-        + [C(**G, block_m=16, block_n=64, num_warps=4, num_stages=3)],
-    64: [C(kind="swap", block_n=64, block_m=64, block_k=128, num_warps=4, num_stages=st, scale_on_acc=True)
-         for st in (3, 4)]
-        + [C(**G, block_m=64, block_n=bn, num_warps=4, num_stages=st, prefetch=pf)
-           for bn, st, pf in [(64, 3, False), (64, 1, True), (128, 3, False)]],
-    256: [C(kind="dequant"),
-          C(kind="swap", block_n=128, block_m=256, block_k=64, num_warps=8, num_stages=3, scale_on_acc=False),
-          C(kind="mm", block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=4, scale_on_acc=False)],
+        for bn, w, pf in [(64, 8, False), (64, 4, False), (128, 8, False), (128, 4, False),
+                          (64, 4, True), (32, 2, False)]]
+       + [C(**MM, block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=3)],
+    4: [C(**MM, block_m=16, block_n=bn, block_k=128, num_warps=w, num_stages=st)
+        for bn, w, st in [(64, 2, 4), (64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4)]]
+       + [C(**G, block_m=4, block_n=bn, num_warps=w, num_stages=1) for bn, w in [(64, 4), (128, 8)]],
+    16: [C(**MM, block_m=16, block_n=bn, block_k=128, num_warps=w, num_stages=st)
+         for bn, w, st in [(64, 4, 3), (64, 2, 4), (128, 4, 3), (128, 8, 3), (128, 4, 4)]],
+    64: [C(**MM, block_m=bm, block_n=bn, block_k=128, num_warps=w, num_stages=st)
+         for bm, bn, w, st in [(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
+                               (64, 128, 8, 3), (64, 128, 8, 4)]]
+        + [C(**G, block_m=64, block_n=64, num_warps=4, num_stages=3)],
+    256: [C(kind="dequant")]
+         + [C(**MM, block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, scale_on_acc=acc)
+            for bm, bn, bk, w, st, acc in [(64, 128, 128, 4, 3, True), (64, 128, 128, 8, 3, True),
+                                           (128, 128, 64, 8, 3, False), (128, 128, 128, 8, 3, True),
+                                           (128, 64, 128, 4, 3, True), (128, 256, 64, 8, 3, False)]],
     1 << 62: [C(kind="dequant")],
 }  # fmt: skip
-TUNE_CASES = {1: [(7168, 18432, 1), (18432, 7168, 1), (7168, 2112, 1)],
+TUNE_CASES = {1: [(7168, 18432, 1), (18432, 7168, 1), (7168, 2112, 1), (4096, 6144, 1)],
               4: [(7168, 18432, 4), (4096, 14336, 4)],
               16: [(7168, 18432, 16), (18432, 7168, 16)],
-              64: [(7168, 18432, 64), (18432, 7168, 32)],
-              256: [(7168, 18432, 256), (18432, 7168, 128)],
+              64: [(7168, 18432, 64), (18432, 7168, 32), (4096, 28672, 48)],
+              256: [(7168, 18432, 256), (18432, 7168, 128), (4096, 28672, 192)],
               1 << 62: [(7168, 18432, 4096)]}  # fmt: skip
 
 
@@ -92,6 +100,42 @@ def bench_us(make_call, num_copies: int = 1) -> float:
     return do_bench(graph.replay, warmup=10, rep=60, return_mode="median") * 1e3 / num_copies
 
 
+@triton.jit
+def _read_tiles_kernel(w_ptr, out_ptr, k_words, tiles_per_split, BLOCK_N: tl.constexpr):
+    """XOR of this program's [BLOCK_N, 128-byte] weight tiles: the GEMV's loads alone."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * tiles_per_split * 32 + tl.arange(0, 32)
+    ptrs = w_ptr + rows[:, None] * k_words + cols[None, :]
+    acc = tl.zeros((BLOCK_N, 32), tl.int32)
+    for _ in range(tiles_per_split):
+        acc ^= tl.load(ptrs)
+        ptrs += 32
+    tl.store(out_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(acc))
+
+
+def read_stream_us(wqs: list) -> float:
+    """Time to merely read one [N, K] weight (K % 512 == 0, N % 64 == 0) with the decode
+    GEMV's access pattern: the fastest of a few splits. A ceiling for any kernel that
+    streams the weight once, measured the same way as the kernels (unlike the copy
+    bandwidth, which also counts the bytes written)."""
+    n, k = wqs[0].shape
+    words = [w.view(torch.uint8).view(torch.int32) for w in wqs]
+    best = float("inf")
+    for split in (2, 4, 8):
+        per = k // 128 // split
+        if per * split * 128 != k:
+            continue
+        out = torch.empty((n // 64) * split, dtype=torch.int32, device=wqs[0].device)
+
+        def call(i, per=per, split=split, out=out):
+            return lambda: _read_tiles_kernel[(n // 64, split)](
+                words[i], out, k // 4, per, BLOCK_N=64, num_warps=8
+            )
+
+        best = min(best, bench_us(call, len(words)))
+    return best
+
+
 def copies_for(weight_bytes: int) -> int:
     """Weight copies so that one replay streams at least 3x the L2 size."""
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
@@ -113,11 +157,13 @@ def time_config(x, wq, s, cfg, num_sms) -> float:
     """Median us of one soft-FP8 config; inf if it does not build (e.g. out of shared memory)."""
     try:
         wqs = [wq] + [wq.clone() for _ in range(copies_for(wq.numel()) - 1)]
+        nan_codes = has_nan_codes(wq.view(torch.uint8))  # as prepare_weight records it
 
         def call(i):
             return lambda: fp8_gemm(
-                x, wqs[i], s, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True
-            )
+                x, wqs[i], s, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True,
+                nan_codes=nan_codes,
+            )  # fmt: skip
 
         return bench_us(call, len(wqs))
     except Exception as e:  # noqa: BLE001
@@ -165,12 +211,16 @@ def measure(k, n, m, wq, s, w_bf16, w_f32, cap, num_sms, configs) -> dict:
     wqs = [wq] + [wq.clone() for _ in range(copies - 1)]
     wbs = [w_bf16] + [w_bf16.clone() for _ in range(copies - 1)]
 
+    nan_codes = has_nan_codes(wq.view(torch.uint8))  # as prepare_weight records it
+
     def soft(i):
         return lambda: fp8_gemm(
-            x, wqs[i], s, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True
-        )
+            x, wqs[i], s, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True,
+            nan_codes=nan_codes,
+        )  # fmt: skip
 
-    row = {"K": k, "N": n, "M": m, "soft_config": dataclasses.asdict(cfg), "weight_copies": copies}
+    row = {"K": k, "N": n, "M": m, "soft_config": dataclasses.asdict(cfg), "weight_copies": copies,
+           "nan_codes": nan_codes}  # fmt: skip
     row["soft_fp8_us"] = bench_us(soft, copies)
     row["max_rel_err"] = err(soft(0)())
     row["native_fp8_us"] = None
@@ -191,6 +241,9 @@ def measure(k, n, m, wq, s, w_bf16, w_f32, cap, num_sms, configs) -> dict:
     )
     row["roofline_us"] = roofline_us(m, n, k)
     row["pct_roofline"] = 100 * row["roofline_us"] / row["soft_fp8_us"]
+    if k % 512 == 0 and n % 64 == 0:
+        row["read_stream_us"] = read_stream_us(wqs)
+        row["pct_read_stream"] = 100 * row["read_stream_us"] / row["soft_fp8_us"]
     row["speedup_vs_cublas"] = row["cublas_bf16_us"] / row["soft_fp8_us"]
     return row
 
@@ -247,7 +300,7 @@ def main() -> None:
     def dump(rows_so_far):  # after every row, so a run cut short still leaves its rows
         write_json(args.out, rows_so_far, props, configs, cap, num_sms)
 
-    header = f"{'K':>6} {'N':>6} {'M':>5} | {'soft':>8} {'native':>8} {'cublas':>8} {'naive':>8} {'roof':>8} | {'%roof':>5} {'xcublas':>7} {'err':>8}"  # noqa: E501
+    header = f"{'K':>6} {'N':>6} {'M':>5} | {'soft':>8} {'native':>8} {'cublas':>8} {'naive':>8} {'roof':>8} {'read':>8} | {'%roof':>5} {'%read':>5} {'xcublas':>7} {'err':>8}"  # noqa: E501
     print(header, flush=True)
     for k, n in shapes:
         wq, s = make_weight(n, k)
@@ -257,8 +310,10 @@ def main() -> None:
             row = measure(k, n, m, wq, s, w_bf16, w_f32, cap, num_sms, configs)
             rows.append(row)
             nat_us = row["native_fp8_us"] or float("nan")
+            read_us = row.get("read_stream_us", float("nan"))
             print(f"{k:>6} {n:>6} {m:>5} | {row['soft_fp8_us']:8.1f} {nat_us:8.1f} {row['cublas_bf16_us']:8.1f} "
-                  f"{row['naive_us']:8.1f} {row['roofline_us']:8.1f} | {row['pct_roofline']:5.1f} "
+                  f"{row['naive_us']:8.1f} {row['roofline_us']:8.1f} {read_us:8.1f} | {row['pct_roofline']:5.1f} "
+                  f"{row.get('pct_read_stream', float('nan')):5.1f} "
                   f"{row['speedup_vs_cublas']:7.2f} {row['max_rel_err']:8.1e}", flush=True)  # fmt: skip
             dump(rows)
         torch.cuda.empty_cache()

@@ -30,7 +30,15 @@ Two implementations of the same function:
   instructions per element.
   Any sm_53+ target (sm_80/86 included).
 
-FLOPs/bytes: none of memory; about 2.5 (fp16, PTX), 3 (bf16, PTX) or 8 (portable) ops per element.
+The NaN fix is a third of the fp16 widening's instructions and half of the
+bf16 one's, for codes that real checkpoints do not contain. ``NAN=False``
+drops it: every other code still widens exactly, while 0x7F/0xFF read as
++-480 instead of NaN. Callers pass ``NAN=False`` only for weights checked
+at load to hold no NaN code (``PackedWeight.has_nan_codes``), so the
+result is exact for every weight.
+
+FLOPs/bytes: none of memory; about 2.5 (fp16, PTX), 3 (bf16, PTX) or 8 (portable) ops per
+element with the NaN fix, 1.5 (fp16) and 2 (bf16) without.
 ``e4m3_to_bf16`` gives the exact value as bf16 (no 2^-8 factor): what a bf16 MMA wants,
 without the fp16 -> bf16 conversion (F2F, a quarter-rate instruction per element).
 """
@@ -93,21 +101,55 @@ _PTX_E4M3X4_TO_BF16X4 = tl.constexpr("""
 """)
 
 
+# The same two widenings without the NaN fix (for weights with no 0x7F/0xFF code):
+# fp16 3 instructions per 2 codes, bf16 4 (the fma by 2^120 stays: it makes subnormals exact).
+_PTX_E4M3X4_TO_F16X4_NO_NAN = tl.constexpr("""
+{
+    .reg .b32 h<2>, c<2>;
+    prmt.b32 h0, $2, 0, 0x9180;
+    prmt.b32 h1, $2, 0, 0xB3A2;
+    shl.b32 c0, h0, 7;
+    shl.b32 c1, h1, 7;
+    and.b32 $0, c0, 0xBF80BF80;
+    and.b32 $1, c1, 0xBF80BF80;
+}
+""")
+
+_PTX_E4M3X4_TO_BF16X4_NO_NAN = tl.constexpr("""
+{
+    .reg .b32 h<2>, g<2>, two120, mzero;
+    mov.b32 two120, 0x7B807B80;
+    mov.b32 mzero, 0x80008000;
+    prmt.b32 h0, $2, 0, 0x9180;
+    prmt.b32 h1, $2, 0, 0xB3A2;
+    shl.b32 g0, h0, 4;
+    shl.b32 g1, h1, 4;
+    and.b32 g0, g0, 0x87F087F0;
+    and.b32 g1, g1, 0x87F087F0;
+    fma.rn.bf16x2 $0, g0, two120, mzero;
+    fma.rn.bf16x2 $1, g1, two120, mzero;
+}
+""")
+
+
 @triton.jit
-def _e4m3_to_f16_portable(bits):
-    """bits: uint8 tensor of e4m3fn codes -> fp16 tensor of ``e4m3 * 2^-8`` (NaN kept)."""
+def _e4m3_to_f16_portable(bits, NAN: tl.constexpr = True):
+    """bits: uint8 tensor of e4m3fn codes -> fp16 tensor of ``e4m3 * 2^-8`` (NaN kept
+    when NAN, else 0x7F/0xFF read as +-480/256)."""
     b = bits.to(tl.int32)
     # sign to bit 15, exponent+mantissa to bits 7..13 (no rebias: see module doc)
     h = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
     v = h.to(tl.int16).to(tl.float16, bitcast=True)
-    return tl.where((b & 0x7F) == 0x7F, float("nan"), v)
+    if NAN:
+        v = tl.where((b & 0x7F) == 0x7F, float("nan"), v)
+    return v
 
 
 @triton.jit
-def _e4m3_to_f16_ptx(bits):
+def _e4m3_to_f16_ptx(bits, NAN: tl.constexpr = True):
     """Same function as ``_e4m3_to_f16_portable``, inline PTX, 4 codes per register."""
     return tl.inline_asm_elementwise(
-        asm=_PTX_E4M3X4_TO_F16X4,
+        asm=_PTX_E4M3X4_TO_F16X4 if NAN else _PTX_E4M3X4_TO_F16X4_NO_NAN,
         constraints="=r,=r,r",
         args=[bits],
         dtype=tl.float16,
@@ -117,24 +159,25 @@ def _e4m3_to_f16_ptx(bits):
 
 
 @triton.jit
-def e4m3_to_f16_x256(bits, USE_PTX: tl.constexpr):
+def e4m3_to_f16_x256(bits, USE_PTX: tl.constexpr, NAN: tl.constexpr = True):
     """Widen e4m3fn codes to fp16 holding ``value / 256`` exactly (all 256 codes).
 
     bits: uint8 tensor (any shape). Returns an fp16 tensor of the same shape.
     Multiply by ``WIDEN_SCALE_FIX`` (fold it into the scale) for the true value;
     ``.to(tl.float32)``/``.to(tl.bfloat16)`` of the result is exact.
     USE_PTX selects the NVIDIA inline-PTX version (not for HIP or the interpreter).
+    NAN=False: no NaN fix, only for codes known to hold no 0x7F/0xFF (module doc).
     """
     if USE_PTX:
-        return _e4m3_to_f16_ptx(bits)
+        return _e4m3_to_f16_ptx(bits, NAN)
     else:
-        return _e4m3_to_f16_portable(bits)
+        return _e4m3_to_f16_portable(bits, NAN)
 
 
 @triton.jit
-def _e4m3_to_bf16_ptx(bits):
+def _e4m3_to_bf16_ptx(bits, NAN: tl.constexpr = True):
     return tl.inline_asm_elementwise(
-        asm=_PTX_E4M3X4_TO_BF16X4,
+        asm=_PTX_E4M3X4_TO_BF16X4 if NAN else _PTX_E4M3X4_TO_BF16X4_NO_NAN,
         constraints="=r,=r,r",
         args=[bits],
         dtype=tl.bfloat16,
@@ -144,16 +187,17 @@ def _e4m3_to_bf16_ptx(bits):
 
 
 @triton.jit
-def e4m3_to_bf16(bits, USE_PTX: tl.constexpr):
+def e4m3_to_bf16(bits, USE_PTX: tl.constexpr, NAN: tl.constexpr = True):
     """Widen e4m3fn codes to bf16 holding the exact value (all 256 codes, NaN kept).
 
     Unlike ``e4m3_to_f16_x256`` no 2^-8 factor: the result is the value itself.
     USE_PTX: NVIDIA inline PTX (sm_80+: bf16x2 fma); else via the portable fp16 route.
+    NAN=False: no NaN fix, only for codes known to hold no 0x7F/0xFF (module doc).
     """
     if USE_PTX:
-        return _e4m3_to_bf16_ptx(bits)
+        return _e4m3_to_bf16_ptx(bits, NAN)
     else:
-        return (_e4m3_to_f16_portable(bits).to(tl.float32) * 256.0).to(tl.bfloat16)
+        return (_e4m3_to_f16_portable(bits, NAN).to(tl.float32) * 256.0).to(tl.bfloat16)
 
 
 @triton.jit
@@ -164,24 +208,25 @@ def e4m3_widen_kernel(
     USE_PTX: tl.constexpr,
     BLOCK: tl.constexpr,
     BF16: tl.constexpr = False,
+    NAN: tl.constexpr = True,
 ):
     """out[i] = e4m3(bits[i]) in out's dtype (fp32 or bf16): the widening on its own, for tests.
-    BF16: through ``e4m3_to_bf16`` instead of the fp16 widening."""
+    BF16: through ``e4m3_to_bf16`` instead of the fp16 widening; NAN: with the NaN fix."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_elements
     bits = tl.load(bits_ptr + offs, mask=mask, other=0)
     if BF16:
-        v = e4m3_to_bf16(bits, USE_PTX).to(tl.float32)
+        v = e4m3_to_bf16(bits, USE_PTX, NAN).to(tl.float32)
     else:
-        v = e4m3_to_f16_x256(bits, USE_PTX).to(tl.float32) * 256.0  # WIDEN_SCALE_FIX
+        v = e4m3_to_f16_x256(bits, USE_PTX, NAN).to(tl.float32) * 256.0  # WIDEN_SCALE_FIX
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def e4m3_widen(bits, dtype=None, use_ptx: bool = False, bf16: bool = False):
+def e4m3_widen(bits, dtype=None, use_ptx: bool = False, bf16: bool = False, nan: bool = True):
     """Widen a uint8 (or float8_e4m3fn) tensor of any shape to ``dtype`` (default fp32).
 
     Runs the Triton widening alone (tests and debugging). Returns a new tensor on
-    the same device.
+    the same device. nan=False: the widening without the NaN fix (0x7F/0xFF -> +-480).
     """
     import torch
 
@@ -192,5 +237,7 @@ def e4m3_widen(bits, dtype=None, use_ptx: bool = False, bf16: bool = False):
     block = 1024
     grid = (triton.cdiv(flat.numel(), block),)
     if flat.numel():
-        e4m3_widen_kernel[grid](flat, out, flat.numel(), USE_PTX=use_ptx, BLOCK=block, BF16=bf16)
+        e4m3_widen_kernel[grid](
+            flat, out, flat.numel(), USE_PTX=use_ptx, BLOCK=block, BF16=bf16, NAN=nan
+        )
     return out.reshape(bits.shape)

@@ -149,6 +149,7 @@ def fp8_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    NAN: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -178,7 +179,7 @@ def fp8_gemm_kernel(
             k_ok = kt * BLOCK_K + offs_k < K
             w_bits = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
             x_t = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
-        w16 = e4m3_to_f16_x256(w_bits, USE_PTX)  # exact e4m3 / 256
+        w16 = e4m3_to_f16_x256(w_bits, USE_PTX, NAN)  # exact e4m3 / 256
         if SCALE_MODE == 0:
             s = tl.load(s_ptrs + (kt * BLOCK_K // 128) * stride_sk) * 256.0  # [BLOCK_N]
             part = _dot(
@@ -294,13 +295,16 @@ def fp8_gemv_kernel(
     PREFETCH: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     WIDEN_BF16: tl.constexpr = False,
+    NAN: tl.constexpr = True,
 ):
     """Decode GEMV/skinny GEMM: each program streams a [BLOCK_N, 128] weight tile per
     step (16-byte loads along K), widens it in registers and multiplies by the x
-    slice: fp32 FMA + a K reduction when BLOCK_M <= 4, a swap-AB ``tl.dot`` into a
-    [BLOCK_N, BLOCK_M] tile when BLOCK_M >= 16. The block scale multiplies the
-    per-step partial (one multiply per output element per 128 K), the widening's
-    2^-8 is undone once at the end. Bytes: N*K + 2*M*K*ceil(N/BLOCK_N) (L2) + partials."""
+    slice: fp32 FMA when BLOCK_M <= 4 (at BLOCK_M = 1 into per-thread partials summed
+    across threads once after the loop, the block scale folded into x), a
+    swap-AB ``tl.dot`` into a [BLOCK_N, BLOCK_M] tile when BLOCK_M >= 16 (the block
+    scale multiplies the per-step partial). The widening's 2^-8 is undone once at
+    the end. NAN=False: widening without the NaN fix, for weights with no NaN code.
+    Bytes: N*K + 2*M*K*ceil(N/BLOCK_N) (L2) + partials."""
     BLOCK_K: tl.constexpr = 128
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -324,15 +328,33 @@ def fp8_gemv_kernel(
         s_ptrs = scale_ptr + (rows_n // 128) * stride_sn + kt_begin * stride_sk
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if BLOCK_M == 1:
+        # Each thread sums the products of its own 16 K codes (one 16-byte load) into
+        # one partial per row; the partials of a row are summed across threads once,
+        # after the loop (a per-step cross-thread reduction costs more than the widening,
+        # a full [BLOCK_N, 128] accumulator costs the registers that keep loads in flight).
+        acc_k = tl.zeros((BLOCK_N, BLOCK_K // 16), dtype=tl.float32)
+        # BLOCK_N <= 128 (aligned): the tile's rows share one scale row, so the
+        # block scale is a scalar per step, folded into the 128 x values.
+        s_row_ptr = scale_ptr + (pid_n * BLOCK_N // 128) * stride_sn + kt_begin * stride_sk
     if PREFETCH:  # register double buffer: tile kt+1 is in flight while tile kt is used
-        k_lim = tl.where(kt_begin < kt_end, K, 0)
-        w_next = tl.load(w_ptrs, mask=(k0 + offs_k < k_lim)[None, :], other=0)
+        # Every split owns >= 1 K tile (fp8_gemm sizes the split so), so the first
+        # tile is in bounds; unmasked when EVEN_K so that the loads stay 16-byte wide.
+        if EVEN_K:
+            w_next = tl.load(w_ptrs)
+        else:
+            w_next = tl.load(w_ptrs, mask=(k0 + offs_k < K)[None, :], other=0)
     for kt in range(kt_begin, kt_end):
         if PREFETCH:
             w_bits = w_next
-            k_lim = tl.where(kt + 1 < kt_end, K, 0)
-            k_nx = (kt + 1) * BLOCK_K + offs_k
-            w_next = tl.load(w_ptrs + BLOCK_K, mask=(k_nx < k_lim)[None, :], other=0)
+            # the last step re-reads its own tile (in bounds, unused) instead of masking:
+            # a 0/1 times BLOCK_K offset keeps the pointer's 16-byte alignment provable
+            nxt = (kt + 1 < kt_end).to(tl.int32) * BLOCK_K
+            if EVEN_K:
+                w_next = tl.load(w_ptrs + nxt)
+            else:
+                k_nx = (kt + (kt + 1 < kt_end).to(tl.int32)) * BLOCK_K + offs_k
+                w_next = tl.load(w_ptrs + nxt, mask=(k_nx < K)[None, :], other=0)
         if EVEN_K:
             if not PREFETCH:
                 w_bits = tl.load(w_ptrs)
@@ -346,25 +368,38 @@ def fp8_gemv_kernel(
             else:
                 xt = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
         if BLOCK_M == 1:
-            w16 = e4m3_to_f16_x256(w_bits, USE_PTX)  # exact e4m3 / 256
-            part = tl.sum(w16.to(tl.float32) * xt.to(tl.float32)[None, :], axis=1)[:, None]
-        elif BLOCK_M < 16:
-            w16 = e4m3_to_f16_x256(w_bits, USE_PTX)
-            prod = w16.to(tl.float32)[:, :, None] * xt.to(tl.float32)[None, :, :]
-            part = tl.sum(prod, axis=1)
-        elif WIDEN_BF16:  # exact bf16 values straight into the bf16 MMA (no fp16 -> bf16 F2F)
-            wb = e4m3_to_bf16(w_bits, USE_PTX)
-            part = _dot(wb, xt, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), DOT_IN_FP32)
+            w = e4m3_to_f16_x256(w_bits, USE_PTX, NAN).to(tl.float32)  # exact e4m3 / 256
+            xf = xt.to(tl.float32)
+            if SCALE_MODE == 2:
+                prod = w * xf[None, :]
+            elif BLOCK_N <= 128:
+                prod = w * (xf * tl.load(s_row_ptr))[None, :]
+                s_row_ptr += stride_sk
+            else:
+                prod = w * (xf[None, :] * tl.load(s_ptrs)[:, None])
+                s_ptrs += stride_sk
+            acc_k += tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // 16, 16)), axis=2)
         else:
-            w16 = e4m3_to_f16_x256(w_bits, USE_PTX)
-            part = _dot(w16.to(xt.dtype), xt, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), DOT_IN_FP32)
-        if SCALE_MODE != 2:
-            acc += part * tl.load(s_ptrs)[:, None]
-            s_ptrs += stride_sk
-        else:
-            acc += part
+            if BLOCK_M < 16:
+                w16 = e4m3_to_f16_x256(w_bits, USE_PTX, NAN)
+                prod = w16.to(tl.float32)[:, :, None] * xt.to(tl.float32)[None, :, :]
+                part = tl.sum(prod, axis=1)
+            elif WIDEN_BF16:  # exact bf16 values straight into the bf16 MMA (no fp16 -> bf16 F2F)
+                wb = e4m3_to_bf16(w_bits, USE_PTX, NAN)
+                part = _dot(wb, xt, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), DOT_IN_FP32)
+            else:
+                w16 = e4m3_to_f16_x256(w_bits, USE_PTX, NAN)
+                part = _dot(w16.to(xt.dtype), xt, tl.zeros((BLOCK_N, BLOCK_M), tl.float32),
+                            DOT_IN_FP32)  # fmt: skip
+            if SCALE_MODE != 2:
+                acc += part * tl.load(s_ptrs)[:, None]
+                s_ptrs += stride_sk
+            else:
+                acc += part
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+    if BLOCK_M == 1:
+        acc += tl.sum(acc_k, axis=1)[:, None]
 
     FIX: tl.constexpr = 1.0 if (WIDEN_BF16 and BLOCK_M >= 16) else 256.0  # WIDEN_SCALE_FIX
     if SCALE_MODE == 2:
@@ -411,6 +446,7 @@ def fp8_mm_kernel(
     GROUP_M: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     WIDEN_BF16: tl.constexpr = False,
+    NAN: tl.constexpr = True,
 ):
     """``acc[BLOCK_M, BLOCK_N] = x_tile @ widen(W_tile)^T``: the weight tile is widened
     once per K step (to bf16, pre-scaled by its block scale with SCALE_MODE 1) and
@@ -444,9 +480,9 @@ def fp8_mm_kernel(
             x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
             w_bits = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
         if WIDEN_BF16 and SCALE_MODE != 1:  # exact bf16 values, no fp16 -> bf16 F2F
-            wx = e4m3_to_bf16(w_bits, USE_PTX)
+            wx = e4m3_to_bf16(w_bits, USE_PTX, NAN)
         else:
-            w16 = e4m3_to_f16_x256(w_bits, USE_PTX)  # [BLOCK_N, BLOCK_K], exact e4m3 / 256
+            w16 = e4m3_to_f16_x256(w_bits, USE_PTX, NAN)  # [BLOCK_N, BLOCK_K], exact e4m3 / 256
             wx = w16.to(x.dtype)
         if SCALE_MODE == 0:
             s = tl.load(s_ptrs + (kt * BLOCK_K // 128) * stride_sk)
@@ -490,6 +526,7 @@ def dequant_kernel(
     USE_PTX: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NAN: tl.constexpr = True,
 ):
     """out = bf16(e4m3(w) * scale): the whole-weight widening of the ``dequant`` prefill
     path. Bytes: N*K read, 2*N*K written."""
@@ -508,7 +545,7 @@ def dequant_kernel(
             mask=offs_k < K,
             other=0.0,
         )[None, :]
-    v = e4m3_to_f16_x256(bits, USE_PTX).to(tl.float32) * (s * 256.0)
+    v = e4m3_to_f16_x256(bits, USE_PTX, NAN).to(tl.float32) * (s * 256.0)
     tl.store(
         out_ptr + offs_n[:, None] * K + offs_k[None, :], v.to(out_ptr.dtype.element_ty), mask=mask
     )
@@ -577,9 +614,16 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def dequantize_to(
-    w_bits: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, channel: bool, use_ptx: bool
+    w_bits: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    channel: bool,
+    use_ptx: bool,
+    nan_codes: bool = True,
 ) -> torch.Tensor:
-    """``bf16(e4m3(w) * scale)`` of a whole [N, K] weight with the Triton widening."""
+    """``bf16(e4m3(w) * scale)`` of a whole [N, K] weight with the Triton widening.
+    nan_codes=False only for codes known to hold no NaN (0x7F/0xFF)."""
     n, k = w_bits.shape
     out = torch.empty((n, k), dtype=dtype, device=w_bits.device)
     if n == 0 or k == 0:
@@ -588,7 +632,7 @@ def dequantize_to(
     stride_sn, stride_sk = (0, 0) if channel else (scale.stride(0), scale.stride(1))
     dequant_kernel[(triton.cdiv(k, bk), triton.cdiv(n, bn))](
         w_bits, scale, out, n, k, w_bits.stride(0), stride_sn, stride_sk,
-        CHANNEL=channel, USE_PTX=use_ptx, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+        CHANNEL=channel, USE_PTX=use_ptx, BLOCK_N=bn, BLOCK_K=bk, NAN=nan_codes, num_warps=4,
     )  # fmt: skip
     return out
 
@@ -603,6 +647,7 @@ def fp8_gemm(
     config: Fp8GemmConfig,
     num_sms: int,
     use_ptx: bool = False,
+    nan_codes: bool = True,
 ) -> torch.Tensor:
     """``y = x @ (e4m3(w_bits) * scale)^T + bias`` with the soft-FP8 kernel.
 
@@ -610,6 +655,8 @@ def fp8_gemm(
     e4m3fn codes, K contiguous. scale: block ``[ceil(N/128), ceil(K/128)]`` fp32
     (``channel=False``) or ``[N]`` fp32 (``channel=True``). bias: [N] or None.
     Returns [M, N] in x.dtype. use_ptx: NVIDIA inline-PTX widening (CUDA only).
+    nan_codes: whether w_bits may hold NaN codes (0x7F/0xFF); False (checked once
+    at load, ``PackedWeight.has_nan_codes``) lets the kernels skip the NaN fix.
     """
     if x.dim() != 2 or w_bits.dim() != 2 or x.shape[1] != w_bits.shape[1]:
         raise ValueError(
@@ -630,7 +677,9 @@ def fp8_gemm(
         return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
     cfg = config
     if cfg.kind == "dequant":
-        w = dequantize_to(w_bits, scale, x.dtype, channel=channel, use_ptx=use_ptx)
+        w = dequantize_to(
+            w_bits, scale, x.dtype, channel=channel, use_ptx=use_ptx, nan_codes=nan_codes
+        )
         return torch.nn.functional.linear(x, w, bias)
     block_k = 128 if cfg.kind == "gemv" else cfg.block_k
     if not channel and 128 % block_k:
@@ -669,6 +718,7 @@ def fp8_gemm(
             BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m,
             DOT_IN_FP32=interpreting(),
+            NAN=nan_codes,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )  # fmt: skip
@@ -684,7 +734,7 @@ def fp8_gemm(
             SCALE_MODE=mode, HAS_BIAS=has_bias, FUSED_REDUCE=fused,
             FENCE_PTX=fused and use_ptx and not interpreting(),
             EVEN_K=k % block_k == 0, USE_PTX=use_ptx, DOT_IN_FP32=interpreting(),
-            WIDEN_BF16=x.dtype == torch.bfloat16,
+            WIDEN_BF16=x.dtype == torch.bfloat16, NAN=nan_codes,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         args = (x, w_bits, scale, bias_arg, y, ws, cnt, m, n, k,

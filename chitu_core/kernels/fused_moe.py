@@ -152,9 +152,10 @@ def _tile_rows(sorted_ptr, block_expert_ptr, topk_ids_ptr, pid_m, num_pairs,
 
 @triton.jit
 def _load_weight(ptrs, k_ok, EVEN_K: tl.constexpr, FMT: tl.constexpr, USE_PTX: tl.constexpr,
-                 WIDEN_BF16: tl.constexpr, CDT: tl.constexpr):  # fmt: skip
+                 WIDEN_BF16: tl.constexpr, CDT: tl.constexpr, NAN: tl.constexpr):  # fmt: skip
     """[BLOCK_N, BLOCK_K] weight tile in the compute dtype CDT: dense weights cast,
-    e4m3 codes widened (exact value for bf16, value / 256 for fp16: see _FIX)."""
+    e4m3 codes widened (exact value for bf16, value / 256 for fp16: see _FIX);
+    NAN=False: without the NaN fix (weights checked to hold no NaN code)."""
     if EVEN_K:
         raw = tl.load(ptrs)
     else:
@@ -162,9 +163,9 @@ def _load_weight(ptrs, k_ok, EVEN_K: tl.constexpr, FMT: tl.constexpr, USE_PTX: t
     if FMT == 2:
         return raw.to(CDT)
     elif WIDEN_BF16:
-        return e4m3_to_bf16(raw, USE_PTX)
+        return e4m3_to_bf16(raw, USE_PTX, NAN)
     else:
-        return e4m3_to_f16_x256(raw, USE_PTX).to(CDT)
+        return e4m3_to_f16_x256(raw, USE_PTX, NAN).to(CDT)
 
 
 @triton.jit
@@ -237,6 +238,7 @@ def moe_gate_up_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    NAN: tl.constexpr = True,
 ):
     """act[pair, n] = silu(x[token] . W1[e, n]) * (x[token] . W3[e, n]) for a tile's pairs
     and BLOCK_N columns n: gate rows n and up rows I + n of W13 in the same program."""
@@ -273,8 +275,8 @@ def moe_gate_up_kernel(
             a = tl.load(x_ptrs)
         else:
             a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-        wg = _load_weight(g_ptrs, k_ok, EVEN_K, FMT, USE_PTX, WIDEN_BF16, CDT)
-        wu = _load_weight(u_ptrs, k_ok, EVEN_K, FMT, USE_PTX, WIDEN_BF16, CDT)
+        wg = _load_weight(g_ptrs, k_ok, EVEN_K, FMT, USE_PTX, WIDEN_BF16, CDT, NAN)
+        wu = _load_weight(u_ptrs, k_ok, EVEN_K, FMT, USE_PTX, WIDEN_BF16, CDT, NAN)
         acc_g = _mma(acc_g, a, wg, sg_ptrs, kt, stride_sk, FMT, SCALE_ON_ACC, FIX, BLOCK_K,
                      DOT_IN_FP32)  # fmt: skip
         acc_u = _mma(acc_u, a, wu, su_ptrs, kt, stride_sk, FMT, SCALE_ON_ACC, FIX, BLOCK_K,
@@ -321,6 +323,7 @@ def moe_down_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    NAN: tl.constexpr = True,
 ):
     """out[pair, n] = topk_weight[pair] * (act[pair] . W2[e, n]) for a tile's pairs."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -350,7 +353,7 @@ def moe_down_kernel(
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        w = _load_weight(w_ptrs, k_ok, EVEN_K, FMT, USE_PTX, WIDEN_BF16, CDT)
+        w = _load_weight(w_ptrs, k_ok, EVEN_K, FMT, USE_PTX, WIDEN_BF16, CDT, NAN)
         acc = _mma(acc, a, w, s_ptrs, kt, stride_sk, FMT, SCALE_ON_ACC, FIX, BLOCK_K, DOT_IN_FP32)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -413,6 +416,7 @@ def fused_moe(
     topk_ids: torch.Tensor,
     config: FusedMoeConfig | None = None,
     use_ptx: bool | None = None,
+    nan_codes: bool = True,
 ) -> torch.Tensor:
     """SwiGLU experts mixed by the router, with the Triton kernels (no host sync).
 
@@ -429,6 +433,8 @@ def fused_moe(
         config: tiles; None picks ``default_config(T, top_k, E)``.
         use_ptx: NVIDIA inline-PTX widening; None: on for CUDA (not HIP, not the
             interpreter).
+        nan_codes: whether the FP8 codes may hold NaN (0x7F/0xFF); False (checked at
+            load, ``PackedWeight.has_nan_codes``) widens without the NaN fix.
 
     Returns ``[T, H]`` in x.dtype (the intermediate rounded to x.dtype before the
     down projection; top-k sum in fp32).
@@ -485,7 +491,7 @@ def fused_moe(
     common = dict(
         FMT=_FMT_CODES[fmt], SCALE_ON_ACC=cfg.scale_on_acc, USE_PTX=use_ptx,
         WIDEN_BF16=x.dtype == torch.bfloat16, PAIR_PER_BLOCK=pair_per_block,
-        BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, DOT_IN_FP32=interpreting(),
+        BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, DOT_IN_FP32=interpreting(), NAN=nan_codes,
     )  # fmt: skip
     num_rows = max_blocks * cfg.block_m
     if inter > 0:

@@ -30,11 +30,15 @@ class PackedWeight:
     scale: FP8 block ``[ceil(N/128), ceil(K/128)]`` (``[E, ...]``) or channel ``[N]``
         (``[E, N]``) fp32, contiguous; ``None`` when unquantized.
     fmt: the checkpoint format (``chitu_core.quant.WEIGHT_FORMATS``).
+    has_nan_codes: FP8 only: whether any code is NaN (0x7F/0xFF). Checked once at
+        pack time; False lets the kernels widen without the NaN fix (real
+        checkpoints hold none), True keeps NaN -> NaN. Defaults to the safe True.
     """
 
     weight: torch.Tensor
     scale: torch.Tensor | None
     fmt: str
+    has_nan_codes: bool = True
 
     @property
     def out_features(self) -> int:
@@ -74,7 +78,17 @@ def pack_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> P
     bits = q.weight.contiguous()
     if bits.dtype != torch.uint8:
         bits = bits.view(torch.uint8)
-    return PackedWeight(bits, q.scale.float().contiguous(), fmt)
+    return PackedWeight(bits, q.scale.float().contiguous(), fmt, has_nan_codes(bits))
+
+
+def has_nan_codes(bits: torch.Tensor) -> bool:
+    """Whether a uint8 tensor of e4m3fn codes holds a NaN code (0x7F or 0xFF).
+
+    One pass over the weight (a device sync): for load time, never per token.
+    """
+    if bits.numel() == 0:
+        return False
+    return bool(((bits & 0x7F) == 0x7F).any())
 
 
 def as_packed(weight: PackedWeight | QuantizedWeight) -> PackedWeight:

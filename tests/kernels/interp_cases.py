@@ -66,6 +66,13 @@ def case_widen_all_codes() -> None:
         assert same_values(out, ref), (
             f"{dtype} bf16={bf16}: codes {torch.nonzero(out != ref).flatten().tolist()}"
         )
+        # Without the NaN fix: every other code still exact, the NaN codes read as +-480.
+        out = e4m3_widen(ALL_CODES.to(DEVICE), dtype, use_ptx=USE_PTX, bf16=bf16, nan=False)
+        out = out.float().cpu()
+        finite = torch.ones(256, dtype=torch.bool)
+        finite[list(NAN_CODES)] = False
+        assert same_values(out[finite], ref[finite]), f"{dtype} bf16={bf16} nan=False"
+        assert out[0x7F].item() == 480.0 and out[0xFF].item() == -480.0
 
 
 def _all_codes_weight(n_rows: int) -> torch.Tensor:
@@ -98,6 +105,14 @@ def case_gemm_all_codes() -> None:
             ref = w_ref.T.float()  # y[m, n] = W[n, m]
             assert same_values(y[:, : n - 2], ref[:, : n - 2], False), f"channel={channel} {cfg}"
             assert bool(y[:, n - 2 :].isnan().all()), "NaN codes must give NaN rows"
+            # the widening without the NaN fix, on the rows that hold no NaN code
+            s_free = scale[: n - 2] if channel else scale
+            y = fp8_gemm(x.to(DEVICE), bits[: n - 2].to(DEVICE), s_free.to(DEVICE), None,
+                         channel=channel, config=cfg, num_sms=4, use_ptx=USE_PTX,
+                         nan_codes=False).float().cpu()  # fmt: skip
+            assert same_values(y, ref[:, : n - 2], False), (
+                f"nan_codes=False channel={channel} {cfg}"
+            )
 
 
 def case_gemv_all_codes() -> None:
@@ -127,18 +142,23 @@ def case_gemv_all_codes() -> None:
             assert bool(y[:, 16:].isnan().all()), "NaN codes must give NaN rows"
         for m, cfg in (  # FMA variants and the MMA one at tiny M, a few rows at a time
             ((1, Fp8GemmConfig(kind="gemv", block_n=16, block_m=1, split_k=1)),
+             (1, Fp8GemmConfig(kind="gemv", block_n=256, block_m=1, split_k=1)),
              (3, Fp8GemmConfig(kind="gemv", block_n=16, block_m=4, split_k=1)),
              (1, Fp8GemmConfig(kind="mm", block_n=16, block_m=16, split_k=1)))
             if not channel else ()
         ):  # fmt: skip
             for r in range(0, 16, m if m > 1 else 5):
                 xs = x[r : r + m]
-                y = fp8_gemm(xs.to(DEVICE), bits.to(DEVICE), scale.to(DEVICE), None,
-                             channel=channel, config=cfg, num_sms=4, use_ptx=USE_PTX).float().cpu()  # fmt: skip
-                assert same_values(y[:, :16], w_ref.T.float()[r : r + m, :16], False), (
-                    f"{cfg} row {r}"
-                )
-                assert bool(y[:, 16:].isnan().all()), "NaN codes must give NaN rows"
+                for nan_codes in (True, False):
+                    # nan_codes=False: the widening without the NaN fix, NaN-free rows only
+                    rows = 18 if nan_codes else 16
+                    y = fp8_gemm(xs.to(DEVICE), bits[:rows].to(DEVICE), scale.to(DEVICE), None,
+                                 channel=channel, config=cfg, num_sms=4, use_ptx=USE_PTX,
+                                 nan_codes=nan_codes).float().cpu()  # fmt: skip
+                    assert same_values(y[:, :16], w_ref.T.float()[r : r + m, :16], False), (
+                        f"{cfg} row {r} nan_codes={nan_codes}"
+                    )
+                    assert bool(y[:, 16:].isnan().all()), "NaN codes must give NaN rows"
 
 
 def case_gemm_shapes() -> None:
@@ -159,6 +179,7 @@ def case_gemm_shapes() -> None:
         Fp8GemmConfig(kind="gemv", block_n=16, block_m=4, split_k=1, prefetch=True),
         Fp8GemmConfig(kind="gemv", block_n=32, block_m=16, split_k=3),
         Fp8GemmConfig(kind="gemv", block_n=16, block_m=64, split_k=0, prefetch=True),
+        Fp8GemmConfig(kind="gemv", block_n=256, block_m=1, split_k=2),  # rows span 2 scale rows
     ]
     for m, n, k in shapes:
         w = torch.randn(n, k) * 0.05
@@ -178,9 +199,10 @@ def case_gemm_shapes() -> None:
             fits = [c for c in gemv_cfgs if m <= c.block_m]
             for i, cfg in enumerate(cfgs + fits):
                 for b in (None, bias) if i == 0 else (bias if i % 2 else None,):
+                    # quantized weights hold no NaN code: both widenings must agree
                     y = fp8_gemm(x.to(DEVICE), wq.to(DEVICE).view(torch.uint8), s.to(DEVICE),
                                  None if b is None else b.to(DEVICE), channel=channel, config=cfg,
-                                 num_sms=4, use_ptx=USE_PTX)  # fmt: skip
+                                 num_sms=4, use_ptx=USE_PTX, nan_codes=(i + m) % 2 == 0)  # fmt: skip
                     assert y.shape == (m, n) and y.dtype == torch.bfloat16
                     rounding = cfg.kind == "dequant" or (not channel and not cfg.scale_on_acc)
                     assert_close_to_exact(y, x, w_ref, b, rounding)

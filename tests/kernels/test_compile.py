@@ -44,7 +44,7 @@ def _gemm_source(scale_mode: int, split_k: int, use_ptx: bool, block_n: int, blo
     constexprs = {
         "SCALE_MODE": scale_mode, "HAS_BIAS": True, "WRITE_PARTIAL": split_k > 1, "EVEN_K": True,
         "USE_PTX": use_ptx, "BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_K": 128,
-        "GROUP_M": 8, "DOT_IN_FP32": False,
+        "GROUP_M": 8, "DOT_IN_FP32": False, "NAN": True,
     }  # fmt: skip
     sig.update(dict.fromkeys(constexprs, "constexpr"))
     return ASTSource(fp8_gemm_kernel, sig, constexprs)
@@ -63,7 +63,8 @@ _NEW_SIG = {
 
 def _new_source(kernel, use_ptx: bool, **constexprs):
     c = dict(HAS_BIAS=True, FUSED_REDUCE=True, FENCE_PTX=use_ptx, EVEN_K=False, USE_PTX=use_ptx,
-             DOT_IN_FP32=False, WIDEN_BF16=True, **constexprs)  # fmt: skip
+             DOT_IN_FP32=False, WIDEN_BF16=True, NAN=True)  # fmt: skip
+    c.update(constexprs)
     sig = dict(_NEW_SIG)
     sig.update(dict.fromkeys(c, "constexpr"))
     return ASTSource(kernel, sig, c)
@@ -72,7 +73,7 @@ def _new_source(kernel, use_ptx: bool, **constexprs):
 def _dequant_source(use_ptx: bool):
     sig = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "K": "i32",
            "stride_wn": "i32", "stride_sn": "i32", "stride_sk": "i32"}  # fmt: skip
-    c = {"CHANNEL": False, "USE_PTX": use_ptx, "BLOCK_N": 16, "BLOCK_K": 512}
+    c = {"CHANNEL": False, "USE_PTX": use_ptx, "BLOCK_N": 16, "BLOCK_K": 512, "NAN": True}
     sig.update(dict.fromkeys(c, "constexpr"))
     return ASTSource(dequant_kernel, sig, c)
 
@@ -86,6 +87,11 @@ NEW_VARIANTS = {
     "mm": lambda p: (_new_source(fp8_mm_kernel, p, SCALE_MODE=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
                                  GROUP_M=8), 4, 3),
     "dequant": lambda p: (_dequant_source(p), 4, 3),
+    # the widenings without the NaN fix (weights with no NaN code): fp16 (FMA) and bf16 (MMA)
+    "gemv_fma_no_nan": lambda p: (_new_source(fp8_gemv_kernel, p, SCALE_MODE=0, BLOCK_N=64,
+                                              BLOCK_M=1, PREFETCH=False, NAN=False), 4, 1),
+    "mm_no_nan": lambda p: (_new_source(fp8_mm_kernel, p, SCALE_MODE=0, BLOCK_M=16, BLOCK_N=128,
+                                        BLOCK_K=128, GROUP_M=8, NAN=False), 4, 3),
 }  # fmt: skip
 
 
@@ -116,7 +122,7 @@ def _hip_available(target) -> bool:
     return True
 
 
-def _widen_source(use_ptx: bool, bf16: bool = False):
+def _widen_source(use_ptx: bool, bf16: bool = False, nan: bool = True):
     sig = {
         "bits_ptr": "*u8",
         "out_ptr": "*bf16",
@@ -124,8 +130,10 @@ def _widen_source(use_ptx: bool, bf16: bool = False):
         "USE_PTX": "constexpr",
         "BLOCK": "constexpr",
         "BF16": "constexpr",
+        "NAN": "constexpr",
     }
-    return ASTSource(e4m3_widen_kernel, sig, {"USE_PTX": use_ptx, "BLOCK": 1024, "BF16": bf16})
+    consts = {"USE_PTX": use_ptx, "BLOCK": 1024, "BF16": bf16, "NAN": nan}
+    return ASTSource(e4m3_widen_kernel, sig, consts)
 
 
 def _reduce_source():
@@ -152,6 +160,8 @@ def test_gemm_compiles_for_cuda(target, variant, use_ptx):
 def test_helpers_compile_for_cuda(target):
     _compile(_widen_source(True), target)
     _compile(_widen_source(True, bf16=True), target)  # bf16x2 fma: sm_80+
+    _compile(_widen_source(True, nan=False), target)  # the widenings without the NaN fix
+    _compile(_widen_source(True, bf16=True, nan=False), target)
     _compile(_widen_source(False), target)
     _compile(_reduce_source(), target)
 

@@ -80,7 +80,7 @@ def _expert_source(kernel, cfg: FusedMoeConfig, fmt: int, use_ptx: bool, dtype: 
              WIDEN_BF16=dtype == "bf16", PAIR_PER_BLOCK=pair_per_block, BLOCK_M=cfg.block_m,
              BLOCK_N=cfg.down_block_n if down else cfg.block_n,
              BLOCK_K=cfg.down_block_k if down else cfg.block_k, GROUP_M=cfg.group_m,
-             DOT_IN_FP32=False)  # fmt: skip
+             DOT_IN_FP32=False, NAN=True)  # fmt: skip
     sig.update(dict.fromkeys(c, "constexpr"))
     if down:
         return ASTSource(kernel, sig, c), cfg.down_num_warps, cfg.down_num_stages

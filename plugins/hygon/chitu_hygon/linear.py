@@ -67,6 +67,7 @@ def soft_fp8_linear(
             return fp8_gemm(
                 x, w.weight, w.scale, bias,
                 channel=w.fmt == FORMAT_FP8_CHANNEL, config=config, num_sms=num_cus, use_ptx=False,
+                nan_codes=w.has_nan_codes,
             )  # fmt: skip
         except Exception as exc:
             if not _is_build_failure(exc):

@@ -71,7 +71,7 @@ def hip_toolchain_missing() -> str | None:
         )
     try:  # the smallest kernel: anything that fails here is the toolchain, not our kernels
         sig = {"bits_ptr": "*u8", "out_ptr": "*bf16", "num_elements": "i32"}
-        consts = {"USE_PTX": False, "BLOCK": 1024, "BF16": False}
+        consts = {"USE_PTX": False, "BLOCK": 1024, "BF16": False, "NAN": True}
         sig.update(dict.fromkeys(consts, "constexpr"))
         src = ASTSource(e4m3_widen_kernel, sig, consts)
         triton.compile(src, target=GPUTarget("hip", "gfx90a", WAVEFRONT))
@@ -96,7 +96,7 @@ def _gemm_source(config: Fp8GemmConfig, channel: bool, half: str, even_k: bool) 
         mode = SCALE_BLOCK_ON_ACC if config.scale_on_acc else SCALE_BLOCK_ON_WEIGHT
     consts = dict(
         SCALE_MODE=mode, HAS_BIAS=True, FUSED_REDUCE=False, FENCE_PTX=False, EVEN_K=even_k,
-        USE_PTX=False, DOT_IN_FP32=False, WIDEN_BF16=half == "bf16",
+        USE_PTX=False, DOT_IN_FP32=False, WIDEN_BF16=half == "bf16", NAN=True,
     )  # fmt: skip
     if config.kind == "gemv":
         kernel = fp8_gemv_kernel
@@ -116,7 +116,7 @@ def _dequant_source(channel: bool) -> ASTSource:
     """``dequantize_to``'s launch (the ``dequant`` kind's widening before hipBLAS)."""
     sig = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "K": "i32",
            "stride_wn": "i32", "stride_sn": "i32", "stride_sk": "i32"}  # fmt: skip
-    consts = {"CHANNEL": channel, "USE_PTX": False, "BLOCK_N": 16, "BLOCK_K": 512}
+    consts = {"CHANNEL": channel, "USE_PTX": False, "BLOCK_N": 16, "BLOCK_K": 512, "NAN": True}
     sig.update(dict.fromkeys(consts, "constexpr"))
     return ASTSource(dequant_kernel, sig, consts)
 

@@ -82,5 +82,6 @@ def linear(
             config=soft_fp8_config(capability, m),
             num_sms=num_sms,
             use_ptx=torch.version.hip is None,
+            nan_codes=w.has_nan_codes,
         )  # fmt: skip
     return y.reshape(*lead, y.shape[-1])

@@ -37,8 +37,9 @@ def fused_moe(
     if x.dtype in (torch.bfloat16, torch.float16) and not dense_prefill:
         try:
             return _fused_moe.fused_moe(
-                x, w13.weight, w13.scale, w2.weight, w2.scale, w13.fmt, topk_weights, topk_ids
-            )
+                x, w13.weight, w13.scale, w2.weight, w2.scale, w13.fmt, topk_weights, topk_ids,
+                nan_codes=w13.has_nan_codes or w2.has_nan_codes,
+            )  # fmt: skip
         except ValueError as exc:
             _fallback("fused_moe", exc)
     return generic.fused_moe(x, w13.as_quantized(), w2.as_quantized(), topk_weights, topk_ids)

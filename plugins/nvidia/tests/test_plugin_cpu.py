@@ -37,6 +37,23 @@ def test_prepare_weight_keeps_fp8_one_byte():
     torch.testing.assert_close(h.as_quantized().dequantize(), h.as_quantized().dequantize())
 
 
+def test_prepare_weight_records_nan_codes():
+    """The NaN-free widening is chosen per weight: only a weight with no 0x7F/0xFF code
+    may skip the NaN fix (real checkpoints hold none; a NaN code must still give NaN)."""
+    w, s = quantize_block_fp8(torch.randn(256, 256))
+    assert plugin.chitu_prepare_weight(w, s, FORMAT_FP8_BLOCK128).has_nan_codes is False
+    for code in (0x7F, 0xFF):
+        bits = w.view(torch.uint8).clone()
+        bits[200, 3] = code
+        h = plugin.chitu_prepare_weight(bits.view(torch.float8_e4m3fn), s, FORMAT_FP8_BLOCK128)
+        assert h.has_nan_codes is True
+    experts, es = quantize_block_fp8(torch.randn(3, 128, 128))
+    bits = experts.view(torch.uint8).clone()
+    bits[2, 5, 7] = 0xFF
+    assert plugin.chitu_prepare_weight(experts, es, FORMAT_FP8_BLOCK128).has_nan_codes is False
+    assert plugin.chitu_prepare_weight(bits, es, FORMAT_FP8_BLOCK128).has_nan_codes is True
+
+
 def test_prepare_weight_experts_and_dense():
     w, s = quantize_block_fp8(torch.randn(4, 256, 128))
     h = plugin.chitu_prepare_weight(w, s, FORMAT_FP8_BLOCK128)
