@@ -7,12 +7,14 @@
 #   e2e-llama    bench_e2e.py on the Llama-3-8B-shaped model, with serving (needs the
 #                fastapi/uvicorn wheels in .gpu_wheels)
 #   e2e-deepseek bench_e2e.py on the 4-layer DeepSeek-V3-shaped FP8 model
-#   tp2          (2 GPUs) Llama-3-8B-shaped FP8: greedy token ids of 1 GPU vs TP=2 vs PP=2,
-#                bench_distributed 1x1 / 2x1 / 1x2 at batch 1 and 32, serve --tp 2 at c=16
+#   tp2          (2 GPUs, <= 9 min) Llama-3-8B-shaped and 4-layer DeepSeek-V3-shaped FP8:
+#                step logits (tp_logits.py) of 1 GPU vs TP=2 vs PP=2 on identical inputs,
+#                compared; bench_distributed 1x1 / 2x1 / 1x2 at batch 1 and 32 on Llama with
+#                a decode profile of 1x1 and 2x1; serve --tp 2 at c=16
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 OUT=${OUT:-/tmp/chitu-gpu}; mkdir -p "$OUT"
-STAGE=${1:?stage: kernels, e2e-llama or e2e-deepseek}
+STAGE=${1:?stage: kernels, gemm, e2e-llama, e2e-deepseek or tp2}
 log() { echo "=== [$(date +%T)] $*" | tee -a "$OUT/summary.txt"; }
 if [ -d .gpu_wheels ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -57,29 +59,73 @@ e2e-deepseek)
         --out "$OUT/e2e.json" --modes soft_fp8 --batches 1,4,16,64 --profile 2>&1 \
         | grep -v "it/s\]\|Warning" | tee -a "$OUT/summary.txt" | tail -60
     ;;
+gemm)
+    log "soft-FP8 numerics on the GPU: every e4m3 code through both widenings and all kernels"
+    PYTHONPATH=.:plugins/nvidia timeout 120 python3 tests/kernels/interp_cases.py --device cuda 2>&1 \
+        | tail -6 | tee -a "$OUT/summary.txt"
+    log "bench_ops --sections gemm,moe"
+    PYTHONPATH=.:plugins/nvidia:benchmarks timeout 520 python3 benchmarks/bench_ops.py --sections gemm,moe \
+        --ms 1,4,16,32,64,128,256,1024,4096 --out "$OUT/gemm.json" --moe-attn-out "$OUT/moe.json" 2>&1 \
+        | grep -v -i "warn" | tee -a "$OUT/summary.txt" | tail -90
+    ;;
 tp2)
+    # <= 9 minutes on 2 GPUs, model writing included: every step has a timeout, capped by
+    # what is left of TP2_BUDGET_S (seconds since this script started).
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-    log "Llama-3-8B-shaped FP8 model, written on GPU 0"
-    python3 -c "from chitu_core.demo_model import write_demo_model as w; w('/tmp/ll8', 'llama', 'real', fp8=True, device='cuda')" 2>/dev/null
-    ids() { timeout 100 "$@" --backend nvidia --model /tmp/ll8 --prompt "The capital of France is" \
-        --max-tokens 24 --print-token-ids 2>>"$OUT/stderr.txt" | tail -1; }
-    log "greedy token ids: 1 GPU, TP=2, PP=2 (torchrun, NCCL)"
-    printf '1 GPU: %s\n' "$(CUDA_VISIBLE_DEVICES=0 ids python3 -m chitu_core generate)" | tee -a "$OUT/summary.txt"
-    printf 'TP=2 : %s\n' "$(ids torchrun --standalone --nproc_per_node 2 -m chitu_core generate --tp 2)" | tee -a "$OUT/summary.txt"
-    printf 'PP=2 : %s\n' "$(ids torchrun --standalone --nproc_per_node 2 -m chitu_core generate --pp 2)" | tee -a "$OUT/summary.txt"
-    log "decode tokens/s: 1x1, TP=2, PP=2 at batch 1 and 32"
-    timeout 200 python3 benchmarks/bench_distributed.py --backend nvidia --model /tmp/ll8 \
+    BUDGET=${TP2_BUDGET_S:-530}
+    tmo() { local left=$((BUDGET - SECONDS)); if [ "$left" -lt "$1" ]; then echo $((left > 5 ? left : 5)); else echo "$1"; fi; }
+    errs() { grep -E "Error|error:|Traceback|FAILED" "$OUT/stderr.txt" | tail -4 | tee -a "$OUT/summary.txt"; }
+    write='from chitu_core.demo_model import write_demo_model as w; import sys; w(sys.argv[1], sys.argv[2], "real", fp8=True, device="cuda")'
+    log "writing the 4-layer DeepSeek-V3-shaped FP8 model on GPU 1 (in the background)"
+    CUDA_VISIBLE_DEVICES=1 timeout 300 python3 -c "$write" /tmp/ds4 deepseek_v3 >/tmp/ds4-write.log 2>&1 &
+    ds_writer=$!
+    log "writing the Llama-3-8B-shaped FP8 model on GPU 0"
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -c "$write" /tmp/ll8 llama >/tmp/ll8-write.log 2>&1 \
+        || { log "writing Llama failed"; tail -3 /tmp/ll8-write.log | tee -a "$OUT/summary.txt"; }
+    # Step logits: 1 GPU decodes greedily (its tokens become the forced sequence); TP=2 and
+    # PP=2 (torchrun, NCCL) are teacher-forced on it, so all three see identical inputs.
+    mkdir -p /tmp/lg
+    LG=(benchmarks/tp_logits.py run --backend nvidia --max-model-len 1024 --kv-cache-gb 4
+        --max-num-seqs 32 --dist-timeout 60 --steps 24 --batch 1,32)
+    logits() {  # NAME MODEL SECONDS_PER_RUN
+        local name=$1 model=$2 t=$3 ref=/tmp/lg/$1-1gpu.safetensors layout
+        log "$name: step logits (prefill + 24 teacher-forced decode steps, batch 1 and 32): 1 GPU vs TP=2 vs PP=2"
+        CUDA_VISIBLE_DEVICES=0 timeout "$(tmo "$t")" python3 "${LG[@]}" --model "$model" --out "$ref" \
+            2>>"$OUT/stderr.txt" | tee -a "$OUT/summary.txt" || { log "$name: 1-GPU run failed"; errs; return; }
+        for layout in tp pp; do
+            local out=/tmp/lg/$name-${layout}2.safetensors
+            timeout "$(tmo "$t")" torchrun --standalone --nproc_per_node 2 "${LG[@]}" --$layout 2 \
+                --model "$model" --force-from "$ref" --out "$out" 2>>"$OUT/stderr.txt" \
+                | tee -a "$OUT/summary.txt" || { log "$name: ${layout^^}=2 run failed"; errs; continue; }
+            log "$name: compare 1 GPU (A) vs ${layout^^}=2 (B)"
+            timeout 60 python3 benchmarks/tp_logits.py compare "$ref" "$out" 2>&1 | tee -a "$OUT/summary.txt"
+        done
+    }
+    logits llama8b /tmp/ll8 100
+    log "waiting for the DeepSeek writer"
+    wait "$ds_writer" || log "writing DeepSeek failed (status $?)"
+    tail -c 300 /tmp/ds4-write.log | tr '\r' '\n' | tail -2 | tee -a "$OUT/summary.txt"
+    logits deepseek4l /tmp/ds4 130
+    log "decode tokens/s (Llama): 1x1, TP=2, PP=2 at batch 1 and 32; profile of batch-32 decode at 1x1 and TP=2"
+    timeout "$(tmo 200)" python3 benchmarks/bench_distributed.py --backend nvidia --model /tmp/ll8 \
         --layouts 1x1 2x1 1x2 --batch 1,32 --prompt-len 128 --new-tokens 64 --json "$OUT/tp.json" \
-        2>>"$OUT/stderr.txt" | tee -a "$OUT/summary.txt"
+        --profile-dir /tmp/prof --profile-layouts 1x1 2x1 --profile-steps 8 \
+        2>>"$OUT/stderr.txt" | tee -a "$OUT/summary.txt" || { log "bench_distributed failed"; errs; }
+    cp /tmp/prof/trace-2x1-b32.json.gz "$OUT/" 2>/dev/null
     log "chitu serve --tp 2, benchmark_serving at concurrency 16"
     python3 -m chitu_core serve /tmp/ll8 --backend nvidia --tp 2 --port 21078 --skip-conformance \
         --max-model-len 4096 >"$OUT/serve-tp2.log" 2>&1 &
     server=$!
-    for _ in $(seq 60); do curl -sf http://127.0.0.1:21078/health >/dev/null && break; sleep 2; done
-    timeout 120 python3 benchmarks/benchmark_serving.py --base-url http://127.0.0.1:21078 --concurrency 16 \
+    for _ in $(seq 60); do
+        curl -sf http://127.0.0.1:21078/health >/dev/null && break
+        [ "$SECONDS" -lt "$BUDGET" ] || break
+        sleep 2
+    done
+    timeout "$(tmo 120)" python3 benchmarks/benchmark_serving.py --base-url http://127.0.0.1:21078 --concurrency 16 \
         --num-prompts 32 --input-len 128 --output-len 128 --ignore-eos --json "$OUT/serving-tp2.json" \
         2>&1 | tail -25 | tee -a "$OUT/summary.txt"
     kill "$server"; wait
+    log "done in $SECONDS s"
     tail -3 "$OUT/stderr.txt"
     ;;
 *) echo "unknown stage $STAGE" >&2; exit 2 ;;
