@@ -40,6 +40,7 @@ from chitu_core.distributed.step_sync import (
     CMD_STEP,
     CMD_STOP,
     StepChannel,
+    batch_sizes,
     header,
     pack,
     unpack,
@@ -102,8 +103,9 @@ class DistributedExecutor:
 
     def _start(self, batch, keep_header: bool = False):
         """Announce ``batch`` to stage 0 and run stage 0 on it."""
-        payload = pack([batch], self.state.device)
-        head = header(CMD_STEP, payload, self.state.device)
+        # The engine's batches are views of a payload already on the device: sent as is.
+        payload = batch.payload if batch.payload is not None else pack([batch], self.state.device)
+        head = header(CMD_STEP, payload, self.state.device, batch_sizes(batch))
         self.channel.share_in_stage(head, payload)
         self._last_sent = time.monotonic()
         out = self.runner.forward(batch)
@@ -188,10 +190,10 @@ class DistributedExecutor:
         while True:
             try:
                 if stage == 0:
-                    head, payload = channel.receive_in_stage()
+                    head, info, payload = channel.receive_in_stage()
                     hidden = None
                 else:
-                    head, payload, hidden = channel.receive_prev(
+                    head, info, payload, hidden = channel.receive_prev(
                         runner.model.hidden_size, runner.dtype
                     )
             except Exception as exc:
@@ -199,7 +201,7 @@ class DistributedExecutor:
                     f"rank {layout.rank}: lost contact with rank 0 ({type(exc).__name__}: {exc}); "
                     "a rank died or stopped answering within the collective timeout"
                 ) from exc
-            command = int(head[0])
+            command = info[0]
             try:
                 if command != CMD_STEP:
                     if stage < last:
@@ -208,7 +210,7 @@ class DistributedExecutor:
                         logger.info("rank %d: stop", layout.rank)
                         return
                     continue
-                [batch] = unpack(payload, 1)
+                [batch] = unpack(payload, 1, sizes=tuple(info[3:7]))
                 out = runner.forward(batch, hidden)
                 if stage < last:
                     channel.send_next(head, payload, out)

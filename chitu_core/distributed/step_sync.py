@@ -3,11 +3,17 @@
 Rank 0 alone schedules; every other rank runs its part of the same forward
 on the batch rank 0 built. A step is encoded as two int64 tensors:
 
-* a header ``[command, num_batches, payload_len, 0]`` of fixed size, and
+* a header ``[command, num_batches, payload_len, T, B, max_blocks, is_decode, 0]`` of
+  fixed size (the sizes of the first batch: with them a receiver reads one header
+  and no payload back to the host), and
 * for ``STEP`` a payload with the ``ForwardBatch``:
   ``[T, B, max_blocks, is_decode]`` then ``input_ids [T]``, ``positions [T]``,
   ``slot_mapping [T]``, ``block_tables [B * max_blocks]``, ``context_lens [B]``,
   ``cu_seqlens_q [B + 1]``, ``last_token_indices [B]``.
+
+The engine builds every batch from such a payload (``payload_values`` on the host,
+one copy to the device, ``unpack``), so rank 0 sends the very tensor its own batch
+is made of.
 
 Within stage 0 the TP ranks get it from rank 0 by an all-gather of their TP
 group (the contract has no broadcast); later stages get it from their
@@ -25,16 +31,51 @@ import torch
 from chitu_core.models.base import ForwardBatch
 
 CMD_STOP, CMD_STEP, CMD_PING = 0, 1, 2
-HEADER_LEN = 4
+HEADER_LEN = 8
 _BATCH_FIELDS = 4  # T, B, max_blocks, is_decode
 
 
-def header(command: int, payload: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """The fixed-size header announcing ``command`` (and the payload's length)."""
+def header(
+    command: int,
+    payload: torch.Tensor | None,
+    device: torch.device,
+    sizes: tuple[int, int, int, int] = (0, 0, 0, 0),
+) -> torch.Tensor:
+    """The fixed-size header announcing ``command``, the payload's length and the first
+    batch's ``(T, B, max_blocks, is_decode)``."""
     length = 0 if payload is None else payload.shape[0]
-    return torch.tensor([command, int(payload is not None), length, 0], dtype=torch.int64).to(
-        device
-    )
+    values = [command, int(payload is not None), length, *sizes, 0]
+    return torch.tensor(values, dtype=torch.int64).to(device)
+
+
+def batch_sizes(batch: ForwardBatch) -> tuple[int, int, int, int]:
+    """``(T, B, max_blocks, is_decode)`` of a batch, as the header carries them."""
+    num_seqs, max_blocks = batch.block_tables.shape
+    return batch.input_ids.shape[0], num_seqs, max_blocks, int(batch.is_decode)
+
+
+def payload_values(
+    input_ids: list[int],
+    positions: list[int],
+    slot_mapping: list[int],
+    block_tables: list[list[int]],
+    context_lens: list[int],
+    cu_seqlens_q: list[int],
+    last_token_indices: list[int],
+    is_decode: bool,
+) -> list[int]:
+    """One batch's payload as host ints (``block_tables``: B rows of equal length)."""
+    max_blocks = len(block_tables[0]) if block_tables else 0
+    values = [len(input_ids), len(block_tables), max_blocks, int(is_decode)]
+    values += input_ids
+    values += positions
+    values += slot_mapping
+    for row in block_tables:
+        values += row
+    values += context_lens
+    values += cu_seqlens_q
+    values += last_token_indices
+    return values
 
 
 def pack(batches: list[ForwardBatch], device: torch.device) -> torch.Tensor:
@@ -57,9 +98,18 @@ def pack(batches: list[ForwardBatch], device: torch.device) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def unpack(payload: torch.Tensor, num_batches: int) -> list[ForwardBatch]:
-    """Inverse of ``pack``: the batches, on ``payload``'s device (one host read of sizes)."""
-    host = payload.cpu()
+def unpack(
+    payload: torch.Tensor,
+    num_batches: int,
+    sizes: tuple[int, int, int, int] | None = None,
+) -> list[ForwardBatch]:
+    """Inverse of ``pack``: the batches, on ``payload``'s device. ``sizes``: the single
+    batch's ``(T, B, max_blocks, is_decode)`` when known (the header's); otherwise they
+    are read from the payload (one device-to-host copy). Every batch keeps its slice
+    of the payload as ``ForwardBatch.payload``."""
+    if sizes is not None and num_batches != 1:
+        raise ValueError("sizes describe one batch; unpack several from the payload alone")
+    host = payload.cpu() if sizes is None else None
     batches, at = [], 0
 
     def take(count: int, dtype: torch.dtype) -> torch.Tensor:
@@ -69,7 +119,11 @@ def unpack(payload: torch.Tensor, num_batches: int) -> list[ForwardBatch]:
         return out
 
     for _ in range(num_batches):
-        tokens, num_seqs, max_blocks, is_decode = host[at : at + _BATCH_FIELDS].tolist()
+        begin = at
+        if host is None:
+            tokens, num_seqs, max_blocks, is_decode = sizes
+        else:
+            tokens, num_seqs, max_blocks, is_decode = host[at : at + _BATCH_FIELDS].tolist()
         at += _BATCH_FIELDS
         batches.append(
             ForwardBatch(
@@ -81,6 +135,7 @@ def unpack(payload: torch.Tensor, num_batches: int) -> list[ForwardBatch]:
                 cu_seqlens_q=take(num_seqs + 1, torch.int32),
                 last_token_indices=take(num_seqs, torch.int64),
                 is_decode=bool(is_decode),
+                payload=payload[begin:at],
             )
         )
     if at != payload.shape[0]:
@@ -103,15 +158,16 @@ class StepChannel:
             if payload is not None:
                 self.state.from_stage_leader(payload)
 
-    def receive_in_stage(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A TP rank of stage 0 other than rank 0: the next header (and payload)."""
+    def receive_in_stage(self) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+        """A TP rank of stage 0 other than rank 0: the next header, its values on the
+        host (the one device-to-host read of a step) and the payload, if any."""
         zeros = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.state.device)
         head = self.state.from_stage_leader(zeros)
-        if int(head[0]) != CMD_STEP:
-            return head, None
-        length = int(head[2])
-        payload = torch.zeros(length, dtype=torch.int64, device=self.state.device)
-        return head, self.state.from_stage_leader(payload)
+        info = head.tolist()
+        if info[0] != CMD_STEP:
+            return head, info, None
+        payload = torch.zeros(info[2], dtype=torch.int64, device=self.state.device)
+        return head, info, self.state.from_stage_leader(payload)
 
     # -- between stages: stage s -> stage s + 1, same TP rank --------------------------
     def send_next(
@@ -126,16 +182,18 @@ class StepChannel:
 
     def receive_prev(
         self, hidden_size: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """A stage after the first: the next header, payload and hidden states ``[T, D]``."""
+    ) -> tuple[torch.Tensor, list[int], torch.Tensor | None, torch.Tensor | None]:
+        """A stage after the first: the next header, its host values, the payload and
+        the hidden states ``[T, D]``."""
         device, stage = self.state.device, self.layout.pp_rank - 1
         head = torch.zeros(HEADER_LEN, dtype=torch.int64, device=device)
         self.state.recv_from_stage(head, stage)
-        if int(head[0]) != CMD_STEP:
-            return head, None, None
-        payload = torch.zeros(int(head[2]), dtype=torch.int64, device=device)
+        info = head.tolist()
+        if info[0] != CMD_STEP:
+            return head, info, None, None
+        num_tokens = info[3]  # T of the batch (see ``header``)
+        payload = torch.zeros(info[2], dtype=torch.int64, device=device)
         self.state.recv_from_stage(payload, stage)
-        num_tokens = int(payload[0])  # the batch's T (see ``pack``)
         hidden = torch.empty((num_tokens, hidden_size), dtype=dtype, device=device)
         self.state.recv_from_stage(hidden, stage)
-        return head, payload, hidden
+        return head, info, payload, hidden

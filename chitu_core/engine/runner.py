@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from chitu_core.distributed.step_sync import payload_values, unpack
 from chitu_core.engine.decode_graphs import DecodeGraphs
 from chitu_core.models.base import ForwardBatch, LayerCache
 
@@ -81,21 +82,17 @@ class ModelRunner:
         max_blocks = max(len(seq.block_ids) for seq in seqs)
         # Unused table entries point at the reserved scratch block 0.
         tables = [seq.block_ids + [0] * (max_blocks - len(seq.block_ids)) for seq in seqs]
-        device = self.device
-
-        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-        return ForwardBatch(
-            input_ids=tensor(input_ids, torch.int64),
-            positions=tensor(positions, torch.int64),
-            slot_mapping=tensor(slots, torch.int64),
-            block_tables=tensor(tables, torch.int32),
-            context_lens=tensor(context_lens, torch.int32),
-            cu_seqlens_q=tensor(cu_seqlens, torch.int32),
-            last_token_indices=tensor([c - 1 for c in cu_seqlens[1:]], torch.int64),
-            is_decode=all(c == 1 for c in num_new_tokens),
+        is_decode = all(c == 1 for c in num_new_tokens)
+        last = [c - 1 for c in cu_seqlens[1:]]
+        # One host-to-device copy per step (a copy from pageable memory waits for the
+        # host each time): the whole batch as one int64 payload, the fields views of it.
+        values = payload_values(
+            input_ids, positions, slots, tables, context_lens, cu_seqlens, last, is_decode
         )
+        payload = torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+        sizes = (len(input_ids), len(seqs), max_blocks, int(is_decode))
+        [batch] = unpack(payload, 1, sizes=sizes)
+        return batch
 
     @torch.inference_mode()
     def forward(

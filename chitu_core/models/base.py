@@ -6,7 +6,7 @@ bound ``Ops`` table and torch tensor math, so they run on any backend.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -29,6 +29,10 @@ class ForwardBatch:
     cu_seqlens_q: torch.Tensor  # [B + 1] int32, prefix sums of new tokens per sequence
     last_token_indices: torch.Tensor  # [B] int64, index in T of each sequence's last token
     is_decode: bool  # every sequence has exactly one new token (T == B)
+    # The int64 step payload (``chitu_core.distributed.step_sync``) the fields above are
+    # views/casts of, when the batch was built from one (the engine does): a TP leader
+    # hands it to its peers as is.
+    payload: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from chitu_core.distributed.parallel import RankLayout
-from chitu_core.distributed.step_sync import pack, unpack
+from chitu_core.distributed.step_sync import (
+    CMD_STEP,
+    HEADER_LEN,
+    batch_sizes,
+    header,
+    pack,
+    payload_values,
+    unpack,
+)
 from chitu_core.models.base import ForwardBatch
 
 
@@ -45,3 +53,34 @@ def test_pack_unpack_round_trip() -> None:
                       "cu_seqlens_q", "last_token_indices"):  # fmt: skip
             x, y = getattr(a, field), getattr(b, field)
             assert x.dtype == y.dtype and torch.equal(x, y), field
+
+
+def _same(a: ForwardBatch, b: ForwardBatch) -> None:
+    assert a.is_decode == b.is_decode
+    for field in ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens",
+                  "cu_seqlens_q", "last_token_indices"):  # fmt: skip
+        x, y = getattr(a, field), getattr(b, field)
+        assert x.dtype == y.dtype and torch.equal(x, y), field
+
+
+def test_host_payload_is_the_pack_layout_and_the_header_sizes_read_it() -> None:
+    """What the engine builds on the host (payload_values) is byte for byte what pack()
+    makes of the batch, and the header's sizes unpack it without reading it back."""
+    batch = _batch([3, 1], False)
+    values = payload_values(
+        batch.input_ids.tolist(), batch.positions.tolist(), batch.slot_mapping.tolist(),
+        batch.block_tables.tolist(), batch.context_lens.tolist(), batch.cu_seqlens_q.tolist(),
+        batch.last_token_indices.tolist(), batch.is_decode,
+    )  # fmt: skip
+    payload = pack([batch], torch.device("cpu"))
+    assert values == payload.tolist()
+    head = header(CMD_STEP, payload, torch.device("cpu"), batch_sizes(batch))
+    info = head.tolist()
+    assert len(info) == HEADER_LEN and info[:3] == [CMD_STEP, 1, payload.shape[0]]
+    [out] = unpack(payload, 1, sizes=tuple(info[3:7]))
+    _same(batch, out)
+    assert out.payload is not None and torch.equal(out.payload, payload)
+    with pytest.raises(ValueError):  # a wrong size cannot pass unnoticed
+        unpack(payload, 1, sizes=(info[3] + 1, *info[4:7]))
+    with pytest.raises(ValueError):
+        unpack(torch.cat([payload, payload]), 2, sizes=tuple(info[3:7]))
