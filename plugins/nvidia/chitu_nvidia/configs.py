@@ -28,12 +28,13 @@ _C = Fp8GemmConfig
 # shared memory (<= 40 KB a program) fits Ampere. M = 1: the FMA GEMV; M 2..16: the
 # mm kernel with a 16-row token tile (x as the MMA's A operand, the weight widened
 # straight to bf16 in registers as B: mma.m16n8k16, which Hopper also runs at M = 16);
-# M 17..64: the swap-AB GEMV; from M = 65 on: widen the weight to bf16 once and call
-# cuBLAS.
+# M 17..64: the swap-AB GEMV (32- then 64-token tiles); from M = 65 on: widen the weight
+# to bf16 once and call cuBLAS.
 _SM80 = (
     ConfigRow(1, _C(kind="gemv", block_m=1, block_n=64, num_warps=8, num_stages=1)),
     ConfigRow(4, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=2, num_stages=4)),
     ConfigRow(16, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)),
+    ConfigRow(32, _C(kind="gemv", block_m=32, block_n=32, num_warps=4, num_stages=3)),
     ConfigRow(64, _C(kind="gemv", block_m=64, block_n=64, num_warps=4, num_stages=3)),
     ConfigRow(1 << 62, _C(kind="dequant")),
 )
@@ -41,11 +42,14 @@ _SM80 = (
 # Hopper (sm_90): winners of ``bench_ops.py --tune`` on an H200
 # (benchmarks/results/gemm-h200-2026-11-26.json, ``soft_fp8_table``); M 2..16 from the
 # decode probe on an H200 (benchmarks/results/decode-probe/probe-h200.json: the mm
-# kernel with bf16 widening beat the swap-AB GEMV by 8-26% at M = 4 and 16).
+# kernel with bf16 widening beat the swap-AB GEMV by 8-26% at M = 4 and 16). M 17..32:
+# the swap-AB GEMV with a 32 x 32 tile (72 registers, against 162 for the 64 x 64 one):
+# 66 against 76 us at M = 32 on 7168 x 18432, H200, 2026-11-26 probe.
 _SM90 = (
     ConfigRow(1, _C(kind="gemv", block_m=1, block_n=64, num_warps=8, num_stages=1)),
     ConfigRow(4, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=2, num_stages=4)),
     ConfigRow(16, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)),
+    ConfigRow(32, _C(kind="gemv", block_m=32, block_n=32, num_warps=4, num_stages=3)),
     ConfigRow(64, _C(kind="gemv", block_m=64, block_n=64, num_warps=4, num_stages=3)),
     ConfigRow(1 << 62, _C(kind="dequant")),
 )
