@@ -8,8 +8,11 @@ import torch
 
 from chitu_core.distributed.parallel import RankLayout
 from chitu_core.distributed.step_sync import (
+    CMD_PING,
     CMD_STEP,
     HEADER_LEN,
+    INLINE_LEN,
+    StepChannel,
     batch_sizes,
     header,
     pack,
@@ -84,3 +87,49 @@ def test_host_payload_is_the_pack_layout_and_the_header_sizes_read_it() -> None:
         unpack(payload, 1, sizes=(info[3] + 1, *info[4:7]))
     with pytest.raises(ValueError):
         unpack(torch.cat([payload, payload]), 2, sizes=tuple(info[3:7]))
+
+
+class _Wire:
+    """Stand-in for a TP group's all-gather: what the leader sends, the follower gets
+    (shapes must agree, as NCCL's all-gather requires)."""
+
+    def __init__(self) -> None:
+        self.sent: list[torch.Tensor] = []
+
+    def state(self, leader: bool):
+        wire = self
+
+        class State:
+            layout = RankLayout(tp=2, pp=1, rank=0 if leader else 1)
+            device = torch.device("cpu")
+
+            def from_stage_leader(self, tensor: torch.Tensor) -> torch.Tensor:
+                if leader:
+                    wire.sent.append(tensor.clone())
+                    return tensor
+                got = wire.sent.pop(0)
+                assert got.shape == tensor.shape, "the ranks' all-gathers differ in size"
+                return got
+
+        return State()
+
+
+@pytest.mark.parametrize("lengths", [[3, 1], [INLINE_LEN // 2, INLINE_LEN // 2 + 1]])
+def test_stage_message_inline_or_in_a_second_collective(lengths) -> None:
+    """A payload that fits rides in the header's all-gather (one collective per step);
+    a longer one (a long prefill) follows in a second; PING carries none."""
+    wire = _Wire()
+    leader, follower = StepChannel(wire.state(True)), StepChannel(wire.state(False))
+    batch = _batch(lengths, False)
+    payload = pack([batch], torch.device("cpu"))
+    leader.share_in_stage(
+        header(CMD_STEP, payload, torch.device("cpu"), batch_sizes(batch)), payload
+    )
+    assert len(wire.sent) == (1 if payload.shape[0] <= INLINE_LEN else 2)
+    head, info, got = follower.receive_in_stage()
+    assert info[0] == CMD_STEP and torch.equal(head, torch.tensor(info))
+    [out] = unpack(got, 1, sizes=tuple(info[3:7]))
+    _same(batch, out)
+    leader.share_in_stage(header(CMD_PING, None, torch.device("cpu")), None)
+    _, info, got = follower.receive_in_stage()
+    assert info[0] == CMD_PING and got is None and not wire.sent
