@@ -4,6 +4,10 @@ The kernels raise ``ValueError`` before launching anything when a call is outsid
 what they support (a block size that is not a power of two, mismatched dtypes, a
 non-contiguous last dimension): such calls run the generic op, and the first
 of each kind is logged, so a model that never fits the kernels is visible.
+
+fp32 (debugging, oracle runs) always takes the generic op: the per-arch tiles are
+sized for 2-byte elements, and the MLA ones would need more shared memory than any
+GPU has in fp32 (prefill on sm_90: 311 KB of 227 KB).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from chitu_nvidia.linear import device_props
 
 logger = logging.getLogger(__name__)
 _fallback = KernelFallback(logger)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def paged_attention_decode(
@@ -33,13 +38,14 @@ def paged_attention_decode(
     scale: float,
 ) -> torch.Tensor:
     """See ``chitu_core.hookspecs.chitu_paged_attention_decode``: q ``[B, Hq, D]``."""
-    _, num_sms = device_props(q.device.index or 0)
-    try:
-        return _paged_decode.paged_attention_decode(
-            q, key_cache, value_cache, block_tables, context_lens, scale, num_sms=num_sms
-        )
-    except ValueError as exc:
-        _fallback("paged_attention_decode", exc)
+    if q.dtype in KERNEL_DTYPES:
+        _, num_sms = device_props(q.device.index or 0)
+        try:
+            return _paged_decode.paged_attention_decode(
+                q, key_cache, value_cache, block_tables, context_lens, scale, num_sms=num_sms
+            )
+        except ValueError as exc:
+            _fallback("paged_attention_decode", exc)
     return generic.paged_attention_decode(
         q, key_cache, value_cache, block_tables, context_lens, scale
     )
@@ -54,14 +60,15 @@ def mla_decode(
     scale: float,
 ) -> torch.Tensor:
     """See ``chitu_core.hookspecs.chitu_mla_decode``: q_latent ``[B, H, R]``."""
-    capability, num_sms = device_props(q_latent.device.index or 0)
-    try:
-        return _mla_decode.mla_decode(
-            q_latent, q_rope.to(latent_cache.dtype), latent_cache, block_tables, context_lens,
-            scale, config=mla_decode_config(capability), num_sms=num_sms,
-        )  # fmt: skip
-    except ValueError as exc:
-        _fallback("mla_decode", exc)
+    if q_latent.dtype in KERNEL_DTYPES:
+        capability, num_sms = device_props(q_latent.device.index or 0)
+        try:
+            return _mla_decode.mla_decode(
+                q_latent, q_rope.to(latent_cache.dtype), latent_cache, block_tables,
+                context_lens, scale, config=mla_decode_config(capability), num_sms=num_sms,
+            )  # fmt: skip
+        except ValueError as exc:
+            _fallback("mla_decode", exc)
     return generic.mla_decode(q_latent, q_rope, latent_cache, block_tables, context_lens, scale)
 
 
@@ -75,12 +82,13 @@ def paged_attention_prefill(
     scale: float,
 ) -> torch.Tensor:
     """See ``chitu_core.hookspecs.chitu_paged_attention_prefill``: q ``[T, Hq, D]``."""
-    try:
-        return _paged_prefill.paged_attention_prefill(
-            q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, scale
-        )
-    except ValueError as exc:
-        _fallback("paged_attention_prefill", exc)
+    if q.dtype in KERNEL_DTYPES:
+        try:
+            return _paged_prefill.paged_attention_prefill(
+                q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, scale
+            )
+        except ValueError as exc:
+            _fallback("paged_attention_prefill", exc)
     return generic.paged_attention_prefill(
         q, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, scale
     )
@@ -96,14 +104,15 @@ def mla_prefill(
     scale: float,
 ) -> torch.Tensor:
     """See ``chitu_core.hookspecs.chitu_mla_prefill``: q_latent ``[T, H, R]``."""
-    capability, _ = device_props(q_latent.device.index or 0)
-    try:
-        return _paged_prefill.mla_prefill(
-            q_latent, q_rope.to(latent_cache.dtype), latent_cache, block_tables, cu_seqlens_q,
-            context_lens, scale, config=mla_prefill_config(capability),
-        )  # fmt: skip
-    except ValueError as exc:
-        _fallback("mla_prefill", exc)
+    if q_latent.dtype in KERNEL_DTYPES:
+        capability, _ = device_props(q_latent.device.index or 0)
+        try:
+            return _paged_prefill.mla_prefill(
+                q_latent, q_rope.to(latent_cache.dtype), latent_cache, block_tables,
+                cu_seqlens_q, context_lens, scale, config=mla_prefill_config(capability),
+            )  # fmt: skip
+        except ValueError as exc:
+            _fallback("mla_prefill", exc)
     return generic.mla_prefill(
         q_latent, q_rope, latent_cache, block_tables, cu_seqlens_q, context_lens, scale
     )

@@ -120,3 +120,33 @@ def test_plugin_binds_and_its_fused_moe_reads_its_own_handles():
     handles = [ops.prepare_weight(w.weight, w.scale, w.fmt) for w in (w13, w2)]
     out = ops.fused_moe(x, *handles, weights, ids)
     torch.testing.assert_close(out, generic_fused_moe(x, w13, w2, weights, ids))
+
+
+def test_fp32_attention_takes_the_generic_ops():
+    """fp32 never reaches the Triton attention kernels (their tiles are sized for 2-byte
+    elements: the sm_90 MLA prefill tile needs 311 KB of shared memory in fp32): the
+    hooks return the generic op's result without looking up a GPU."""
+    from chitu_nvidia import attention
+
+    from chitu_core.ops import attention as generic
+
+    torch.manual_seed(0)
+    t, h, r, p, bs = 3, 2, 16, 8, 4
+    cache = torch.randn(4, bs, 1, r + p)
+    tables = torch.tensor([[1, 2]], dtype=torch.int32)
+    cu, lens = torch.tensor([0, t], dtype=torch.int32), torch.tensor([t], dtype=torch.int32)
+    q_lat, q_rope = torch.randn(t, h, r), torch.randn(t, h, p)
+    args = (q_lat, q_rope, cache, tables, cu, lens, 0.1)
+    assert torch.equal(attention.mla_prefill(*args), generic.mla_prefill(*args))
+    args = (q_lat[:1], q_rope[:1], cache, tables, lens, 0.1)
+    assert torch.equal(attention.mla_decode(*args), generic.mla_decode(*args))
+    k, v = torch.randn(4, bs, 1, 8), torch.randn(4, bs, 1, 8)
+    q = torch.randn(t, 2, 8)
+    args = (q, k, v, tables, cu, lens, 0.3)
+    assert torch.equal(
+        attention.paged_attention_prefill(*args), generic.paged_attention_prefill(*args)
+    )
+    args = (q[:1], k, v, tables, lens, 0.3)
+    assert torch.equal(
+        attention.paged_attention_decode(*args), generic.paged_attention_decode(*args)
+    )
