@@ -124,7 +124,14 @@ tp2)
     timeout "$(tmo 120)" python3 benchmarks/benchmark_serving.py --base-url http://127.0.0.1:21078 --concurrency 16 \
         --num-prompts 32 --input-len 128 --output-len 128 --ignore-eos --json "$OUT/serving-tp2.json" \
         2>&1 | tail -25 | tee -a "$OUT/summary.txt"
-    kill "$server"; wait
+    # A 2x H200 run's `kill; wait` never returned here: bounded wait, then SIGKILL.
+    kill "$server"
+    for _ in $(seq 30); do kill -0 "$server" 2>/dev/null || break; sleep 1; done
+    if kill -0 "$server" 2>/dev/null; then
+        log "serve --tp 2 still running 30 s after SIGTERM: killing it (and its ranks)"
+        pkill -9 -f "chitu_core serve /tmp/ll8"
+    fi
+    wait "$server" 2>/dev/null
     log "done in $SECONDS s"
     tail -3 "$OUT/stderr.txt"
     ;;
