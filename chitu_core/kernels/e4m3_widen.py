@@ -51,85 +51,62 @@ import triton.language as tl
 # The factor callers must multiply in (into the scale): widened = e4m3 * 2^-8.
 WIDEN_SCALE_FIX = 256.0
 
-# fp16 36864 = 0x7880 in both halves: 1.75 * 36864 finite, 1.875 * 36864 -> inf.
-_PTX_E4M3X4_TO_F16X4 = tl.constexpr("""
-{
-    .reg .b32 h<2>, b<2>, c<2>, big, zero;
-    mov.b32 big, 0x78807880;
-    mov.b32 zero, 0;
-    prmt.b32 h0, $2, 0, 0x9180;
-    prmt.b32 h1, $2, 0, 0xB3A2;
-    shl.b32 c0, h0, 7;
-    shl.b32 c1, h1, 7;
-    and.b32 c0, c0, 0xBF80BF80;
-    and.b32 c1, c1, 0xBF80BF80;
-    mul.rn.f16x2 b0, c0, big;
-    mul.rn.f16x2 b1, c1, big;
-    fma.rn.f16x2 $0, b0, zero, c0;
-    fma.rn.f16x2 $1, b1, zero, c1;
-}
-""")
+
+def _ptx_widen(shift: int, mask: str, regs: str, setup: str, tail: str) -> tl.constexpr:
+    """Inline PTX widening the 4 e4m3 codes of ``$2`` into two 16-bit pairs ``$0``, ``$1``.
+
+    Per pair of codes: one prmt (each code in the low byte of a 16-bit half, its sign
+    replicated over the high byte), a shift and a mask into ``g0``/``g1``; then ``tail``
+    (which reads ``g0``/``g1`` and writes the outputs). ``regs``/``setup``: the tail's
+    extra registers and their constants.
+    """
+    return tl.constexpr(
+        "{\n"
+        f"    .reg .b32 h<2>, g<2>{regs};\n{setup}"
+        "    prmt.b32 h0, $2, 0, 0x9180;\n"
+        "    prmt.b32 h1, $2, 0, 0xB3A2;\n"
+        f"    shl.b32 g0, h0, {shift};\n"
+        f"    shl.b32 g1, h1, {shift};\n"
+        f"    and.b32 g0, g0, {mask};\n"
+        f"    and.b32 g1, g1, {mask};\n"
+        f"{tail}}}\n"
+    )
 
 
-# e4m3 x4 -> exact bf16 x4 (values, not scaled). Per pair of codes: prmt puts each code in
-# the low byte of a 16-bit half with its sign replicated over the high byte; << 4 and
-# & 0x87F0 leave the sign at bit 15 and exponent+mantissa at bits 10..4, i.e. the bf16
-# ``value * 2^-120`` (a bf16 subnormal for e4m3 subnormals); fma by 2^120 (0x7B80, addend
-# -0 so signed zeros survive) makes it a normal bf16, exactly (bf16 fma keeps subnormal
-# inputs). NaN: 448 * 1.0703125 * 2^119 rounds to a finite bf16, 480 * that to inf, and
-# fma(t, 0, v) is v for finite t and NaN for inf t. 6 instructions per 2 codes, no F2F.
-_PTX_E4M3X4_TO_BF16X4 = tl.constexpr("""
-{
-    .reg .b32 h<2>, g<2>, v<2>, t<2>, two120, big, mzero, zero;
-    mov.b32 two120, 0x7B807B80;
-    mov.b32 big, 0x7B097B09;
-    mov.b32 mzero, 0x80008000;
-    mov.b32 zero, 0;
-    prmt.b32 h0, $2, 0, 0x9180;
-    prmt.b32 h1, $2, 0, 0xB3A2;
-    shl.b32 g0, h0, 4;
-    shl.b32 g1, h1, 4;
-    and.b32 g0, g0, 0x87F087F0;
-    and.b32 g1, g1, 0x87F087F0;
-    fma.rn.bf16x2 v0, g0, two120, mzero;
-    fma.rn.bf16x2 v1, g1, two120, mzero;
-    fma.rn.bf16x2 t0, v0, big, mzero;
-    fma.rn.bf16x2 t1, v1, big, mzero;
-    fma.rn.bf16x2 $0, t0, zero, v0;
-    fma.rn.bf16x2 $1, t1, zero, v1;
-}
-""")
+# fp16: << 7, & 0xBF80 put the sign at bit 15 and exponent+mantissa at bits 13..7: the
+# fp16 ``value * 2^-8`` (module doc). NaN fix: fp16 36864 = 0x7880 in both halves:
+# 1.75 * 36864 finite, 1.875 * 36864 -> inf, and fma(t, 0, v) is v or NaN.
+_PTX_E4M3X4_TO_F16X4 = _ptx_widen(
+    7, "0xBF80BF80", ", b<2>, big, zero",
+    "    mov.b32 big, 0x78807880;\n    mov.b32 zero, 0;\n",
+    "    mul.rn.f16x2 b0, g0, big;\n    mul.rn.f16x2 b1, g1, big;\n"
+    "    fma.rn.f16x2 $0, b0, zero, g0;\n    fma.rn.f16x2 $1, b1, zero, g1;\n",
+)  # fmt: skip
 
+# bf16 (values, not scaled): << 4 and & 0x87F0 leave the sign at bit 15 and
+# exponent+mantissa at bits 10..4, i.e. the bf16 ``value * 2^-120`` (a bf16 subnormal for
+# e4m3 subnormals); fma by 2^120 (0x7B80, addend -0 so signed zeros survive) makes it a
+# normal bf16, exactly (bf16 fma keeps subnormal inputs). NaN: 448 * 1.0703125 * 2^119
+# rounds to a finite bf16, 480 * that to inf, and fma(t, 0, v) is v for finite t and NaN
+# for inf t. 6 instructions per 2 codes, no F2F.
+_BF16_SETUP = "    mov.b32 two120, 0x7B807B80;\n    mov.b32 mzero, 0x80008000;\n"
+_PTX_E4M3X4_TO_BF16X4 = _ptx_widen(
+    4, "0x87F087F0", ", v<2>, t<2>, two120, big, mzero, zero",
+    _BF16_SETUP + "    mov.b32 big, 0x7B097B09;\n    mov.b32 zero, 0;\n",
+    "    fma.rn.bf16x2 v0, g0, two120, mzero;\n    fma.rn.bf16x2 v1, g1, two120, mzero;\n"
+    "    fma.rn.bf16x2 t0, v0, big, mzero;\n    fma.rn.bf16x2 t1, v1, big, mzero;\n"
+    "    fma.rn.bf16x2 $0, t0, zero, v0;\n    fma.rn.bf16x2 $1, t1, zero, v1;\n",
+)  # fmt: skip
 
 # The same two widenings without the NaN fix (for weights with no 0x7F/0xFF code):
 # fp16 3 instructions per 2 codes, bf16 4 (the fma by 2^120 stays: it makes subnormals exact).
-_PTX_E4M3X4_TO_F16X4_NO_NAN = tl.constexpr("""
-{
-    .reg .b32 h<2>, c<2>;
-    prmt.b32 h0, $2, 0, 0x9180;
-    prmt.b32 h1, $2, 0, 0xB3A2;
-    shl.b32 c0, h0, 7;
-    shl.b32 c1, h1, 7;
-    and.b32 $0, c0, 0xBF80BF80;
-    and.b32 $1, c1, 0xBF80BF80;
-}
-""")
-
-_PTX_E4M3X4_TO_BF16X4_NO_NAN = tl.constexpr("""
-{
-    .reg .b32 h<2>, g<2>, two120, mzero;
-    mov.b32 two120, 0x7B807B80;
-    mov.b32 mzero, 0x80008000;
-    prmt.b32 h0, $2, 0, 0x9180;
-    prmt.b32 h1, $2, 0, 0xB3A2;
-    shl.b32 g0, h0, 4;
-    shl.b32 g1, h1, 4;
-    and.b32 g0, g0, 0x87F087F0;
-    and.b32 g1, g1, 0x87F087F0;
-    fma.rn.bf16x2 $0, g0, two120, mzero;
-    fma.rn.bf16x2 $1, g1, two120, mzero;
-}
-""")
+_PTX_E4M3X4_TO_F16X4_NO_NAN = _ptx_widen(
+    7, "0xBF80BF80", "", "", "    mov.b32 $0, g0;\n    mov.b32 $1, g1;\n"
+)
+_PTX_E4M3X4_TO_BF16X4_NO_NAN = _ptx_widen(
+    4, "0x87F087F0", ", two120, mzero", _BF16_SETUP,
+    "    fma.rn.bf16x2 $0, g0, two120, mzero;\n    fma.rn.bf16x2 $1, g1, two120, mzero;\n",
+)  # fmt: skip
 
 
 @triton.jit
