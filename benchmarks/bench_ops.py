@@ -60,10 +60,12 @@ TUNE_SPACE = {  # max_m -> candidates (kinds: see Fp8GemmConfig)
        + [C(**G, block_m=4, block_n=bn, num_warps=w, num_stages=1) for bn, w in [(64, 4), (128, 8)]],
     16: [C(**MM, block_m=16, block_n=bn, block_k=128, num_warps=w, num_stages=st)
          for bn, w, st in [(64, 4, 3), (64, 2, 4), (128, 4, 3), (128, 8, 3), (128, 4, 4)]],
-    64: [C(**MM, block_m=bm, block_n=bn, block_k=128, num_warps=w, num_stages=st)
-         for bm, bn, w, st in [(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
-                               (64, 128, 8, 3), (64, 128, 8, 4)]]
-        + [C(**G, block_m=64, block_n=64, num_warps=4, num_stages=3)],
+    32: [C(**G, block_m=32, block_n=bn, num_warps=w, num_stages=3) for bn, w in [(32, 4), (64, 8)]]
+        + [C(**MM, block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)],
+    # the swap-AB GEMV is occupancy-bound at BLOCK_M = 64 (162 registers with 4 warps):
+    # 8 warps or a 32-row weight tile hold fewer per thread
+    64: [C(**G, block_m=64, block_n=bn, num_warps=w, num_stages=3) for bn, w in [(64, 4), (64, 8), (32, 4)]]
+        + [C(**MM, block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=4)],
     256: [C(kind="dequant")]
          + [C(**MM, block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, scale_on_acc=acc)
             for bm, bn, bk, w, st, acc in [(64, 128, 128, 4, 3, True), (64, 128, 128, 8, 3, True),
@@ -74,7 +76,8 @@ TUNE_SPACE = {  # max_m -> candidates (kinds: see Fp8GemmConfig)
 TUNE_CASES = {1: [(7168, 18432, 1), (18432, 7168, 1), (7168, 2112, 1), (4096, 6144, 1)],
               4: [(7168, 18432, 4), (4096, 14336, 4)],
               16: [(7168, 18432, 16), (18432, 7168, 16)],
-              64: [(7168, 18432, 64), (18432, 7168, 32), (4096, 28672, 48)],
+              32: [(7168, 18432, 32), (4096, 28672, 24), (14336, 4096, 32)],
+              64: [(7168, 18432, 64), (4096, 28672, 48), (14336, 4096, 64)],
               256: [(7168, 18432, 256), (18432, 7168, 128), (4096, 28672, 192)],
               1 << 62: [(7168, 18432, 4096)]}  # fmt: skip
 

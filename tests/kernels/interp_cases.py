@@ -179,6 +179,7 @@ def case_gemm_shapes() -> None:
         Fp8GemmConfig(kind="gemv", block_n=16, block_m=4, split_k=1, prefetch=True),
         Fp8GemmConfig(kind="gemv", block_n=32, block_m=16, split_k=3),
         Fp8GemmConfig(kind="gemv", block_n=16, block_m=64, split_k=0, prefetch=True),
+        Fp8GemmConfig(kind="gemv", block_n=32, block_m=32, split_k=2),  # the M 17..32 tile
         Fp8GemmConfig(kind="gemv", block_n=256, block_m=1, split_k=2),  # rows span 2 scale rows
     ]
     for m, n, k in shapes:
