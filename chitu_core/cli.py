@@ -216,8 +216,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from chitu_core.demo_model import ensure_demo_model
     from chitu_core.distributed.launch import run_ranks
-    from chitu_core.serve.server import serve
+    from chitu_core.distributed.parallel import launched_as_rank
+    from chitu_core.serve.server import listen_socket, serve
 
+    # The port is taken first, by the process that will be rank 0 (see listen_socket).
+    sock = None
+    if not launched_as_rank() or os.environ.get("RANK") == "0":
+        sock = listen_socket(args.host, args.port)
     model = args.model or str(ensure_demo_model())
     config = engine_config(args, model)
 
@@ -230,6 +235,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             served_model_name=args.served_model_name,
             skip_conformance=args.skip_conformance,
             max_body_bytes=args.max_body_bytes,
+            sock=sock,
         )
         return 0
 

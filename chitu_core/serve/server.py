@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 from pathlib import Path
 
 import uvicorn
 
 from chitu_core.engine.llm_engine import EngineConfig, LLMEngine
+from chitu_core.errors import ChituError
 from chitu_core.serve.app import ServerSettings, create_app
 from chitu_core.serve.async_engine import AsyncEngine
 from chitu_core.serve.metrics import ServerMetrics
@@ -36,6 +38,27 @@ def resolve_backend_name(backend: str) -> str:
     return select_backend(backend, discover_backends()).name
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host:port`` now, for ``serve`` to hand to uvicorn.
+
+    Taken before the model loads and before any rank is spawned: a port in use fails
+    in a second with a clear message instead of after minutes of loading, and nothing
+    started meanwhile (the ranks' rendezvous, gloo/NCCL listeners on ephemeral ports)
+    can take the port. Connections made before the server is up wait in the backlog.
+    Raises ``ChituError`` when the address cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's default backlog
+    except OSError as exc:
+        sock.close()
+        raise ChituError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return sock
+
+
 def serve(
     config: EngineConfig,
     host: str = "127.0.0.1",
@@ -45,13 +68,17 @@ def serve(
     skip_conformance: bool = False,
     graceful_timeout_s: float = 30.0,
     max_body_bytes: int = 4 * 1024 * 1024,
+    sock: socket.socket | None = None,
 ) -> None:
     """Run the OpenAI-compatible server until SIGINT/SIGTERM.
 
     On SIGTERM uvicorn stops accepting connections, lets in-flight requests
     finish for up to ``graceful_timeout_s`` seconds, then the engine aborts what is
-    left and its thread stops.
+    left and its thread stops. ``sock``: a socket already listening on
+    ``host:port`` (``listen_socket``); taken here when None.
     """
+    if sock is None:
+        sock = listen_socket(host, port)
     backend = resolve_backend_name(config.backend)
     demote = certified_demotions(backend, skip_conformance)
     if demote:
@@ -83,14 +110,16 @@ def serve(
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _exit_cleanly) if in_main else None
     try:
-        uvicorn.run(
+        settings = uvicorn.Config(
             app,
             host=host,
             port=port,
             log_level="warning",
             timeout_graceful_shutdown=graceful_timeout_s,
         )
+        uvicorn.Server(settings).run(sockets=[sock])
     finally:
+        sock.close()
         if in_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         engine.close()  # releases the other ranks of a distributed engine
