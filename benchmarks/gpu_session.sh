@@ -130,7 +130,7 @@ tp2)
         --max-model-len 4096 >"$OUT/serve-tp2.log" 2>&1 &
     server=$!
     for _ in $(seq 60); do
-        curl -sf http://127.0.0.1:21078/health >/dev/null && break
+        curl -sf --max-time 5 http://127.0.0.1:21078/health >/dev/null && break
         [ "$SECONDS" -lt "$BUDGET" ] || break
         sleep 2
     done
