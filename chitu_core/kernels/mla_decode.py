@@ -107,14 +107,8 @@ def mla_decode_kernel(
 
     offs_r = tl.arange(0, BLOCK_R)
     offs_p = tl.arange(0, BLOCK_P)
-    if BLOCK_R == R:
-        r_mask = offs_r < BLOCK_R  # all true; folded away
-    else:
-        r_mask = offs_r < R
-    if BLOCK_P == P:
-        p_mask = offs_p < BLOCK_P
-    else:
-        p_mask = offs_p < P
+    r_mask = offs_r < R  # R, P constexpr: all true, folded away, when BLOCK_R == R
+    p_mask = offs_p < P
     q_latent = tl.load(
         q_latent_ptr + b * stride_qlb + heads[:, None] * stride_qlh + offs_r[None, :],
         mask=h_mask[:, None] & r_mask[None, :],

@@ -102,14 +102,8 @@ def paged_decode_kernel(
 
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    if BLOCK_D == D:
-        d_mask = offs_d < BLOCK_D  # all true; folded away
-    else:
-        d_mask = offs_d < D
-    if BLOCK_DV == DV:
-        dv_mask = offs_dv < BLOCK_DV
-    else:
-        dv_mask = offs_dv < DV
+    d_mask = offs_d < D  # D, DV constexpr: all true, folded away, when BLOCK_D == D
+    dv_mask = offs_dv < DV
     q = tl.load(
         q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
         mask=g_mask[:, None] & d_mask[None, :],
