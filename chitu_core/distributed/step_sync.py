@@ -84,23 +84,17 @@ def payload_values(
 
 
 def pack(batches: list[ForwardBatch], device: torch.device) -> torch.Tensor:
-    """Every batch's tensors as one int64 vector on ``device``."""
-    parts: list[torch.Tensor] = []
+    """Every batch's tensors as one int64 vector on ``device``, in ``payload_values``'s
+    layout. Reads the batches back to the host: for batches not built from a payload
+    (the engine's carry theirs in ``ForwardBatch.payload``)."""
+    values: list[int] = []
     for b in batches:
-        num_seqs, max_blocks = b.block_tables.shape
-        sizes = [b.input_ids.shape[0], num_seqs, max_blocks, int(b.is_decode)]
-        parts.append(torch.tensor(sizes, dtype=torch.int64, device=device))
-        for t in (
-            b.input_ids,
-            b.positions,
-            b.slot_mapping,
-            b.block_tables.reshape(-1),
-            b.context_lens,
-            b.cu_seqlens_q,
-            b.last_token_indices,
-        ):
-            parts.append(t.to(device=device, dtype=torch.int64))
-    return torch.cat(parts)
+        values += payload_values(
+            b.input_ids.tolist(), b.positions.tolist(), b.slot_mapping.tolist(),
+            b.block_tables.tolist(), b.context_lens.tolist(), b.cu_seqlens_q.tolist(),
+            b.last_token_indices.tolist(), b.is_decode,
+        )  # fmt: skip
+    return torch.tensor(values, dtype=torch.int64, device=device)
 
 
 def unpack(

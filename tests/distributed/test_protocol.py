@@ -66,15 +66,19 @@ def _same(a: ForwardBatch, b: ForwardBatch) -> None:
         assert x.dtype == y.dtype and torch.equal(x, y), field
 
 
-def test_host_payload_is_the_pack_layout_and_the_header_sizes_read_it() -> None:
-    """What the engine builds on the host (payload_values) is byte for byte what pack()
-    makes of the batch, and the header's sizes unpack it without reading it back."""
+def test_host_payload_is_the_documented_layout_and_the_header_sizes_read_it() -> None:
+    """What the engine builds on the host (payload_values) is the layout step_sync
+    documents, field after field, and the header's sizes unpack it without reading it back."""
     batch = _batch([3, 1], False)
     values = payload_values(
         batch.input_ids.tolist(), batch.positions.tolist(), batch.slot_mapping.tolist(),
         batch.block_tables.tolist(), batch.context_lens.tolist(), batch.cu_seqlens_q.tolist(),
         batch.last_token_indices.tolist(), batch.is_decode,
     )  # fmt: skip
+    # [T, B, max_blocks, is_decode], input_ids, positions, slot_mapping, block_tables,
+    # context_lens, cu_seqlens_q, last_token_indices
+    assert values == [4, 2, 3, 0, 7, 8, 9, 10, 0, 1, 2, 3, 100, 101, 102, 103,
+                      0, 1, 2, 3, 4, 5, 5, 3, 0, 3, 4, 2, 3]  # fmt: skip
     payload = pack([batch], torch.device("cpu"))
     assert values == payload.tolist()
     head = header(CMD_STEP, payload, torch.device("cpu"), batch_sizes(batch))
