@@ -4,8 +4,8 @@ A DCU runs a ROCm/HIP build of torch, where ``torch.cuda`` drives HIP devices
 and the "nccl" dist backend is RCCL. Native here: device and memory hooks,
 ``prepare_weight`` / ``linear`` (portable Triton soft FP8 with wave64 configs,
 ``chitu_hygon.linear``) and ``fused_moe`` (the generic op over this backend's
-handles until the portable kernel lands: see "portable kernels being written"
-below). Everything else is the generic torch op, which runs on HIP devices.
+handles until the portable kernel is wired here: see "portable kernels not wired
+yet" below). Everything else is the generic torch op, which runs on HIP devices.
 """
 
 from __future__ import annotations
@@ -84,12 +84,13 @@ def chitu_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> tor
     return _linear.linear(x, weight, bias)
 
 
-# ---------------------------------------------------------------------------- portable kernels being written
+# ---------------------------------------------------------------------------- portable kernels not wired yet
 #
-# THE PLUG-IN POINT for the portable Triton kernels other issues are writing in
-# chitu_core/kernels: fused_moe.py (fused MoE), paged_decode.py and paged_prefill.py
-# (paged attention), mla_decode.py (MLA absorbed decode). None exists yet, so none is
-# imported. When one lands:
+# THE PLUG-IN POINT for the portable Triton kernels in chitu_core/kernels that the
+# NVIDIA plugin already uses: fused_moe.py (fused MoE), paged_decode.py and
+# paged_prefill.py (paged attention), mla_decode.py (MLA absorbed decode). Their configs
+# are sized for NVIDIA (warps of 32, up to 227 KB of shared memory) and none is
+# compiled or tested for gfx9 yet, so this plugin does not import them. To wire one:
 #   1. give it wave64 configs in chitu_hygon/configs.py (num_warps = wavefronts of 64,
 #      at most 64 KB of LDS, num_stages <= 2), next to the soft-FP8 table;
 #   2. call it from the hook below (fused_moe), or add the hook here
@@ -103,7 +104,7 @@ def chitu_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> tor
 def chitu_fused_moe(
     x: torch.Tensor, w13: Any, w2: Any, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:
-    """The generic fused MoE over this backend's weight handles, until the Triton kernel lands.
+    """The generic fused MoE over this backend's weight handles, until the Triton kernel is wired.
 
     Needed because ``prepare_weight`` returns ``PackedWeight`` handles, which the
     generic op cannot read: unwrap them to ``QuantizedWeight`` views (no copy).
