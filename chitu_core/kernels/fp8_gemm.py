@@ -353,7 +353,7 @@ def fp8_gemv_kernel(
             if EVEN_K:
                 w_next = tl.load(w_ptrs + nxt)
             else:
-                k_nx = (kt + (kt + 1 < kt_end).to(tl.int32)) * BLOCK_K + offs_k
+                k_nx = kt * BLOCK_K + nxt + offs_k
                 w_next = tl.load(w_ptrs + nxt, mask=(k_nx < K)[None, :], other=0)
         if EVEN_K:
             if not PREFETCH:
