@@ -8,7 +8,11 @@ times the decode: milliseconds per generated token. Figures, not assertions: on 
 be faster (the ranks share the cores); the point is that it runs and what
 the collectives cost per token. Every rank gets ``--threads-per-rank``
 threads (default 1: with more, OpenMP's spinning threads of several ranks on
-a busy 2-core host make any comparison meaningless).
+a busy 2-core host make any comparison meaningless). Each batch size is timed
+twice on the same engine: first with serial steps (each decode step's tokens
+read back before the next step is queued), then as configured (by default the
+next decode step is queued first, ``EngineConfig.overlap_steps``); the line
+prints the ratio.
 
 With ``--profile-dir DIR`` rank 0 of each layout in ``--profile-layouts``
 (default: all) also runs ``--profile-steps`` decode steps of the largest batch
@@ -24,7 +28,7 @@ for the slower rank to reach the same collective.
 
     python benchmarks/bench_distributed.py [--backend cpu_ref] [--size small]
         [--layouts 1x1 2x1 1x2] [--batch 1,32] [--prompt-len 16] [--new-tokens 16]
-        [--threads-per-rank 1] [--json out.json] [--enforce-eager]
+        [--threads-per-rank 1] [--json out.json] [--enforce-eager] [--no-overlap-steps]
         [--profile-dir DIR] [--profile-layouts 2x1] [--profile-steps 8]
 """
 
@@ -51,28 +55,36 @@ from chitu_core.engine.sampling import SamplingParams
 
 def decode_times_ms(
     engine: LLMEngine, batch: int, prompt_len: int, new_tokens: int
-) -> tuple[float, float]:
-    """Prefill ``batch`` random prompts of ``prompt_len`` tokens, then decode.
+) -> tuple[float, float, list[list[int]]]:
+    """Prefill ``batch`` random prompts of ``prompt_len`` tokens, then decode greedily.
 
-    Returns ``(prefill ms, decode ms per generated token)``: the prefill phase
-    lasts until every sequence has its first token; the decode phase counts the
-    tokens the steps after it return (with PP a step moves one sequence group, so
-    steps are not counted, tokens are).
+    Returns ``(prefill ms, decode ms per generated token, each sequence's tokens)``:
+    the prefill phase lasts until every sequence has its first token; the decode
+    phase counts the tokens the steps after it return (with PP a step moves one
+    sequence group, so steps are not counted, tokens are). The prompts are the same
+    on every call with the same arguments.
     """
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
     vocab = engine.model_config["vocab_size"]
+    ids = []
     for _ in range(batch):
         prompt = torch.randint(0, vocab - 8, (prompt_len,), generator=gen).tolist()
-        engine.add_request(prompt, params)
-    started, start = set(), time.perf_counter()
-    while len(started) < batch:
-        started |= {out.seq_id for out in engine.step()}
+        ids.append(engine.add_request(prompt, params))
+    outputs: dict[int, list[int]] = {seq_id: [] for seq_id in ids}
+    start = time.perf_counter()
+    while any(not out for out in outputs.values()):
+        for out in engine.step():
+            outputs[out.seq_id].append(out.token_id)
     prefill_ms = (time.perf_counter() - start) * 1e3
     tokens, start = 0, time.perf_counter()
     while engine.has_unfinished():
-        tokens += len(engine.step())
-    return prefill_ms, (time.perf_counter() - start) * 1e3 / max(tokens, 1)
+        step = engine.step()
+        tokens += len(step)
+        for out in step:
+            outputs[out.seq_id].append(out.token_id)
+    ms = (time.perf_counter() - start) * 1e3 / max(tokens, 1)
+    return prefill_ms, ms, [outputs[seq_id] for seq_id in ids]
 
 
 # -- profile of a few decode steps --------------------------------------------------------
@@ -280,6 +292,7 @@ def run_layout(args: argparse.Namespace) -> int:
         pp=args.pp,
         dist_timeout_s=120.0,
         enforce_eager=args.enforce_eager,
+        overlap_steps=not args.no_overlap_steps,
     )
 
     def measure() -> int:
@@ -288,7 +301,15 @@ def run_layout(args: argparse.Namespace) -> int:
             graphs = engine.runner.graphs
             decode_times_ms(engine, 1, args.prompt_len, 4)  # warm-up: first calls compile
             for batch in batches:
-                prefill, ms = decode_times_ms(engine, batch, args.prompt_len, args.new_tokens)
+                # Baseline first, same engine: every decode step read back before the next.
+                engine.overlap_steps = False
+                _, ms_serial, serial_tokens = decode_times_ms(
+                    engine, batch, args.prompt_len, args.new_tokens
+                )
+                engine.overlap_steps = config.overlap_steps
+                prefill, ms, tokens = decode_times_ms(
+                    engine, batch, args.prompt_len, args.new_tokens
+                )
                 result = {
                     "tp": args.tp,
                     "pp": args.pp,
@@ -299,6 +320,10 @@ def run_layout(args: argparse.Namespace) -> int:
                 # ms_per_batch_step: every sequence one token further (the inter-token latency)
                 result |= {"ms_per_token": ms, "ms_per_batch_step": ms * batch}
                 result |= {"tokens_per_s": 1e3 / ms, "threads_per_rank": torch.get_num_threads()}
+                result |= {"overlap_steps": config.overlap_steps}
+                result["tokens_per_s_no_overlap"] = 1e3 / ms_serial
+                # Greedy on the same prompts: the two runs must give the same tokens.
+                result["same_tokens_as_serial"] = tokens == serial_tokens
                 result["decode_graphs"] = graphs.buckets if graphs is not None else None
                 results.append(result)
             if args.profile_dir:
@@ -332,6 +357,11 @@ def main() -> int:
         "--enforce-eager", action="store_true", help="decode without CUDA graphs (every layout)"
     )
     parser.add_argument(
+        "--no-overlap-steps",
+        action="store_true",
+        help="time (and profile) decode without queuing each step ahead (every layout)",
+    )
+    parser.add_argument(
         "--profile-dir", help="profile decode on rank 0 after the timing; traces go here"
     )
     parser.add_argument(
@@ -359,6 +389,8 @@ def main() -> int:
             cmd += ["--prompt-len", str(args.prompt_len)]
             if args.enforce_eager:
                 cmd += ["--enforce-eager"]
+            if args.no_overlap_steps:
+                cmd += ["--no-overlap-steps"]
             if args.profile_dir and (
                 args.profile_layouts is None or layout.lower() in args.profile_layouts
             ):
@@ -375,7 +407,14 @@ def main() -> int:
                     f"token ({result['ms_per_batch_step']:.1f} ms between a sequence's tokens); "
                     f"prefill of {result['batch']} x {args.prompt_len} tokens "
                     f"{result['prefill_ms']:.0f} ms; decode graphs "
-                    f"{result['decode_graphs'] or 'off'}",
+                    f"{result['decode_graphs'] or 'off'}; steps "
+                    + (
+                        f"overlapped: {result['tokens_per_s'] / result['tokens_per_s_no_overlap']:.2f}x "
+                        f"the {result['tokens_per_s_no_overlap']:.1f} tokens/s of serial steps, "
+                        f"same greedy tokens: {result['same_tokens_as_serial']}"
+                        if result["overlap_steps"]
+                        else "serial"
+                    ),
                     flush=True,
                 )
                 if "profile_error" in result:

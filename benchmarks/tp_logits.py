@@ -69,6 +69,16 @@ DEFAULT_TOL = 2e-2
 
 
 # -- recording ------------------------------------------------------------------------
+class _Sampled:
+    """A draw already on the host, in ``PendingSample``'s shape."""
+
+    def __init__(self, result: SampleResult) -> None:
+        self._result = result
+
+    def result(self) -> SampleResult:
+        return self._result
+
+
 class ForcingSampler:
     """Stands in for ``engine.sampler``: feeds back ``forced[step]`` (or, without a forced
     sequence, the argmax), and records the logits of sequence 0 plus the per-step
@@ -85,6 +95,10 @@ class ForcingSampler:
         self.fed = [-1] * rows  # the token sequence 0 was given per step
         self.low: dict[int, torch.Tensor] = {}
         self.high: dict[int, torch.Tensor] = {}
+
+    def launch(self, *args) -> _Sampled:
+        """The engine's entry point (``Sampler.launch``): samples at once."""
+        return _Sampled(self(*args))
 
     def __call__(self, logits, params, generators, output_token_ids, prompt_token_ids):
         rows = logits.float()
@@ -136,11 +150,13 @@ def record(
     first = engine._seqs[seq_ids[0]].output_token_ids  # the list the sampler is handed
     sampler = ForcingSampler(first, forced, steps + 1)
     saved, engine.sampler = engine.sampler, sampler
+    # Steps queued ahead would reach the sampler before the forced token was appended.
+    overlap, engine.overlap_steps = engine.overlap_steps, False
     try:
         while engine.has_unfinished():
             engine.step()
     finally:
-        engine.sampler = saved
+        engine.sampler, engine.overlap_steps = saved, overlap
     return sampler.result()
 
 

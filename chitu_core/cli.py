@@ -143,6 +143,13 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="decode without device graphs (CUDA graphs are captured by default where supported)",
     )
+    p.add_argument(
+        "--no-overlap-steps",
+        dest="overlap_steps",
+        action="store_false",
+        help="read each decode step's tokens back before queuing the next step (by default the "
+        "next decode step is queued first, so the device does not wait for the host)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch")
     p.add_argument("--max-model-len", type=int, help="context length (prompt + output)")
     p.add_argument(
@@ -172,6 +179,7 @@ def engine_config(args: argparse.Namespace, model: str):
         memory_utilization=args.gpu_memory_utilization,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager,
+        overlap_steps=args.overlap_steps,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         tp=args.tp,

@@ -156,8 +156,8 @@ def run_model(
     logits: dict[int, list[torch.Tensor]] = {}
     execute = engine.runner.execute
 
-    def recording_execute(seqs, num_new_tokens):
-        out = execute(seqs, num_new_tokens)
+    def recording_execute(seqs, num_new_tokens, *args):
+        out = execute(seqs, num_new_tokens, *args)
         for seq, row in zip(seqs, out, strict=True):
             logits.setdefault(seq.seq_id, []).append(row.detach().float().cpu())
         return out

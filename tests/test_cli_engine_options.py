@@ -20,15 +20,17 @@ def test_defaults_just_work():
     assert config.memory_utilization == 0.9
     assert config.max_num_batched_tokens == 2048
     assert config.enforce_eager is False and config.max_num_seqs == 64
+    assert config.overlap_steps is True
 
 
 def test_memory_graph_and_batching_options():
     args = _parse(
         "--gpu-memory-utilization", "0.5", "--enforce-eager", "--max-num-batched-tokens", "512",
-        "--max-num-seqs", "8",
+        "--max-num-seqs", "8", "--no-overlap-steps",
     )  # fmt: skip
     config = engine_config(args, "/models/m")
     assert config.memory_utilization == 0.5 and config.enforce_eager
+    assert config.overlap_steps is False
     assert config.max_num_batched_tokens == 512 and config.max_num_seqs == 8
 
 

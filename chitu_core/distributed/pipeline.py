@@ -65,9 +65,16 @@ class DistributedExecutor:
         self._stop_heartbeat = threading.Event()
 
     # -- rank 0 ------------------------------------------------------------------------
-    def execute(self, seqs: list[Any], num_new_tokens: list[int]) -> torch.Tensor:
-        """Rank 0, PP=1: one step on every TP rank; returns logits ``[B, vocab]`` fp32."""
-        batch = self.runner.build_batch(seqs, num_new_tokens)
+    def execute(
+        self,
+        seqs: list[Any],
+        num_new_tokens: list[int],
+        input_ids_on_device: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Rank 0, PP=1: one step on every TP rank; returns logits ``[B, vocab]`` fp32
+        (``input_ids_on_device``: see ``ModelRunner.build_batch``; they travel in the
+        payload, which is patched on the device before it is sent)."""
+        batch = self.runner.build_batch(seqs, num_new_tokens, input_ids_on_device)
         return self._guarded(lambda: self._start(batch))
 
     def submit(

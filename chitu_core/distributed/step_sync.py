@@ -38,6 +38,7 @@ HEADER_LEN = 8
 # long prompts) take a second all-gather. Each collective costs ~0.1 ms of host time.
 INLINE_LEN = 16384
 _BATCH_FIELDS = 4  # T, B, max_blocks, is_decode
+INPUT_IDS_AT = _BATCH_FIELDS  # where input_ids begin in a batch's payload
 
 
 def header(

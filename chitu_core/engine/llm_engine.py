@@ -37,7 +37,13 @@ from chitu_core.engine.memory_plan import (
     tensor_bytes,
 )
 from chitu_core.engine.runner import ModelRunner
-from chitu_core.engine.sampling import Sampler, SamplingParams, TokenLogprobs, make_generator
+from chitu_core.engine.sampling import (
+    PendingSample,
+    Sampler,
+    SamplingParams,
+    TokenLogprobs,
+    make_generator,
+)
 from chitu_core.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from chitu_core.engine.sequence import Sequence
 from chitu_core.engine.stop import StopChecker
@@ -83,6 +89,9 @@ class EngineConfig:
     dist_timeout_s: float = 300.0  # a collective that waits longer fails (a rank died)
     # Decode without device graphs even where the backend supports them (debugging).
     enforce_eager: bool = False
+    # Queue each decode step on the device before the previous step's tokens reach the
+    # host, so the device does not wait for the host between steps (``LLMEngine.step``).
+    overlap_steps: bool = True
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
@@ -98,6 +107,20 @@ class EngineConfig:
                 f"memory_utilization (--gpu-memory-utilization) must be in (0, 1], got "
                 f"{self.memory_utilization}"
             )
+
+
+@dataclass
+class _Launched:
+    """A step whose forward and draw are queued on the device, its tokens not yet read.
+
+    ``ready``: the rows of ``seqs`` that were sampled (the draw's rows, in order).
+    """
+
+    seqs: list[Sequence]
+    ready: list[int]
+    sample: PendingSample | None
+    # Queuing the step failed: raised (as a StepError) when the step is due.
+    error: Exception | None = None
 
 
 @dataclass
@@ -225,6 +248,9 @@ class LLMEngine:
             self.schedulers[0] if num_groups == 1 else SchedulerGroup(self.schedulers)
         )
         self._in_flight: dict[int, ScheduledBatch] = {}  # group -> its batch in the pipeline
+        self._pending: _Launched | None = None  # a decode step queued ahead (overlap_steps)
+        # Settable between steps (a tool whose sampler needs each step's tokens on the host).
+        self.overlap_steps = config.overlap_steps
         self._next_group = 0
         self.runner = ModelRunner(
             self.model, self.ops, self.device, self.dtype, num_blocks, config.block_size
@@ -371,25 +397,83 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         # A batch in the pipeline must come out even if all its sequences were aborted.
-        return self.scheduler.has_unfinished() or bool(self._in_flight)
+        return self.scheduler.has_unfinished() or bool(self._in_flight) or self._pending is not None
 
     # -- the loop ----------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """One scheduling + forward + sampling step (with PP: one batch into the pipeline,
-        and the outputs of the batch that left it, if any)."""
+        """One scheduling + forward + sampling step: the outputs of one step.
+
+        With ``overlap_steps`` a decode step whose successor is known in advance (the same
+        sequences, one more token each: nothing waiting to be admitted, no preemption)
+        has that successor queued on the device, fed by this step's draw on the device,
+        before this step's tokens are read back. The host then detokenizes, checks stops
+        and schedules while the device computes; the next call returns the queued step.
+        A sequence that stops meanwhile (eos, stop string, abort) has its queued row
+        dropped. With PP: one batch into the pipeline, and the outputs of the batch that
+        left it, if any.
+        """
         if len(self.schedulers) > 1:
             return self._pipelined_step()
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
+        launched, self._pending = self._pending, None
+        if launched is not None and launched.error is not None:
+            self._fail([seq for seq in launched.seqs if not seq.is_finished], launched.error)
+        if launched is None:
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                return []
+            logits = self._execute(batch.seqs, batch.num_new_tokens)
+            launched = self._launch_sample(
+                batch.seqs, batch.num_new_tokens, batch.sample_mask, logits, self.scheduler
+            )
+        if self.overlap_steps:
+            self._pending = self._launch_next_decode(launched)
+        return self._finish(launched)
+
+    def _execute(
+        self, seqs: list[Sequence], num_new_tokens: list[int], input_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The forward of one step on every rank: logits ``[B, V]`` fp32."""
         try:
-            logits = self.executor.execute(batch.seqs, batch.num_new_tokens)
+            return self.executor.execute(seqs, num_new_tokens, input_ids)
         except DistributedError as exc:  # the ranks are out of step: nothing can go on
             self._fatal(exc)
             raise
         except Exception as exc:
-            self._fail(batch, exc)
-        return self._complete(batch, logits, self.scheduler)
+            self._fail(seqs, exc)
+
+    def _launch_next_decode(self, launched: _Launched) -> _Launched | None:
+        """Queue the decode step that follows ``launched`` (see ``step``), or None where the
+        scheduler may pick another batch."""
+        seqs = [launched.seqs[i] for i in launched.ready]
+        if launched.sample is None or len(seqs) != len(launched.seqs):
+            return None  # a prefill chunk: not every sequence got a token
+        if any(seq.request.params.uses_penalties for seq in seqs):
+            return None  # the penalties need this step's tokens on the host
+        scheduler = seqs[0].request.scheduler
+        if not scheduler.reserve_next_decode(seqs):
+            return None
+        # Sequences this step finishes for length are left out (their rows would be dropped).
+        rows = [
+            k
+            for k, seq in enumerate(seqs)
+            if seq.num_output_tokens + 1 < seq.max_tokens
+            and seq.num_tokens + 1 < self.max_model_len
+        ]
+        if not rows:
+            return None
+        tokens = launched.sample.token_ids
+        if len(rows) != len(seqs):
+            tokens = tokens[torch.tensor(rows, device=tokens.device)]
+            seqs = [seqs[k] for k in rows]
+        ones = [1] * len(seqs)
+        try:
+            logits = self.executor.execute(seqs, ones, tokens)
+        except DistributedError as exc:
+            self._fatal(exc)
+            raise
+        except Exception as exc:  # fails this step's sequences when the step is due
+            return _Launched(seqs, [], None, error=exc)
+        return self._launch_sample(seqs, ones, [True] * len(seqs), logits, scheduler)
 
     def _pipelined_step(self) -> list[StepOutput]:
         """Submit the next group's batch (round robin over groups not in the pipeline), or if
@@ -413,44 +497,67 @@ class LLMEngine:
             raise
         outputs = []
         for group, logits in done:
-            outputs += self._complete(self._in_flight.pop(group), logits, self.schedulers[group])
+            batch = self._in_flight.pop(group)
+            launched = self._launch_sample(
+                batch.seqs, batch.num_new_tokens, batch.sample_mask, logits, self.schedulers[group]
+            )
+            outputs += self._finish(launched)
         return outputs
 
-    def _fail(self, batch: ScheduledBatch, exc: Exception) -> None:
+    def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
         """A backend fault fails the sequences of this step only; the engine goes on."""
-        failed = [seq.seq_id for seq in batch.seqs]
+        failed = [seq.seq_id for seq in seqs]
         for seq_id in failed:
             self.abort(seq_id)
         raise StepError(failed, exc) from exc
 
-    def _complete(
-        self, batch: ScheduledBatch, logits: torch.Tensor, scheduler: Scheduler
-    ) -> list[StepOutput]:
-        """Record ``batch``'s step and sample the sequences it made ready (logits ``[B, V]``)."""
+    def _launch_sample(
+        self,
+        seqs: list[Sequence],
+        num_new_tokens: list[int],
+        sample_mask: list[bool],
+        logits: torch.Tensor,
+        scheduler: Scheduler,
+    ) -> _Launched:
+        """Record the step's K/V as computed and queue the draw of the sequences it made
+        ready (logits ``[B, V]``)."""
         try:
-            scheduler.after_step(batch)
+            scheduler.record_computed(seqs, num_new_tokens)
             ready = [
                 i
-                for i, is_ready in enumerate(batch.sample_mask)
-                if is_ready and not batch.seqs[i].is_finished  # aborted while in the pipeline
+                for i, is_ready in enumerate(sample_mask)
+                if is_ready and not seqs[i].is_finished  # aborted while in the pipeline
             ]
             if not ready:
-                return []
-            seqs = [batch.seqs[i] for i in ready]
-            requests: list[_Request] = [seq.request for seq in seqs]
-            result = self.sampler(
-                logits[ready],
+                return _Launched(seqs, ready, None)
+            requests: list[_Request] = [seqs[i].request for i in ready]
+            sample = self.sampler.launch(
+                logits if len(ready) == logits.shape[0] else logits[ready],
                 [r.params for r in requests],
                 [r.generator for r in requests],
-                [seq.output_token_ids for seq in seqs],
-                [seq.prompt_token_ids for seq in seqs],
+                [seqs[i].output_token_ids for i in ready],
+                [seqs[i].prompt_token_ids for i in ready],
             )
         except Exception as exc:
-            self._fail(batch, exc)
+            self._fail(seqs, exc)
+        return _Launched(seqs, ready, sample)
+
+    def _finish(self, launched: _Launched) -> list[StepOutput]:
+        """Read a launched step's tokens back and apply them: stops, text, outputs."""
+        if launched.sample is None:
+            return []
+        try:
+            result = launched.sample.result()
+        except Exception as exc:
+            self._fail(launched.seqs, exc)
         outputs = []
-        for seq, request, token_id, logprobs in zip(
-            seqs, requests, result.token_ids, result.logprobs, strict=True
+        for i, token_id, logprobs in zip(
+            launched.ready, result.token_ids, result.logprobs, strict=True
         ):
+            seq = launched.seqs[i]
+            if seq.is_finished:  # aborted, or stopped by the step before (queued ahead)
+                continue
+            request: _Request = seq.request
             seq.append_token(token_id)
             stop = request.stop.check(token_id, request.detokenizer.add(token_id))
             text, finished, reason = stop.text_to_emit, stop.finished, stop.reason
@@ -463,7 +570,7 @@ class LLMEngine:
             if logprobs is not None:
                 request.logprobs.append(logprobs)
             if finished:
-                scheduler.finish(seq, reason)
+                request.scheduler.finish(seq, reason)
                 self._seqs.pop(seq.seq_id, None)
             outputs.append(
                 StepOutput(

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from chitu_core.distributed.step_sync import payload_values, unpack
+from chitu_core.distributed.step_sync import INPUT_IDS_AT, payload_values, unpack
 from chitu_core.engine.decode_graphs import DecodeGraphs
 from chitu_core.models.base import ForwardBatch, LayerCache
 
@@ -61,9 +61,18 @@ class ModelRunner:
         self.graphs = graphs
         return graphs
 
-    def build_batch(self, seqs: list[Any], num_new_tokens: list[int]) -> ForwardBatch:
+    def build_batch(
+        self,
+        seqs: list[Any],
+        num_new_tokens: list[int],
+        input_ids_on_device: torch.Tensor | None = None,
+    ) -> ForwardBatch:
         """ForwardBatch for computing ``num_new_tokens[i]`` tokens of ``seqs[i]`` from its
-        ``num_computed_tokens`` on; blocks must already be allocated."""
+        ``num_computed_tokens`` on; blocks must already be allocated.
+
+        ``input_ids_on_device``: ``[T]`` int64 on the device, the step's input tokens when
+        the host does not have them yet (a decode step queued behind the step that samples
+        them); otherwise they are read from the sequences."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -73,7 +82,8 @@ class ModelRunner:
         for seq, count in zip(seqs, num_new_tokens, strict=True):
             start = seq.num_computed_tokens
             end = start + count
-            input_ids += seq.token_ids[start:end]
+            if input_ids_on_device is None:
+                input_ids += seq.token_slice(start, end)
             span = range(start, end)
             positions += span
             slots += [seq.block_ids[p // bs] * bs + p % bs for p in span]
@@ -84,13 +94,23 @@ class ModelRunner:
         tables = [seq.block_ids + [0] * (max_blocks - len(seq.block_ids)) for seq in seqs]
         is_decode = all(c == 1 for c in num_new_tokens)
         last = [c - 1 for c in cu_seqlens[1:]]
+        num_tokens = cu_seqlens[-1]
+        if input_ids_on_device is not None:
+            if input_ids_on_device.shape != (num_tokens,):
+                raise ValueError(
+                    f"input_ids_on_device has shape {tuple(input_ids_on_device.shape)}; "
+                    f"the step computes {num_tokens} tokens"
+                )
+            input_ids = [0] * num_tokens  # placeholders, overwritten on the device below
         # One host-to-device copy per step (a copy from pageable memory waits for the
         # host each time): the whole batch as one int64 payload, the fields views of it.
         values = payload_values(
             input_ids, positions, slots, tables, context_lens, cu_seqlens, last, is_decode
         )
         payload = torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
-        sizes = (len(input_ids), len(seqs), max_blocks, int(is_decode))
+        if input_ids_on_device is not None:
+            payload[INPUT_IDS_AT : INPUT_IDS_AT + num_tokens].copy_(input_ids_on_device)
+        sizes = (num_tokens, len(seqs), max_blocks, int(is_decode))
         [batch] = unpack(payload, 1, sizes=sizes)
         return batch
 
@@ -107,6 +127,12 @@ class ModelRunner:
                 return self.graphs.replay(batch, bucket)
         return self.model(batch, self.kv_caches, hidden_states)
 
-    def execute(self, seqs: list[Any], num_new_tokens: list[int]) -> torch.Tensor:
-        """Run one step; returns logits ``[B, vocab]`` fp32 of each sequence's last new token."""
-        return self.forward(self.build_batch(seqs, num_new_tokens))
+    def execute(
+        self,
+        seqs: list[Any],
+        num_new_tokens: list[int],
+        input_ids_on_device: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run one step; returns logits ``[B, vocab]`` fp32 of each sequence's last new token
+        (``input_ids_on_device``: see ``build_batch``)."""
+        return self.forward(self.build_batch(seqs, num_new_tokens, input_ids_on_device))

@@ -246,6 +246,36 @@ def apply_min_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch
     return logits.masked_fill(logits < threshold[:, None], -math.inf)
 
 
+@dataclass(frozen=True)
+class PendingSample:
+    """A step's draw queued on the device; ``result()`` reads it back (the host waits for it).
+
+    ``token_ids``: ``[B]`` int64 on the device, usable before the read-back (the
+    next decode step's inputs). The logprob tensors are computed at launch, so a
+    later step that overwrites the logits buffer (graph outputs) cannot change them.
+    """
+
+    token_ids: torch.Tensor
+    params: tuple[SamplingParams, ...]
+    logprob_rows: tuple[int, ...] = ()
+    chosen_logprobs: torch.Tensor | None = None  # [W] fp32
+    top_logprobs: torch.Tensor | None = None  # [W, num_top] fp32, descending
+    top_ids: torch.Tensor | None = None  # [W, num_top] int64
+
+    def result(self) -> SampleResult:
+        """The picks on the host, with ``TokenLogprobs`` for the rows that asked."""
+        token_ids = self.token_ids.tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * len(token_ids)
+        if self.logprob_rows:
+            chosen = self.chosen_logprobs.tolist()
+            top_values, top_ids = self.top_logprobs.tolist(), self.top_ids.tolist()
+            for k, i in enumerate(self.logprob_rows):
+                n = self.params[i].logprobs
+                top = list(zip(top_ids[k][:n], top_values[k][:n], strict=True))
+                logprobs[i] = TokenLogprobs(token_id=token_ids[i], logprob=chosen[k], top=top)
+        return SampleResult(token_ids=token_ids, logprobs=logprobs)
+
+
 class Sampler:
     """Picks one token per sequence from a step's logits, through the bound ``ops.sample``.
 
@@ -265,7 +295,19 @@ class Sampler:
         output_token_ids: Sequence[Sequence[int]],
         prompt_token_ids: Sequence[Sequence[int]],
     ) -> SampleResult:
-        """Sample row ``i`` of ``logits`` (``[B, V]`` fp32) with ``params[i]``.
+        """``launch(...).result()``: sample and read the picks back at once."""
+        return self.launch(logits, params, generators, output_token_ids, prompt_token_ids).result()
+
+    def launch(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        output_token_ids: Sequence[Sequence[int]],
+        prompt_token_ids: Sequence[Sequence[int]],
+    ) -> PendingSample:
+        """Queue the draw of row ``i`` of ``logits`` (``[B, V]`` fp32) with ``params[i]``
+        on the device, without waiting for it.
 
         ``generators[i]`` is the request's generator (``make_generator(seed)``)
         or None for the default RNG; ``output_token_ids[i]``/``prompt_token_ids[i]``
@@ -286,8 +328,9 @@ class Sampler:
         ):
             if len(values) != batch:
                 raise ValueError(f"Sampler: {len(values)} {name} for {batch} rows of logits")
+        params = tuple(params)
         if batch == 0:
-            return SampleResult(token_ids=[], logprobs=[])
+            return PendingSample(torch.zeros(0, dtype=torch.int64), params)
         raw_logits = logits.float()
         logits = apply_penalties(raw_logits, params, output_token_ids, prompt_token_ids)
         logits = apply_min_p(logits, params)
@@ -306,31 +349,19 @@ class Sampler:
             sampled = self.ops.sample(
                 logits, temperatures, top_ps, top_ks, list(generators)
             )  # [B] int64
-        token_ids = sampled.tolist()
-        return SampleResult(
-            token_ids=token_ids, logprobs=_logprobs(raw_logits, sampled, token_ids, params)
-        )
+        return _with_logprobs(PendingSample(sampled, params), raw_logits)
 
 
-def _logprobs(
-    raw_logits: torch.Tensor,
-    sampled: torch.Tensor,
-    token_ids: list[int],
-    params: Sequence[SamplingParams],
-) -> list[TokenLogprobs | None]:
-    """Per-row ``TokenLogprobs`` for rows that ask; one log-softmax and one top-k over those rows only."""
-    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-    result: list[TokenLogprobs | None] = [None] * len(params)
+def _with_logprobs(pending: PendingSample, raw_logits: torch.Tensor) -> PendingSample:
+    """``pending`` plus the logprob tensors of the rows that ask; one log-softmax and one
+    top-k over those rows only."""
+    params = pending.params
+    wanted = tuple(i for i, p in enumerate(params) if p.logprobs is not None)
     if not wanted:
-        return result
+        return pending
     rows = torch.tensor(wanted, device=raw_logits.device)
     logprobs = torch.log_softmax(raw_logits[rows], dim=-1)  # [W, V]
-    chosen = logprobs.gather(1, sampled[rows][:, None]).squeeze(1).tolist()
+    chosen = logprobs.gather(1, pending.token_ids[rows][:, None]).squeeze(1)
     num_top = min(max(params[i].logprobs for i in wanted), logprobs.shape[1])
     top_values, top_ids = logprobs.topk(num_top, dim=-1)  # [W, num_top], descending
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    for k, i in enumerate(wanted):
-        n = params[i].logprobs
-        top = list(zip(top_ids[k][:n], top_values[k][:n], strict=True))
-        result[i] = TokenLogprobs(token_id=token_ids[i], logprob=chosen[k], top=top)
-    return result
+    return PendingSample(pending.token_ids, params, wanted, chosen, top_values, top_ids)

@@ -263,10 +263,43 @@ class Scheduler:
 
     def after_step(self, batch: ScheduledBatch) -> None:
         """Record that the step's K/V is now cached (skips sequences aborted meanwhile)."""
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+        self.record_computed(batch.seqs, batch.num_new_tokens)
+
+    def record_computed(self, seqs: list[Sequence], num_new_tokens: list[int]) -> None:
+        """``after_step`` for a step given as its sequences and token counts."""
+        for seq, num_new in zip(seqs, num_new_tokens, strict=True):
             if seq.is_finished:
                 continue
             seq.num_computed_tokens += num_new
+
+    def reserve_next_decode(self, seqs: list[Sequence]) -> bool:
+        """Room for the decode step after the one ``seqs`` just ran, before its tokens are
+        known on the host.
+
+        Call after ``after_step`` and before the sampled tokens are appended (each of
+        ``seqs`` then has no uncomputed token). Returns True, with K/V blocks allocated for
+        one more token of each sequence, when the next ``schedule()`` would run exactly
+        that step: ``seqs`` are all the running sequences, no waiting sequence would be
+        admitted, the token budget holds them and no sequence needs preempting. Then the
+        engine can queue that step on the device at once; otherwise nothing changes.
+        """
+        running = self.running
+        if not seqs or len(seqs) != len(running) or len(seqs) > self.config.max_num_batched_tokens:
+            return False
+        if self.waiting and len(running) < self.config.max_num_seqs:
+            return False
+        for seq in seqs:
+            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 0:
+                return False
+            if seq.num_computed_tokens + 1 > self.config.max_model_len:
+                return False
+        blocks = self.block_manager
+        needed = sum(blocks.blocks_needed(seq, seq.num_computed_tokens + 1) for seq in seqs)
+        if needed > blocks.num_free_blocks:
+            return False
+        for seq in seqs:
+            blocks.allocate(seq, seq.num_computed_tokens + 1)
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks and queue it for recompute ahead of newer arrivals."""

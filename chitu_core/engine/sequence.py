@@ -66,6 +66,16 @@ class Sequence:
         """Prompt followed by the generated tokens (a new list)."""
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """``token_ids[start:end]`` without copying the whole sequence (a decode step
+        reads one token of a context that may be thousands long)."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+
     @property
     def last_token_id(self) -> int:
         """The newest token: the input of the next decode step."""

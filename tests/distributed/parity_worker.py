@@ -47,18 +47,18 @@ def generate(engine: LLMEngine) -> tuple[dict, list[torch.Tensor]]:
     batches the sequences differently (one group per stage). The dict holds the tokens
     and ``overlapped``: how many batches left the pipeline while another was in it."""
     rows: dict[int, list[torch.Tensor]] = {}
-    complete = engine._complete
+    launch_sample = engine._launch_sample
     overlapped = 0
 
-    def recording(batch, logits, scheduler):
+    def recording(seqs, num_new_tokens, sample_mask, logits, scheduler):
         nonlocal overlapped
         overlapped += bool(engine._in_flight)  # another group's batch is in the pipeline
-        for i, seq in enumerate(batch.seqs):
-            if batch.sample_mask[i]:
+        for i, seq in enumerate(seqs):
+            if sample_mask[i]:
                 rows.setdefault(seq.seq_id, []).append(logits[i].clone())
-        return complete(batch, logits, scheduler)
+        return launch_sample(seqs, num_new_tokens, sample_mask, logits, scheduler)
 
-    engine._complete = recording
+    engine._launch_sample = recording
     params = SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=0.0, ignore_eos=True)
     completions = engine.generate(PROMPTS, params)
     result = {"tokens": [c.token_ids for c in completions], "overlapped": overlapped}

@@ -17,6 +17,7 @@ from chitu_core.demo_model import write_demo_model
 from chitu_core.engine.decode_graphs import DecodeGraphs, decode_buckets
 from chitu_core.engine.llm_engine import EngineConfig, LLMEngine
 from chitu_core.engine.sampling import SamplingParams
+from chitu_core.engine.sequence import Sequence
 
 
 def test_buckets_are_powers_of_two_then_the_maximum():
@@ -101,6 +102,12 @@ def test_graph_replays_give_the_eager_tokens(model_dir):
     assert sum(capture.replays.values()) < sum(p.max_tokens for p in params)
 
 
+def _sequence(token_ids: list[int], computed: int, block_ids: list[int]) -> Sequence:
+    seq = Sequence(0, token_ids, max_tokens=4)
+    seq.num_computed_tokens, seq.block_ids = computed, block_ids
+    return seq
+
+
 def test_prefill_and_oversized_batches_are_not_replayed(model_dir):
     engine = _engine(model_dir)
     runner = engine.runner
@@ -108,7 +115,7 @@ def test_prefill_and_oversized_batches_are_not_replayed(model_dir):
         runner.model, SimpleNamespace(**vars(engine.ops)), runner.device, runner.kv_caches, 2, 8
     )
     graphs._replays = {1: None, 2: None}
-    seq = SimpleNamespace(num_computed_tokens=0, token_ids=[1, 2, 3], block_ids=[1])
+    seq = _sequence([1, 2, 3], computed=0, block_ids=[1])
     assert graphs.bucket_for(runner.build_batch([seq], [3])) is None  # prefill
     seq.num_computed_tokens = 2
     assert graphs.bucket_for(runner.build_batch([seq], [1])) == 1
@@ -126,7 +133,7 @@ def test_padding_rows_point_at_the_scratch_slot(model_dir):
     graphs.capture()
 
     def seq(n, blocks):
-        return SimpleNamespace(num_computed_tokens=n - 1, token_ids=[7] * n, block_ids=blocks)
+        return _sequence([7] * n, computed=n - 1, block_ids=blocks)
 
     full = [seq(9, [1, 2, 3]), seq(5, [4, 5]), seq(2, [6]), seq(13, [7, 8, 9, 10])]
     graphs.replay(runner.build_batch(full, [1] * 4), 4)

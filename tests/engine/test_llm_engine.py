@@ -7,33 +7,11 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="builds the tiny checkpoint")
 
-from chitu_core.demo_tokenizer import write_demo_tokenizer  # noqa: E402
 from chitu_core.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from chitu_core.engine.sampling import SamplingParams  # noqa: E402
 
-VOCAB = 512
+VOCAB = 512  # the llama_dir checkpoint's (conftest.py)
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():  # spread the logits so greedy choices are far from ties
-        model.lm_head.weight.mul_(20)
-    path = tmp_path_factory.mktemp("llama")
-    model.save_pretrained(path)
-    write_demo_tokenizer(path, VOCAB)
-    return path
 
 
 def _engine(path, **kwargs):

@@ -44,7 +44,7 @@ def faulty(model_dir):
     steps: dict[int, int] = {}
     faults: list[int] = []
 
-    def execute(seqs, num_new_tokens):
+    def execute(seqs, num_new_tokens, *args):
         for seq in seqs:
             if seq.prompt_token_ids in (MARKER, MARKER_WHEN_QUEUED):
                 step = steps[seq.seq_id] = steps.get(seq.seq_id, 0) + 1
@@ -55,7 +55,7 @@ def faulty(model_dir):
                 ):
                     faults.append(seq.seq_id)
                     raise RuntimeError("injected backend fault")
-        return real_execute(seqs, num_new_tokens)
+        return real_execute(seqs, num_new_tokens, *args)
 
     engine.runner.execute = execute
     metrics = ServerMetrics()
