@@ -90,7 +90,8 @@ def decode_times_ms(
 # -- profile of a few decode steps --------------------------------------------------------
 # Device kernels by name (lower case); the first category whose pattern matches wins.
 KERNEL_CATEGORIES = (
-    ("nccl", ("nccl",)),
+    # Collectives: NCCL's kernels and the NVIDIA plugin's symmetric-memory all-reduce.
+    ("nccl", ("nccl", "all_reduce", "allreduce")),
     ("attention", ("attn", "attention", "paged_decode", "paged_prefill", "mla_decode", "flash")),
     (
         "gemm",

@@ -10,7 +10,8 @@
 #   tp2          (2 GPUs, <= 9 min) Llama-3-8B-shaped and 4-layer DeepSeek-V3-shaped FP8:
 #                step logits (tp_logits.py) of 1 GPU vs TP=2 vs PP=2 on identical inputs,
 #                compared; bench_distributed 1x1 / 2x1 / 1x2 at batch 1 and 32 on Llama with
-#                a decode profile of 1x1 and 2x1; serve --tp 2 at c=16
+#                a decode profile of 1x1 and 2x1; TP=2 again with NCCL all-reduce only;
+#                serve --tp 2 at c=16
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 OUT=${OUT:-/tmp/chitu-gpu}; mkdir -p "$OUT"
@@ -75,6 +76,9 @@ tp2)
     BUDGET=${TP2_BUDGET_S:-530}
     tmo() { local left=$((BUDGET - SECONDS)); if [ "$left" -lt "$1" ]; then echo $((left > 5 ? left : 5)); else echo "$1"; fi; }
     errs() { grep -E "Error|error:|Traceback|FAILED" "$OUT/stderr.txt" | tail -4 | tee -a "$OUT/summary.txt"; }
+    log "one-shot (symmetric-memory) all-reduce vs exact sums on 2 GPUs, eager and in CUDA graphs"
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -rf plugins/nvidia/tests/test_gpu_all_reduce.py 2>&1 \
+        | tail -25 | tee -a "$OUT/summary.txt"
     write='from chitu_core.demo_model import write_demo_model as w; import sys; w(sys.argv[1], sys.argv[2], "real", fp8=True, device="cuda")'
     log "writing the 4-layer DeepSeek-V3-shaped FP8 model on GPU 1 (in the background)"
     CUDA_VISIBLE_DEVICES=1 timeout 300 python3 -c "$write" /tmp/ds4 deepseek_v3 >/tmp/ds4-write.log 2>&1 &
@@ -125,8 +129,12 @@ tp2)
         --profile-dir /tmp/prof --profile-layouts 1x1 2x1 --profile-steps 8 \
         2>>"$OUT/stderr.txt" | tee -a "$OUT/summary.txt" || { log "bench_distributed failed"; errs; }
     cp /tmp/prof/trace-2x1-b32.json.gz "$OUT/" 2>/dev/null
+    log "baseline: TP=2 with NCCL all-reduce only (CHITU_NVIDIA_SYMM_MEM=0)"
+    CHITU_NVIDIA_SYMM_MEM=0 timeout "$(tmo 90)" python3 benchmarks/bench_distributed.py --backend nvidia \
+        --model /tmp/ll8 --layouts 2x1 --batch 1,32 --prompt-len 128 --new-tokens 64 \
+        --json "$OUT/tp-nccl-only.json" 2>>"$OUT/stderr.txt" | tee -a "$OUT/summary.txt" || errs
     log "chitu serve --tp 2, benchmark_serving at concurrency 16"
-    python3 -m chitu_core serve /tmp/ll8 --backend nvidia --tp 2 --port 21078 --skip-conformance \
+    python3 -m chitu_core -v serve /tmp/ll8 --backend nvidia --tp 2 --port 21078 --skip-conformance \
         --max-model-len 4096 >"$OUT/serve-tp2.log" 2>&1 &
     server=$!
     for _ in $(seq 60); do
@@ -141,7 +149,9 @@ tp2)
     kill "$server"
     for _ in $(seq 30); do kill -0 "$server" 2>/dev/null || break; sleep 1; done
     if kill -0 "$server" 2>/dev/null; then
-        log "serve --tp 2 still running 30 s after SIGTERM: killing it (and its ranks)"
+        log "serve --tp 2 still running 30 s after SIGTERM: stacks (SIGUSR1) into serve-tp2.log, then SIGKILL"
+        pkill -USR1 -f "chitu_core serve /tmp/ll8"
+        sleep 3
         pkill -9 -f "chitu_core serve /tmp/ll8"
     fi
     wait "$server" 2>/dev/null

@@ -7,8 +7,12 @@ and nowhere else.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
+import io
 import json
 import logging
+import signal
 import sys
 
 from chitu_core.backend import OP_NAMES, discover_backends
@@ -326,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(signal, "SIGUSR1"):
+        # `kill -USR1 PID` prints every thread's stack to stderr: where a stuck process
+        # (a server or one of its ranks) is waiting. Not where stderr is no file (captured).
+        with contextlib.suppress(io.UnsupportedOperation, ValueError):
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

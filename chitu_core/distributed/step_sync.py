@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from chitu_core.engine.host_copy import to_device_async
 from chitu_core.models.base import ForwardBatch
 
 CMD_STOP, CMD_STEP, CMD_PING = 0, 1, 2
@@ -51,7 +52,7 @@ def header(
     batch's ``(T, B, max_blocks, is_decode)``."""
     length = 0 if payload is None else payload.shape[0]
     values = [command, int(payload is not None), length, *sizes, 0]
-    return torch.tensor(values, dtype=torch.int64).to(device)
+    return to_device_async(torch.tensor(values, dtype=torch.int64), device)
 
 
 def batch_sizes(batch: ForwardBatch) -> tuple[int, int, int, int]:

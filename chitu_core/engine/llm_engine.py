@@ -29,6 +29,7 @@ from chitu_core.detokenizer import IncrementalDetokenizer
 from chitu_core.distributed import DistributedError
 from chitu_core.distributed.parallel import ParallelState, init_parallel, launched_as_rank
 from chitu_core.distributed.pipeline import DistributedExecutor
+from chitu_core.engine.host_copy import to_device_async
 from chitu_core.engine.kv_cache import BlockManager
 from chitu_core.engine.memory_plan import (
     MemoryPlan,
@@ -463,7 +464,7 @@ class LLMEngine:
             return None
         tokens = launched.sample.token_ids
         if len(rows) != len(seqs):
-            tokens = tokens[torch.tensor(rows, device=tokens.device)]
+            tokens = tokens[to_device_async(torch.tensor(rows), tokens.device)]
             seqs = [seqs[k] for k in rows]
         ones = [1] * len(seqs)
         try:
@@ -531,8 +532,10 @@ class LLMEngine:
             if not ready:
                 return _Launched(seqs, ready, None)
             requests: list[_Request] = [seqs[i].request for i in ready]
+            if len(ready) != logits.shape[0]:
+                logits = logits[to_device_async(torch.tensor(ready), logits.device)]
             sample = self.sampler.launch(
-                logits if len(ready) == logits.shape[0] else logits[ready],
+                logits,
                 [r.params for r in requests],
                 [r.generator for r in requests],
                 [seqs[i].output_token_ids for i in ready],

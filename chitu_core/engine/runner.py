@@ -9,6 +9,7 @@ import torch
 
 from chitu_core.distributed.step_sync import INPUT_IDS_AT, payload_values, unpack
 from chitu_core.engine.decode_graphs import DecodeGraphs
+from chitu_core.engine.host_copy import to_device_async
 from chitu_core.models.base import ForwardBatch, LayerCache
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class ModelRunner:
         values = payload_values(
             input_ids, positions, slots, tables, context_lens, cu_seqlens, last, is_decode
         )
-        payload = torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+        payload = to_device_async(torch.tensor(values, dtype=torch.int64), self.device)
         if input_ids_on_device is not None:
             payload[INPUT_IDS_AT : INPUT_IDS_AT + num_tokens].copy_(input_ids_on_device)
         sizes = (num_tokens, len(seqs), max_blocks, int(is_decode))

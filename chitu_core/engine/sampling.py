@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from chitu_core.engine.host_copy import HostCopy, to_device_async
+
 if TYPE_CHECKING:
     from chitu_core.backend import Ops
 
@@ -203,7 +205,8 @@ def apply_penalties(
         )
         is_seen = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)
         is_seen[rows, tokens] = True
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        penalty = to_device_async(torch.tensor([p.repetition_penalty for p in params]), device)
+        penalty = penalty[:, None]
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(is_seen, penalised, logits)
 
@@ -218,8 +221,9 @@ def apply_penalties(
         counts.index_put_(
             (rows, tokens), torch.ones_like(tokens, dtype=logits.dtype), accumulate=True
         )
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        frequency = to_device_async(torch.tensor([p.frequency_penalty for p in params]), device)
+        presence = to_device_async(torch.tensor([p.presence_penalty for p in params]), device)
+        frequency, presence = frequency[:, None], presence[:, None]
         logits = logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
     return logits
 
@@ -236,39 +240,51 @@ def apply_min_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch
     if not any(is_active):
         return logits
     device = logits.device
-    active = torch.tensor(is_active, device=device)
-    min_p = torch.tensor(
-        [p.min_p if a else 1.0 for p, a in zip(params, is_active, strict=True)], device=device
+    active = to_device_async(torch.tensor(is_active), device)
+    min_p = to_device_async(
+        torch.tensor([p.min_p if a else 1.0 for p, a in zip(params, is_active, strict=True)]),
+        device,
     )
-    temperature = torch.tensor([p.temperature for p in params], device=device)
+    temperature = to_device_async(torch.tensor([p.temperature for p in params]), device)
     offset = torch.where(active, temperature * torch.log(min_p), -math.inf)  # [B]
     threshold = logits.max(dim=-1).values + offset
     return logits.masked_fill(logits < threshold[:, None], -math.inf)
 
 
-@dataclass(frozen=True)
 class PendingSample:
-    """A step's draw queued on the device; ``result()`` reads it back (the host waits for it).
+    """A step's draw queued on the device; ``result()`` reads it back.
 
     ``token_ids``: ``[B]`` int64 on the device, usable before the read-back (the
-    next decode step's inputs). The logprob tensors are computed at launch, so a
-    later step that overwrites the logits buffer (graph outputs) cannot change them.
+    next decode step's inputs). The picks and the logprobs are copied to the host
+    by copies queued at construction, right behind the draw: ``result()`` waits for
+    them, not for a step queued after them, and a later step that overwrites the
+    logits buffer (graph outputs) cannot change them.
+
+    ``logprob_rows``: the rows that asked for logprobs; ``chosen_logprobs`` ``[W]``
+    fp32, ``top_logprobs`` ``[W, num_top]`` fp32 descending and ``top_ids``
+    ``[W, num_top]`` int64 are theirs.
     """
 
-    token_ids: torch.Tensor
-    params: tuple[SamplingParams, ...]
-    logprob_rows: tuple[int, ...] = ()
-    chosen_logprobs: torch.Tensor | None = None  # [W] fp32
-    top_logprobs: torch.Tensor | None = None  # [W, num_top] fp32, descending
-    top_ids: torch.Tensor | None = None  # [W, num_top] int64
+    def __init__(
+        self,
+        token_ids: torch.Tensor,
+        params: tuple[SamplingParams, ...],
+        logprob_rows: tuple[int, ...] = (),
+        chosen_logprobs: torch.Tensor | None = None,
+        top_logprobs: torch.Tensor | None = None,
+        top_ids: torch.Tensor | None = None,
+    ) -> None:
+        self.token_ids, self.params, self.logprob_rows = token_ids, params, logprob_rows
+        self._copies = [HostCopy(token_ids)]
+        if logprob_rows:
+            self._copies += [HostCopy(t) for t in (chosen_logprobs, top_logprobs, top_ids)]
 
     def result(self) -> SampleResult:
         """The picks on the host, with ``TokenLogprobs`` for the rows that asked."""
-        token_ids = self.token_ids.tolist()
+        token_ids = self._copies[0].get().tolist()
         logprobs: list[TokenLogprobs | None] = [None] * len(token_ids)
         if self.logprob_rows:
-            chosen = self.chosen_logprobs.tolist()
-            top_values, top_ids = self.top_logprobs.tolist(), self.top_ids.tolist()
+            chosen, top_values, top_ids = (c.get().tolist() for c in self._copies[1:])
             for k, i in enumerate(self.logprob_rows):
                 n = self.params[i].logprobs
                 top = list(zip(top_ids[k][:n], top_values[k][:n], strict=True))
@@ -339,29 +355,29 @@ class Sampler:
             # sort over the vocabulary and three parameter uploads: the common decode case.
             sampled = logits.argmax(dim=-1)
         else:
-            temperatures = torch.tensor(
-                [p.temperature for p in params], dtype=torch.float32, device=self.device
-            )
-            top_ps = torch.tensor(
-                [p.top_p for p in params], dtype=torch.float32, device=self.device
-            )
-            top_ks = torch.tensor([p.top_k for p in params], dtype=torch.int32, device=self.device)
+            # One upload for the three per-row parameters; top_k is capped at 2**24 (exact
+            # in fp32, and larger than any vocabulary, so it filters the same).
+            values = [[p.temperature, p.top_p, float(min(p.top_k, 1 << 24))] for p in params]
+            table = to_device_async(torch.tensor(values, dtype=torch.float32), self.device)
+            temperatures, top_ps = table[:, 0], table[:, 1]
+            top_ks = table[:, 2].to(torch.int32)
             sampled = self.ops.sample(
                 logits, temperatures, top_ps, top_ks, list(generators)
             )  # [B] int64
-        return _with_logprobs(PendingSample(sampled, params), raw_logits)
+        return _with_logprobs(sampled, params, raw_logits)
 
 
-def _with_logprobs(pending: PendingSample, raw_logits: torch.Tensor) -> PendingSample:
-    """``pending`` plus the logprob tensors of the rows that ask; one log-softmax and one
-    top-k over those rows only."""
-    params = pending.params
+def _with_logprobs(
+    sampled: torch.Tensor, params: tuple[SamplingParams, ...], raw_logits: torch.Tensor
+) -> PendingSample:
+    """The draw ``sampled`` ``[B]`` plus the logprob tensors of the rows that ask; one
+    log-softmax and one top-k over those rows only."""
     wanted = tuple(i for i, p in enumerate(params) if p.logprobs is not None)
     if not wanted:
-        return pending
-    rows = torch.tensor(wanted, device=raw_logits.device)
+        return PendingSample(sampled, params)
+    rows = to_device_async(torch.tensor(wanted), raw_logits.device)
     logprobs = torch.log_softmax(raw_logits[rows], dim=-1)  # [W, V]
-    chosen = logprobs.gather(1, pending.token_ids[rows][:, None]).squeeze(1)
+    chosen = logprobs.gather(1, sampled[rows][:, None]).squeeze(1)
     num_top = min(max(params[i].logprobs for i in wanted), logprobs.shape[1])
     top_values, top_ids = logprobs.topk(num_top, dim=-1)  # [W, num_top], descending
-    return PendingSample(pending.token_ids, params, wanted, chosen, top_values, top_ids)
+    return PendingSample(sampled, params, wanted, chosen, top_values, top_ids)
