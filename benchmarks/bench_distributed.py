@@ -90,7 +90,7 @@ def decode_times_ms(
 # -- profile of a few decode steps --------------------------------------------------------
 # Device kernels by name (lower case); the first category whose pattern matches wins.
 KERNEL_CATEGORIES = (
-    # Collectives: NCCL's kernels and the NVIDIA plugin's symmetric-memory all-reduce.
+    # Collectives: NCCL's kernels and any other all-reduce kernel (e.g. torch symmetric memory).
     ("nccl", ("nccl", "all_reduce", "allreduce")),
     ("attention", ("attn", "attention", "paged_decode", "paged_prefill", "mla_decode", "flash")),
     (

@@ -10,12 +10,13 @@
 #   tp2          (2 GPUs, <= 9 min) Llama-3-8B-shaped and 4-layer DeepSeek-V3-shaped FP8:
 #                step logits (tp_logits.py) of 1 GPU vs TP=2 vs PP=2 on identical inputs,
 #                compared; bench_distributed 1x1 / 2x1 / 1x2 at batch 1 and 32 on Llama with
-#                a decode profile of 1x1 and 2x1; TP=2 again with NCCL all-reduce only;
-#                serve --tp 2 at c=16
+#                a decode profile of 1x1 and 2x1; serve --tp 2 at c=16
+#   serve-tp2    (2 GPUs, <= 5 min) serve --tp 2 at c=16 alone, and its SIGTERM shutdown
+#                (every process's stacks if it has not exited 45 s after SIGTERM)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 OUT=${OUT:-/tmp/chitu-gpu}; mkdir -p "$OUT"
-STAGE=${1:?stage: kernels, gemm, e2e-llama, e2e-deepseek or tp2}
+STAGE=${1:?stage: kernels, gemm, e2e-llama, e2e-deepseek, tp2 or serve-tp2}
 log() { echo "=== [$(date +%T)] $*" | tee -a "$OUT/summary.txt"; }
 if [ -d .gpu_wheels ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -26,6 +27,36 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . -e plugins/cpu_ref
 rm -f "$OUT/pip.txt"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/summary.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/summary.txt"
+
+# `chitu serve --tp 2` on /tmp/ll8, benchmark_serving at concurrency 16, then SIGTERM: how long
+# the shutdown takes, and every process's stacks (SIGUSR1) if it is not done in 45 s.
+serve_tp2() {
+    log "chitu serve --tp 2, benchmark_serving at concurrency 16"
+    python3 -m chitu_core -v serve /tmp/ll8 --backend nvidia --tp 2 --port 21078 --skip-conformance \
+        --max-model-len 4096 >"$OUT/serve-tp2.log" 2>&1 &
+    local server=$! waited=0
+    for _ in $(seq 60); do
+        curl -sf --max-time 5 http://127.0.0.1:21078/health >/dev/null && break
+        [ "$SECONDS" -lt "$BUDGET" ] || break
+        sleep 2
+    done
+    timeout "$(tmo 120)" python3 benchmarks/benchmark_serving.py --base-url http://127.0.0.1:21078 --concurrency 16 \
+        --num-prompts 32 --input-len 128 --output-len 128 --ignore-eos --json "$OUT/serving-tp2.json" \
+        2>&1 | tail -25 | tee -a "$OUT/summary.txt"
+    log "SIGTERM to the server"
+    kill "$server"
+    while kill -0 "$server" 2>/dev/null && [ "$waited" -lt 45 ]; do sleep 1; waited=$((waited + 1)); done
+    if kill -0 "$server" 2>/dev/null; then
+        log "serve --tp 2 still running 45 s after SIGTERM: stacks (SIGUSR1) into serve-tp2.log, then SIGKILL"
+        ps -o pid,ppid,stat,etime,args -C python3 | cut -c1-150 | tee -a "$OUT/summary.txt"
+        pkill -USR1 -f "serve /tmp/ll8"
+        sleep 3
+        pkill -9 -f "serve /tmp/ll8"
+    else
+        log "serve --tp 2 exited $waited s after SIGTERM"
+    fi
+    wait "$server" 2>/dev/null
+}
 
 case "$STAGE" in
 kernels)
@@ -76,9 +107,6 @@ tp2)
     BUDGET=${TP2_BUDGET_S:-530}
     tmo() { local left=$((BUDGET - SECONDS)); if [ "$left" -lt "$1" ]; then echo $((left > 5 ? left : 5)); else echo "$1"; fi; }
     errs() { grep -E "Error|error:|Traceback|FAILED" "$OUT/stderr.txt" | tail -4 | tee -a "$OUT/summary.txt"; }
-    log "one-shot (symmetric-memory) all-reduce vs exact sums on 2 GPUs, eager and in CUDA graphs"
-    timeout 120 python3 -m pytest -q -p no:cacheprovider -rf plugins/nvidia/tests/test_gpu_all_reduce.py 2>&1 \
-        | tail -25 | tee -a "$OUT/summary.txt"
     write='from chitu_core.demo_model import write_demo_model as w; import sys; w(sys.argv[1], sys.argv[2], "real", fp8=True, device="cuda")'
     log "writing the 4-layer DeepSeek-V3-shaped FP8 model on GPU 1 (in the background)"
     CUDA_VISIBLE_DEVICES=1 timeout 300 python3 -c "$write" /tmp/ds4 deepseek_v3 >/tmp/ds4-write.log 2>&1 &
@@ -129,34 +157,19 @@ tp2)
         --profile-dir /tmp/prof --profile-layouts 1x1 2x1 --profile-steps 8 \
         2>>"$OUT/stderr.txt" | tee -a "$OUT/summary.txt" || { log "bench_distributed failed"; errs; }
     cp /tmp/prof/trace-2x1-b32.json.gz "$OUT/" 2>/dev/null
-    log "baseline: TP=2 with NCCL all-reduce only (CHITU_NVIDIA_SYMM_MEM=0)"
-    CHITU_NVIDIA_SYMM_MEM=0 timeout "$(tmo 90)" python3 benchmarks/bench_distributed.py --backend nvidia \
-        --model /tmp/ll8 --layouts 2x1 --batch 1,32 --prompt-len 128 --new-tokens 64 \
-        --json "$OUT/tp-nccl-only.json" 2>>"$OUT/stderr.txt" | tee -a "$OUT/summary.txt" || errs
-    log "chitu serve --tp 2, benchmark_serving at concurrency 16"
-    python3 -m chitu_core -v serve /tmp/ll8 --backend nvidia --tp 2 --port 21078 --skip-conformance \
-        --max-model-len 4096 >"$OUT/serve-tp2.log" 2>&1 &
-    server=$!
-    for _ in $(seq 60); do
-        curl -sf --max-time 5 http://127.0.0.1:21078/health >/dev/null && break
-        [ "$SECONDS" -lt "$BUDGET" ] || break
-        sleep 2
-    done
-    timeout "$(tmo 120)" python3 benchmarks/benchmark_serving.py --base-url http://127.0.0.1:21078 --concurrency 16 \
-        --num-prompts 32 --input-len 128 --output-len 128 --ignore-eos --json "$OUT/serving-tp2.json" \
-        2>&1 | tail -25 | tee -a "$OUT/summary.txt"
-    # A 2x H200 run's `kill; wait` never returned here: bounded wait, then SIGKILL.
-    kill "$server"
-    for _ in $(seq 30); do kill -0 "$server" 2>/dev/null || break; sleep 1; done
-    if kill -0 "$server" 2>/dev/null; then
-        log "serve --tp 2 still running 30 s after SIGTERM: stacks (SIGUSR1) into serve-tp2.log, then SIGKILL"
-        pkill -USR1 -f "chitu_core serve /tmp/ll8"
-        sleep 3
-        pkill -9 -f "chitu_core serve /tmp/ll8"
-    fi
-    wait "$server" 2>/dev/null
+    serve_tp2
     log "done in $SECONDS s"
     tail -3 "$OUT/stderr.txt"
+    ;;
+serve-tp2)
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    BUDGET=${TP2_BUDGET_S:-300}
+    tmo() { local left=$((BUDGET - SECONDS)); if [ "$left" -lt "$1" ]; then echo $((left > 5 ? left : 5)); else echo "$1"; fi; }
+    log "writing the Llama-3-8B-shaped FP8 model on GPU 0"
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -c 'from chitu_core.demo_model import write_demo_model as w; w("/tmp/ll8", "llama", "real", fp8=True, device="cuda")' \
+        >/tmp/ll8-write.log 2>&1 || { log "writing Llama failed"; tail -3 /tmp/ll8-write.log | tee -a "$OUT/summary.txt"; }
+    serve_tp2
+    log "done in $SECONDS s"
     ;;
 *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac
