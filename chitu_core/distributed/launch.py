@@ -129,7 +129,9 @@ def _spawn_and_drive(config: Any, driver: Callable[[], int], argv: list[str]) ->
         watchdog.join()
         shutdown()
         if finished:  # the driver closed its engine: the ranks got STOP and are exiting
+            logger.info("waiting for ranks 1..%d to exit", len(_children))
             _reap(_children, timeout_s=STOP_TIMEOUT_S)
+            logger.info("every rank has exited")
         else:  # rank 0 failed: the others would wait for it until their timeout
             _terminate(_children, grace_s=2.0)
         _children.clear()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -25,6 +26,8 @@ import torch.distributed as dist
 
 from chitu_core.distributed import DistributedError
 from chitu_core.distributed.model_parallel import ModelParallel
+
+TEARDOWN_TIMEOUT_S = 10.0
 
 logger = logging.getLogger(__name__)
 
@@ -208,11 +211,33 @@ def init_parallel(ops: Any, tp: int, pp: int, timeout_s: float) -> ParallelState
     return ParallelState(ops, layout, local_rank, device, _GROUPS[(tp, pp)], timeout_s)
 
 
-def shutdown() -> None:
-    """Leave the world (after the last engine of this process is closed)."""
+def shutdown(timeout_s: float = TEARDOWN_TIMEOUT_S) -> None:
+    """Leave the world (after the last engine of this process is closed).
+
+    The process group's teardown is given ``timeout_s`` seconds: a ``chitu serve --tp
+    2`` on two H200s was seen still running 45 s after SIGTERM with every rank released,
+    and nothing is left to save once the engine is closed, so the process goes on to
+    exit rather than wait for it.
+    """
     _GROUPS.clear()
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    logger.info("leaving the process group")
+    done = threading.Event()
+
+    def destroy() -> None:
         try:
             dist.destroy_process_group()
         except Exception as exc:  # peers may be gone already; nothing left to save
             logger.debug("destroy_process_group: %s", exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=destroy, name="chitu-dist-teardown", daemon=True).start()
+    if done.wait(timeout_s):
+        logger.info("left the process group")
+    else:
+        logger.warning(
+            "the process group's teardown did not finish within %.0f s; exiting without it",
+            timeout_s,
+        )

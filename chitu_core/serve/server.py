@@ -122,6 +122,7 @@ def serve(
         sock.close()
         if in_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        logger.info("server stopped; closing the engine")
         engine.close()  # releases the other ranks of a distributed engine
 
 
