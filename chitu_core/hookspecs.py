@@ -141,7 +141,9 @@ def chitu_capture_graph(fn: Callable[[], Any], device: torch.device) -> Callable
     callable that re-executes the captured work on the current contents of the
     same input buffers and returns the same output tensors (updated in place).
     Graphs of one device may share a memory pool: the engine replays one graph
-    at a time and consumes its outputs before the next replay of any graph.
+    at a time and consumes its outputs before the next replay of any graph, in
+    the device's stream order (the work that reads a replay's outputs is queued
+    before the next replay, possibly before the host has seen the results).
     Only implemented where ``BackendInfo.supports_graphs``; the generic
     fallback returns ``fn`` itself (eager execution, same results).
     """

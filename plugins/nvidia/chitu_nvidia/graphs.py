@@ -2,8 +2,9 @@
 
 All graphs captured on one device share a memory pool (captured largest batch
 first, the smaller ones fit in what the first allocated). Sharing is safe
-because the engine replays one graph at a time and consumes its outputs
-before the next replay, which the hook contract states.
+because the engine replays one graph at a time and queues the work that
+consumes its outputs before the next replay on the same stream, which the hook
+contract states.
 """
 
 from __future__ import annotations
