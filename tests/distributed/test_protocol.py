@@ -11,10 +11,11 @@ from chitu_core.distributed.step_sync import (
     CMD_PING,
     CMD_STEP,
     HEADER_LEN,
+    INLINE_LEN,
     StepChannel,
     batch_sizes,
     header,
-    patch_input_ids,
+    pack,
     payload_values,
     unpack,
 )
@@ -46,21 +47,9 @@ def _batch(lengths: list[int], decode: bool) -> ForwardBatch:
     )
 
 
-def _payload(*batches: ForwardBatch) -> torch.Tensor:
-    """The batches' payloads back to back, built the way the engine builds one."""
-    values: list[int] = []
-    for b in batches:
-        values += payload_values(
-            b.input_ids.tolist(), b.positions.tolist(), b.slot_mapping.tolist(),
-            b.block_tables.tolist(), b.context_lens.tolist(), b.cu_seqlens_q.tolist(),
-            b.last_token_indices.tolist(), b.is_decode,
-        )  # fmt: skip
-    return torch.tensor(values, dtype=torch.int64)
-
-
-def test_payload_round_trip() -> None:
+def test_pack_unpack_round_trip() -> None:
     batches = [_batch([3, 1], False), _batch([1, 1, 1], True)]
-    out = unpack(_payload(*batches), len(batches))
+    out = unpack(pack(batches, torch.device("cpu")), len(batches))
     for a, b in zip(batches, out, strict=True):
         assert a.is_decode == b.is_decode
         for field in ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens",
@@ -90,11 +79,11 @@ def test_host_payload_is_the_documented_layout_and_the_header_sizes_read_it() ->
     # context_lens, cu_seqlens_q, last_token_indices
     assert values == [4, 2, 3, 0, 7, 8, 9, 10, 0, 1, 2, 3, 100, 101, 102, 103,
                       0, 1, 2, 3, 4, 5, 5, 3, 0, 3, 4, 2, 3]  # fmt: skip
-    payload = torch.tensor(values, dtype=torch.int64)
-    head = header(CMD_STEP, payload, batch_sizes(batch))
+    payload = pack([batch], torch.device("cpu"))
+    assert values == payload.tolist()
+    head = header(CMD_STEP, payload, torch.device("cpu"), batch_sizes(batch))
     info = head.tolist()
     assert len(info) == HEADER_LEN and info[:3] == [CMD_STEP, 1, payload.shape[0]]
-    assert info[7] == 0  # the input ids are in the payload
     [out] = unpack(payload, 1, sizes=tuple(info[3:7]))
     _same(batch, out)
     assert out.payload is not None and torch.equal(out.payload, payload)
@@ -105,67 +94,46 @@ def test_host_payload_is_the_documented_layout_and_the_header_sizes_read_it() ->
 
 
 class _Wire:
-    """Stand-in for stage 0's two transports: the host control group's broadcast and the
-    TP group's all-gather on the device. What the leader sends, the follower gets, in
-    order; shapes must agree, as the collectives require."""
+    """Stand-in for a TP group's all-gather: what the leader sends, the follower gets
+    (shapes must agree, as NCCL's all-gather requires)."""
 
     def __init__(self) -> None:
-        self.host: list[torch.Tensor] = []
-        self.device: list[torch.Tensor] = []
+        self.sent: list[torch.Tensor] = []
 
     def state(self, leader: bool):
         wire = self
-
-        def exchange(queue: list[torch.Tensor], tensor: torch.Tensor) -> torch.Tensor:
-            if leader:
-                queue.append(tensor.clone())
-                return tensor
-            got = queue.pop(0)
-            assert got.shape == tensor.shape, "the ranks' collectives differ in size"
-            return got
 
         class State:
             layout = RankLayout(tp=2, pp=1, rank=0 if leader else 1)
             device = torch.device("cpu")
 
-            def broadcast_control(self, tensor: torch.Tensor) -> torch.Tensor:
-                assert tensor.device.type == "cpu", "the control group moves host tensors"
-                tensor.copy_(exchange(wire.host, tensor))
-                return tensor
-
             def from_stage_leader(self, tensor: torch.Tensor) -> torch.Tensor:
-                return exchange(wire.device, tensor)
+                if leader:
+                    wire.sent.append(tensor.clone())
+                    return tensor
+                got = wire.sent.pop(0)
+                assert got.shape == tensor.shape, "the ranks' all-gathers differ in size"
+                return got
 
         return State()
 
 
-def test_stage_message_goes_by_the_host_and_device_ids_by_the_device() -> None:
-    """Header and payload go over the control group; input ids the leader has only on the
-    device follow by the device all-gather and land in the follower's payload; PING
-    carries nothing else."""
+@pytest.mark.parametrize("lengths", [[3, 1], [INLINE_LEN // 2, INLINE_LEN // 2 + 1]])
+def test_stage_message_inline_or_in_a_second_collective(lengths) -> None:
+    """A payload that fits rides in the header's all-gather (one collective per step);
+    a longer one (a long prefill) follows in a second; PING carries none."""
     wire = _Wire()
     leader, follower = StepChannel(wire.state(True)), StepChannel(wire.state(False))
-    batch = _batch([3, 1], False)
-    payload = _payload(batch)
-    leader.share_in_stage(header(CMD_STEP, payload, batch_sizes(batch)), payload)
-    assert len(wire.host) == 2 and not wire.device
+    batch = _batch(lengths, False)
+    payload = pack([batch], torch.device("cpu"))
+    leader.share_in_stage(
+        header(CMD_STEP, payload, torch.device("cpu"), batch_sizes(batch)), payload
+    )
+    assert len(wire.sent) == (1 if payload.shape[0] <= INLINE_LEN else 2)
     head, info, got = follower.receive_in_stage()
     assert info[0] == CMD_STEP and torch.equal(head, torch.tensor(info))
     [out] = unpack(got, 1, sizes=tuple(info[3:7]))
     _same(batch, out)
-
-    # A decode step queued before its ids reached the host: placeholders in the payload.
-    decode = _batch([1, 1, 1], True)
-    placeholders = _payload(decode)
-    patch_input_ids(placeholders, torch.zeros(3, dtype=torch.int64))
-    head = header(CMD_STEP, placeholders, batch_sizes(decode), ids_on_device=True)
-    leader.share_in_stage(head, placeholders, decode.input_ids)
-    assert len(wire.device) == 1
+    leader.share_in_stage(header(CMD_PING, None, torch.device("cpu")), None)
     _, info, got = follower.receive_in_stage()
-    assert info[7] == 1
-    [out] = unpack(got, 1, sizes=tuple(info[3:7]))
-    _same(decode, out)
-
-    leader.share_in_stage(header(CMD_PING, None), None)
-    _, info, got = follower.receive_in_stage()
-    assert info[0] == CMD_PING and got is None and not wire.host and not wire.device
+    assert info[0] == CMD_PING and got is None and not wire.sent
