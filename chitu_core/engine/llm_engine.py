@@ -417,7 +417,10 @@ class LLMEngine:
             return self._pipelined_step()
         launched, self._pending = self._pending, None
         if launched is not None and launched.error is not None:
-            self._fail([seq for seq in launched.seqs if not seq.is_finished], launched.error)
+            live = [seq for seq in launched.seqs if not seq.is_finished]
+            if live:  # else every sequence of the failed step had stopped before it
+                self._fail(live, launched.error)
+            launched = None
         if launched is None:
             batch = self.scheduler.schedule()
             if not batch.seqs:

@@ -103,8 +103,8 @@ class ModelRunner:
                     f"the step computes {num_tokens} tokens"
                 )
             input_ids = [0] * num_tokens  # placeholders, overwritten on the device below
-        # One host-to-device copy per step (a copy from pageable memory waits for the
-        # host each time): the whole batch as one int64 payload, the fields views of it.
+        # One host-to-device copy per step, through pinned memory (``host_copy``): the
+        # whole batch as one int64 payload, the fields views of it.
         values = payload_values(
             input_ids, positions, slots, tables, context_lens, cu_seqlens, last, is_decode
         )
