@@ -40,6 +40,8 @@ PARENT_PID_ENV = "CHITU_PARENT_PID"  # set in ranks this module spawned
 EXIT_RANK_DIED = 1
 STOP_TIMEOUT_S = 30.0  # how long ranks may take to exit after rank 0's STOP
 _POLL_S = 0.2
+# fatal(): how long a failed collective waits for the rank that died to be seen dead.
+_DEAD_RANK_WAIT_S = 1.0
 _children: list[tuple[int, subprocess.Popen]] = []  # (rank, process) spawned by this process
 
 
@@ -75,7 +77,11 @@ def follow(config: Any) -> int:
 
 
 def fatal(message: str) -> None:
-    """Take this process, and every rank it spawned, down now with ``message`` on stderr."""
+    """Take this process, and every rank it spawned, down now with ``message`` on stderr.
+
+    A spawned rank that has died is named in the message: a failed collective is often
+    the first sign of it, before the watchdog's next poll."""
+    message = with_dead_ranks(message)
     print(f"chitu: error: {message}; stopping every rank", file=sys.stderr, flush=True)
     logger.critical("%s", message)
     _terminate(_children, grace_s=2.0)
@@ -142,19 +148,40 @@ def _spawn_and_drive(config: Any, driver: Callable[[], int], argv: list[str]) ->
                 os.environ[name] = value
 
 
-def _watch(done: threading.Event) -> None:
-    """Rank 0 of a spawned run: a rank that fails takes everything down (a rank exits with
-    status 0 only after rank 0's STOP)."""
-    while not done.wait(_POLL_S):
+def with_dead_ranks(message: str, wait_s: float = _DEAD_RANK_WAIT_S) -> str:
+    """``message`` plus the spawned ranks that have died and it does not name yet."""
+    dead = _dead_ranks(wait_s) if _children else []
+    missing = [d for d in dead if d not in message]
+    return f"{message}; {', '.join(missing)}" if missing else message
+
+
+def _dead_ranks(wait_s: float = 0.0) -> list[str]:
+    """``"rank R (pid P) was killed by signal S"`` (or ``exited with status S``) for each
+    spawned rank that ended with a failure; waits up to ``wait_s`` for a first one."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = []
         for rank, proc in _children:
             status = proc.poll()
-            if status not in (None, 0) and not done.is_set():
+            if status not in (None, 0):
                 how = (
                     f"was killed by signal {-status}"
                     if status < 0
                     else f"exited with status {status}"
                 )
-                fatal(f"rank {rank} (pid {proc.pid}) {how}")
+                dead.append(f"rank {rank} (pid {proc.pid}) {how}")
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.05)
+
+
+def _watch(done: threading.Event) -> None:
+    """Rank 0 of a spawned run: a rank that fails takes everything down (a rank exits with
+    status 0 only after rank 0's STOP)."""
+    while not done.wait(_POLL_S):
+        dead = _dead_ranks()
+        if dead and not done.is_set():
+            fatal(dead[0])
 
 
 def _exit_with_parent(parent_pid: int, rank: int) -> None:

@@ -165,3 +165,21 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_failed_collective_names_the_rank_that_died(monkeypatch) -> None:
+    """When a collective fails before the watchdog's poll sees the dead rank (a race under
+    load), the fatal message still says which rank died and how, once."""
+    from chitu_core.distributed import launch
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        monkeypatch.setattr(launch, "_children", [(1, child)])
+        assert launch.with_dead_ranks("a collective failed", wait_s=0.0) == "a collective failed"
+        child.send_signal(signal.SIGKILL)
+        named = launch.with_dead_ranks("a collective failed", wait_s=5.0)
+        assert named == f"a collective failed; rank 1 (pid {child.pid}) was killed by signal 9"
+        assert launch.with_dead_ranks(named, wait_s=0.0) == named  # not named twice
+    finally:
+        child.kill()
+        child.wait()
