@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validation and benchmarks in a few calls of at most 10 minutes each, on one GPU.
 # Usage: OUT=/some/dir bash benchmarks/gpu_session.sh STAGE
-#   kernels      GPU tests (kernels, engine graphs, contract on the nvidia backend),
+#   kernels      GPU tests (kernels, host copies, engine graphs, contract on the nvidia backend),
 #                conformance --quick, demo models cpu_ref vs nvidia (graphs / eager),
 #                bench_ops --sections moe,attention,prefill
 #   e2e-llama    bench_e2e.py on the Llama-3-8B-shaped model, with serving (needs the
@@ -61,7 +61,7 @@ serve_tp2() {
 case "$STAGE" in
 kernels)
     log "GPU tests: kernels (-m gpu), engine decode graphs, contract + nvidia plugin"
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels 2>&1 | tail -8 | tee -a "$OUT/summary.txt"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/engine/test_host_copy.py 2>&1 | tail -8 | tee -a "$OUT/summary.txt"
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_contract.py plugins/nvidia/tests 2>&1 | tail -4 | tee -a "$OUT/summary.txt"
     python3 -c "from chitu_core.demo_model import write_demo_model as w; w('/tmp/ds', 'deepseek_v3', 'small'); w('/tmp/ll', 'llama', 'small')"
     gen() { timeout 150 python3 -m chitu_core -v generate "$@" --prompt "The capital of France is" --max-tokens 24 2>>"$OUT/stderr.txt" | tail -1; }
