@@ -275,10 +275,9 @@ def serving(args, path: Path, out: dict) -> None:
                 show_progress=False,
             )  # fmt: skip
             level = json.loads(report.read_text())["levels"][0]
-            # Random weights mostly pick the tokenizer's reserved special tokens, which
-            # render as no text: benchmark_serving then counts a finished request (HTTP
-            # 200, usage.completion_tokens = output-len) as failed. The engine's output
-            # rate is every request's usage tokens over the level's wall time.
+            # The engine's output rate is every request's usage tokens over the level's wall
+            # time: benchmark_serving counts a finished request without text as failed, which
+            # random weights produced with demo tokenizers before DEMO_VERSION 3.
             tokens = sum(r["output_tokens"] for r in level.pop("requests"))
             out["serving_tok_s"][str(conc)] = tokens / level["duration_s"]
             out["serving_detail"][str(conc)] = level

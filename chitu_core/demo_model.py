@@ -53,7 +53,7 @@ SIZES = ("tiny", "small", "real")
 MIN_SHARDS = 2
 MAX_SHARD_BYTES = 4 << 30
 # Bump when the generated files change, so cached demo models are rewritten.
-DEMO_VERSION = 2
+DEMO_VERSION = 3  # 3: the tokenizer's filler tokens render as text
 RANDOM_NOTICE = "random weights"
 
 _DEEPSEEK_SIZES: dict[str, dict[str, Any]] = {

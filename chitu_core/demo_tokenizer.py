@@ -70,6 +70,11 @@ def special_token_ids(vocab_size: int = 512) -> dict[str, int]:
     return {token: first + i for i, token in enumerate(SPECIAL_TOKENS)}
 
 
+def filler_token(index: int) -> str:
+    """The text of the ``index``-th token that fills a large vocabulary past the trained merges."""
+    return f"<|filler_{index}|>"
+
+
 def _train(vocab_size: int) -> Tokenizer:
     """A byte-level BPE of exactly ``vocab_size`` tokens, special tokens last."""
     tokenizer = Tokenizer(models.BPE())
@@ -83,12 +88,17 @@ def _train(vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
-    # A corpus this small runs out of merges for large vocabularies: fill the gap with
-    # reserved special tokens (as Llama-3 does) so the size is exact and ours stay last.
-    num_reserved = num_bpe - tokenizer.get_vocab_size()
-    reserved = [f"<|reserved_special_token_{i}|>" for i in range(num_reserved)]
+    # A corpus this small runs out of merges for large vocabularies: fill the gap so the
+    # size is exact and ours stay last. Llama-3 fills it with reserved *special* tokens;
+    # here they are plain tokens that render as text, because a random-weight model picks
+    # mostly from the gap and special tokens render as nothing: its streamed answers
+    # would be empty and a benchmark would time the first token by the first visible text.
+    num_filler = num_bpe - tokenizer.get_vocab_size()
+    tokenizer.add_tokens(
+        [AddedToken(filler_token(i), special=False, normalized=False) for i in range(num_filler)]
+    )
     tokenizer.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in (*reserved, *SPECIAL_TOKENS)]
+        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
     )
     bos_id = tokenizer.token_to_id(BOS_TOKEN)
     tokenizer.post_processor = processors.TemplateProcessing(

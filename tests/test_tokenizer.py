@@ -214,3 +214,21 @@ def test_template_syntax_error(demo_dir: Path, tmp_path: Path) -> None:
     path = _copy_demo(demo_dir, tmp_path / "syntax", chat_template="{% for m in messages %}")
     with pytest.raises(TokenizerError, match="does not compile"):
         Tokenizer.from_dir(path).apply_chat_template(CHATS[0])
+
+
+def test_every_id_of_a_large_vocabulary_renders_as_text(tmp_path: Path) -> None:
+    """Past the trained merges a large vocabulary is filled with plain tokens: a random
+    model that picks them streams visible text (only the four special tokens are skipped),
+    and transformers decodes them the same way."""
+    vocab = 4096
+    write_demo_tokenizer(tmp_path, vocab_size=vocab)
+    tok = Tokenizer.from_dir(tmp_path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    specials = set(special_token_ids(vocab).values())
+    empty = [i for i in range(vocab) if i not in specials and not tok.decode([i])]
+    assert not empty, f"ids that decode to no text: {empty[:10]}"
+    fillers = [i for i in range(vocab) if tok.decode([i]).startswith("<|filler_")]
+    assert len(fillers) > vocab // 2  # the corpus trains far fewer merges than 4096
+    sample = fillers[::97] + sorted(specials)
+    assert tok.decode(sample) == hf_tok.decode(sample, skip_special_tokens=True)
+    assert tok.encode(tok.decode(fillers[:3]), add_special_tokens=False) == fillers[:3]
