@@ -42,7 +42,6 @@ from chitu_core.distributed.step_sync import (
     StepChannel,
     batch_sizes,
     header,
-    pack,
     unpack,
 )
 
@@ -110,8 +109,9 @@ class DistributedExecutor:
 
     def _start(self, batch, keep_header: bool = False):
         """Announce ``batch`` to stage 0 and run stage 0 on it."""
-        # The engine's batches are views of a payload already on the device: sent as is.
-        payload = batch.payload if batch.payload is not None else pack([batch], self.state.device)
+        # ``runner.build_batch`` makes every batch a view of a payload already on the
+        # device: it is sent as is.
+        payload = batch.payload
         head = header(CMD_STEP, payload, self.state.device, batch_sizes(batch))
         self.channel.share_in_stage(head, payload)
         self._last_sent = time.monotonic()

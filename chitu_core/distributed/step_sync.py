@@ -85,26 +85,12 @@ def payload_values(
     return values
 
 
-def pack(batches: list[ForwardBatch], device: torch.device) -> torch.Tensor:
-    """Every batch's tensors as one int64 vector on ``device``, in ``payload_values``'s
-    layout. Reads the batches back to the host: for batches not built from a payload
-    (the engine's carry theirs in ``ForwardBatch.payload``)."""
-    values: list[int] = []
-    for b in batches:
-        values += payload_values(
-            b.input_ids.tolist(), b.positions.tolist(), b.slot_mapping.tolist(),
-            b.block_tables.tolist(), b.context_lens.tolist(), b.cu_seqlens_q.tolist(),
-            b.last_token_indices.tolist(), b.is_decode,
-        )  # fmt: skip
-    return torch.tensor(values, dtype=torch.int64, device=device)
-
-
 def unpack(
     payload: torch.Tensor,
     num_batches: int,
     sizes: tuple[int, int, int, int] | None = None,
 ) -> list[ForwardBatch]:
-    """Inverse of ``pack``: the batches, on ``payload``'s device. ``sizes``: the single
+    """The batches of ``payload`` (``num_batches`` payloads back to back), on its device. ``sizes``: the single
     batch's ``(T, B, max_blocks, is_decode)`` when known (the header's); otherwise they
     are read from the payload (one device-to-host copy). Every batch keeps its slice
     of the payload as ``ForwardBatch.payload``."""
