@@ -88,11 +88,13 @@ class ParallelState:
         layout: RankLayout,
         local_rank: int,
         device: torch.device,
-        groups: tuple[Any, Any, Any],
+        groups: tuple[Any, Any, Any, Any],
         timeout_s: float,
     ) -> None:
         self.ops, self.layout, self.local_rank, self.device = ops, layout, local_rank, device
-        self.world_group, self.tp_group, self.pp_group = groups
+        # control_group: gloo over stage 0's TP ranks (None where tp == 1): step headers
+        # and payloads travel host to host, never waiting for a device.
+        self.world_group, self.tp_group, self.pp_group, self.control_group = groups
         self.timeout_s = timeout_s
 
     @property
@@ -129,6 +131,12 @@ class ParallelState:
         gathered = self.ops.all_gather(tensor.to(self.device), self.tp_group, 0)
         return gathered[: tensor.shape[0]]
 
+    def broadcast_control(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's host ``tensor`` (CPU, same shape everywhere) into ``tensor`` on every TP
+        rank of stage 0, over the control group; in place, returns ``tensor``."""
+        dist.broadcast(tensor, src=0, group=self.control_group)
+        return tensor
+
     def agree_min(self, value: int) -> int:
         """The smallest ``value`` over all ranks (e.g. KV blocks that fit everywhere)."""
         mine = torch.tensor([value], dtype=torch.int64, device=self.device)
@@ -148,7 +156,7 @@ class ParallelState:
         return self.ops.recv(tensor, self.layout.peer(pp_rank), self.pp_group)
 
 
-_GROUPS: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+_GROUPS: dict[tuple[int, int], tuple[Any, Any, Any, Any]] = {}
 
 
 def init_parallel(ops: Any, tp: int, pp: int, timeout_s: float) -> ParallelState:
@@ -207,7 +215,12 @@ def init_parallel(ops: Any, tp: int, pp: int, timeout_s: float) -> ParallelState
             group = ops.new_group(layout.pipeline_ranks(tp_rank), timeout_s)
             if tp_rank == layout.tp_rank:
                 pp_group = group
-        _GROUPS[(tp, pp)] = (world_group, tp_group, pp_group)
+        control_group = None
+        if tp > 1:  # every rank makes it (new_group's rule); stage 0's ranks use it
+            control_group = dist.new_group(
+                layout.stage_ranks(0), timeout=timedelta(seconds=timeout_s), backend="gloo"
+            )
+        _GROUPS[(tp, pp)] = (world_group, tp_group, pp_group, control_group)
     return ParallelState(ops, layout, local_rank, device, _GROUPS[(tp, pp)], timeout_s)
 
 

@@ -40,7 +40,6 @@ from chitu_core.distributed.step_sync import (
     CMD_STEP,
     CMD_STOP,
     StepChannel,
-    batch_sizes,
     header,
     unpack,
 )
@@ -71,10 +70,10 @@ class DistributedExecutor:
         input_ids_on_device: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Rank 0, PP=1: one step on every TP rank; returns logits ``[B, vocab]`` fp32
-        (``input_ids_on_device``: see ``ModelRunner.build_batch``; they travel in the
-        payload, which is patched on the device before it is sent)."""
-        batch = self.runner.build_batch(seqs, num_new_tokens, input_ids_on_device)
-        return self._guarded(lambda: self._start(batch))
+        (``input_ids_on_device``: see ``ModelRunner.build_batch``; the other TP ranks get
+        them by an all-gather on the device)."""
+        step = self._prepare(seqs, num_new_tokens, input_ids_on_device)
+        return self._guarded(lambda: self._start(*step))
 
     def submit(
         self, group: int, seqs: list[Any], num_new_tokens: list[int]
@@ -84,15 +83,16 @@ class DistributedExecutor:
         Returns the ``(group, logits [B, vocab])`` of a batch that left the pipeline
         meanwhile (at most one), oldest first.
         """
-        batch = self.runner.build_batch(seqs, num_new_tokens)
+        step = self._prepare(seqs, num_new_tokens, None)
 
         def run() -> list[tuple[int, torch.Tensor]]:
-            head, payload, hidden = self._start(batch, keep_header=True)
+            hidden = self._start(*step)
+            head, _, batch, _ = step
             done = []
             if len(self._in_pipeline) == self.layout.pp - 1:  # full: make room first
                 done.append(self._receive_logits())
-            self.channel.send_next(head, payload, hidden)
-            self._in_pipeline.append((group, batch.context_lens.shape[0]))
+            self.channel.send_next(head, batch.payload, hidden)
+            self._in_pipeline.append((group, batch.num_seqs))
             return done
 
         return self._guarded(run)
@@ -107,16 +107,19 @@ class DistributedExecutor:
     def num_in_pipeline(self) -> int:
         return len(self._in_pipeline)
 
-    def _start(self, batch, keep_header: bool = False):
-        """Announce ``batch`` to stage 0 and run stage 0 on it."""
-        # ``runner.build_batch`` makes every batch a view of a payload already on the
-        # device: it is sent as is.
-        payload = batch.payload
-        head = header(CMD_STEP, payload, self.state.device, batch_sizes(batch))
-        self.channel.share_in_stage(head, payload)
+    def _prepare(self, seqs, num_new_tokens, input_ids):
+        """The step's header and host payload, and its batch on this rank's device."""
+        runner = self.runner
+        payload, sizes = runner.host_payload(seqs, num_new_tokens, input_ids is not None)
+        batch = runner.batch_from_payload(payload, sizes, input_ids)
+        head = header(CMD_STEP, payload, sizes, ids_on_device=input_ids is not None)
+        return head, payload, batch, input_ids
+
+    def _start(self, head, payload, batch, input_ids):
+        """Announce the step to stage 0's other ranks and run stage 0 on it."""
+        self.channel.share_in_stage(head, payload, input_ids)
         self._last_sent = time.monotonic()
-        out = self.runner.forward(batch)
-        return (head, payload, out) if keep_header else out
+        return self.runner.forward(batch)
 
     def _receive_logits(self) -> tuple[int, torch.Tensor]:
         group, num_seqs = self._in_pipeline.popleft()
@@ -141,7 +144,7 @@ class DistributedExecutor:
 
     def _announce(self, command: int) -> None:
         """Rank 0: send a payload-less command (PING, STOP) to every rank."""
-        head = header(command, None, self.state.device)
+        head = header(command, None)
         self.channel.share_in_stage(head, None)
         if self.layout.pp > 1:
             self.channel.send_next(head, None, None)

@@ -3,27 +3,30 @@
 Rank 0 alone schedules; every other rank runs its part of the same forward
 on the batch rank 0 built. A step is encoded as two int64 tensors:
 
-* a header ``[command, num_batches, payload_len, T, B, max_blocks, is_decode, 0]`` of
-  fixed size (the sizes of the first batch: with them a receiver reads one header
-  and no payload back to the host), and
+* a header ``[command, num_batches, payload_len, T, B, max_blocks, is_decode,
+  ids_on_device]`` of fixed size (the sizes of the first batch: with them a
+  receiver unpacks the payload without reading it), and
 * for ``STEP`` a payload with the ``ForwardBatch``:
   ``[T, B, max_blocks, is_decode]`` then ``input_ids [T]``, ``positions [T]``,
   ``slot_mapping [T]``, ``block_tables [B * max_blocks]``, ``context_lens [B]``,
   ``cu_seqlens_q [B + 1]``, ``last_token_indices [B]``.
 
 The engine builds every batch from such a payload (``payload_values`` on the host,
-one copy to the device, ``unpack``), so rank 0 sends the very tensor its own batch
-is made of.
+one copy to the device, ``unpack``). A decode step queued before the previous
+step's tokens reached the host (``EngineConfig.overlap_steps``) has placeholder
+input ids in the payload and ``ids_on_device`` set: the ids are patched in on the
+device (``patch_input_ids``).
 
-Within stage 0 the TP ranks get it from rank 0 by an all-gather of their TP
-group (the contract has no broadcast): one message of fixed size, the header
-followed by the payload when it fits (``INLINE_LEN`` values: any decode batch of
-up to 64 sequences of 4k tokens), else a second all-gather with the payload; later stages get it from their
-predecessor together with the hidden states, so the control flows with the
-data and stages never wait for each other's unrelated work. ``PING`` (sent
-while the server is idle) keeps every wait inside the collective timeout and
-shows rank 0 that the others are alive; ``STOP`` ends them. Everything is a
-device tensor: NCCL moves nothing else.
+Within stage 0 the TP ranks get header and payload from rank 0 over the host
+(``ParallelState.control_group``, gloo): a follower learns the next step while
+its device still runs the current one, and queues it at once, without a read
+back from the device. Input ids that only the device holds follow by an
+all-gather of the TP group on the device, queued on both sides between the two
+steps. Later stages get the step from their predecessor together with the
+hidden states (device tensors), so the control flows with the data and stages
+never wait for each other's unrelated work. ``PING`` (sent while the server is
+idle) keeps every wait inside the collective timeout and shows rank 0 that the
+others are alive; ``STOP`` ends them.
 """
 
 from __future__ import annotations
@@ -35,9 +38,6 @@ from chitu_core.models.base import ForwardBatch
 
 CMD_STOP, CMD_STEP, CMD_PING = 0, 1, 2
 HEADER_LEN = 8
-# Payload values sent in the header's all-gather (128 KB); longer payloads (prefill of
-# long prompts) take a second all-gather. Each collective costs ~0.1 ms of host time.
-INLINE_LEN = 16384
 _BATCH_FIELDS = 4  # T, B, max_blocks, is_decode
 INPUT_IDS_AT = _BATCH_FIELDS  # where input_ids begin in a batch's payload
 
@@ -45,14 +45,20 @@ INPUT_IDS_AT = _BATCH_FIELDS  # where input_ids begin in a batch's payload
 def header(
     command: int,
     payload: torch.Tensor | None,
-    device: torch.device,
     sizes: tuple[int, int, int, int] = (0, 0, 0, 0),
+    ids_on_device: bool = False,
 ) -> torch.Tensor:
-    """The fixed-size header announcing ``command``, the payload's length and the first
-    batch's ``(T, B, max_blocks, is_decode)``."""
+    """The fixed-size header (on the host) announcing ``command``, the payload's length,
+    the first batch's ``(T, B, max_blocks, is_decode)`` and whether its input ids follow
+    on the device."""
     length = 0 if payload is None else payload.shape[0]
-    values = [command, int(payload is not None), length, *sizes, 0]
-    return to_device_async(torch.tensor(values, dtype=torch.int64), device)
+    values = [command, int(payload is not None), length, *sizes, int(ids_on_device)]
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def patch_input_ids(payload: torch.Tensor, input_ids: torch.Tensor) -> None:
+    """Write ``input_ids`` ``[T]`` into a one-batch ``payload`` (on the same device)."""
+    payload[INPUT_IDS_AT : INPUT_IDS_AT + input_ids.shape[0]].copy_(input_ids)
 
 
 def batch_sizes(batch: ForwardBatch) -> tuple[int, int, int, int]:
@@ -136,49 +142,52 @@ class StepChannel:
     def __init__(self, state) -> None:
         self.state = state
         self.layout = state.layout
-        self._message: torch.Tensor | None = None  # rank 0's reusable stage-0 message
 
     # -- within stage 0: rank 0 -> its TP peers ----------------------------------------
-    def share_in_stage(self, head: torch.Tensor, payload: torch.Tensor | None) -> None:
-        """Rank 0: hand the header (and payload) to the other TP ranks of stage 0."""
+    def share_in_stage(
+        self,
+        head: torch.Tensor,
+        payload: torch.Tensor | None,
+        input_ids: torch.Tensor | None = None,
+    ) -> None:
+        """Rank 0: hand the header and payload (host tensors) to the other TP ranks of
+        stage 0, then the input ids ``[T]`` the device holds when the header says so."""
         if self.layout.tp == 1:
             return
-        if self._message is None:
-            self._message = torch.zeros(
-                HEADER_LEN + INLINE_LEN, dtype=torch.int64, device=self.state.device
-            )
-        # Stream order keeps the previous step's all-gather ahead of these writes.
-        message = self._message
-        message[:HEADER_LEN].copy_(head)
-        inline = payload is not None and payload.shape[0] <= INLINE_LEN
-        if inline:
-            message[HEADER_LEN : HEADER_LEN + payload.shape[0]].copy_(payload)
-        self.state.from_stage_leader(message)
-        if payload is not None and not inline:
-            self.state.from_stage_leader(payload)
+        self.state.broadcast_control(head)
+        if payload is not None:
+            self.state.broadcast_control(payload)
+        if input_ids is not None:
+            self.state.from_stage_leader(input_ids)
 
     def receive_in_stage(self) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
-        """A TP rank of stage 0 other than rank 0: the next header, its values on the
-        host (the one device-to-host read of a step) and the payload, if any."""
-        device = self.state.device
-        zeros = torch.zeros(HEADER_LEN + INLINE_LEN, dtype=torch.int64, device=device)
-        message = self.state.from_stage_leader(zeros)
-        head = message[:HEADER_LEN]
+        """A TP rank of stage 0 other than rank 0: the next header (host), its values and
+        the payload on the device, if any, with the input ids patched in when they came
+        by the device."""
+        head = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        self.state.broadcast_control(head)
         info = head.tolist()
         if info[0] != CMD_STEP:
             return head, info, None
-        length = info[2]
-        if length <= INLINE_LEN:
-            return head, info, message[HEADER_LEN : HEADER_LEN + length]
-        payload = torch.zeros(length, dtype=torch.int64, device=device)
-        return head, info, self.state.from_stage_leader(payload)
+        host = torch.zeros(info[2], dtype=torch.int64)
+        self.state.broadcast_control(host)
+        payload = to_device_async(host, self.state.device)
+        if info[7]:
+            placeholder = torch.zeros(info[3], dtype=torch.int64, device=self.state.device)
+            patch_input_ids(payload, self.state.from_stage_leader(placeholder))
+        return head, info, payload
 
     # -- between stages: stage s -> stage s + 1, same TP rank --------------------------
     def send_next(
         self, head: torch.Tensor, payload: torch.Tensor | None, hidden: torch.Tensor | None
     ) -> None:
-        """Pass the header (and payload and hidden states) on to the next stage."""
+        """Pass the header (host or device) and the payload and hidden states (device, the
+        input ids in place) on to the next stage."""
         stage = self.layout.pp_rank + 1
+        head = head.clone()
+        head[7] = 0  # the next stage reads the ids from the payload
+        if head.device != self.state.device:
+            head = to_device_async(head, self.state.device)
         self.state.send_to_stage(head, stage)
         if payload is not None:
             self.state.send_to_stage(payload, stage)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from chitu_core.distributed.step_sync import INPUT_IDS_AT, payload_values, unpack
+from chitu_core.distributed.step_sync import patch_input_ids, payload_values, unpack
 from chitu_core.engine.decode_graphs import DecodeGraphs
 from chitu_core.engine.host_copy import to_device_async
 from chitu_core.models.base import ForwardBatch, LayerCache
@@ -74,6 +74,15 @@ class ModelRunner:
         ``input_ids_on_device``: ``[T]`` int64 on the device, the step's input tokens when
         the host does not have them yet (a decode step queued behind the step that samples
         them); otherwise they are read from the sequences."""
+        payload, sizes = self.host_payload(seqs, num_new_tokens, input_ids_on_device is not None)
+        return self.batch_from_payload(payload, sizes, input_ids_on_device)
+
+    def host_payload(
+        self, seqs: list[Any], num_new_tokens: list[int], ids_on_device: bool = False
+    ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """The step as one int64 payload on the host (``step_sync`` layout) and its
+        ``(T, B, max_blocks, is_decode)``; with ``ids_on_device`` the input ids are
+        placeholders (zeros), to be patched on the device."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -83,7 +92,7 @@ class ModelRunner:
         for seq, count in zip(seqs, num_new_tokens, strict=True):
             start = seq.num_computed_tokens
             end = start + count
-            if input_ids_on_device is None:
+            if not ids_on_device:
                 input_ids += seq.token_slice(start, end)
             span = range(start, end)
             positions += span
@@ -96,23 +105,32 @@ class ModelRunner:
         is_decode = all(c == 1 for c in num_new_tokens)
         last = [c - 1 for c in cu_seqlens[1:]]
         num_tokens = cu_seqlens[-1]
+        if ids_on_device:
+            input_ids = [0] * num_tokens
+        values = payload_values(
+            input_ids, positions, slots, tables, context_lens, cu_seqlens, last, is_decode
+        )
+        sizes = (num_tokens, len(seqs), max_blocks, int(is_decode))
+        return torch.tensor(values, dtype=torch.int64), sizes
+
+    def batch_from_payload(
+        self,
+        payload: torch.Tensor,
+        sizes: tuple[int, int, int, int],
+        input_ids_on_device: torch.Tensor | None = None,
+    ) -> ForwardBatch:
+        """The ForwardBatch of a host payload: one host-to-device copy (the fields are views
+        of it), then the input ids patched in on the device where they are given."""
+        device_payload = to_device_async(payload, self.device)
         if input_ids_on_device is not None:
+            num_tokens = sizes[0]
             if input_ids_on_device.shape != (num_tokens,):
                 raise ValueError(
                     f"input_ids_on_device has shape {tuple(input_ids_on_device.shape)}; "
                     f"the step computes {num_tokens} tokens"
                 )
-            input_ids = [0] * num_tokens  # placeholders, overwritten on the device below
-        # One host-to-device copy per step, through pinned memory (``host_copy``): the
-        # whole batch as one int64 payload, the fields views of it.
-        values = payload_values(
-            input_ids, positions, slots, tables, context_lens, cu_seqlens, last, is_decode
-        )
-        payload = to_device_async(torch.tensor(values, dtype=torch.int64), self.device)
-        if input_ids_on_device is not None:
-            payload[INPUT_IDS_AT : INPUT_IDS_AT + num_tokens].copy_(input_ids_on_device)
-        sizes = (num_tokens, len(seqs), max_blocks, int(is_decode))
-        [batch] = unpack(payload, 1, sizes=sizes)
+            patch_input_ids(device_payload, input_ids_on_device)
+        [batch] = unpack(device_payload, 1, sizes=sizes)
         return batch
 
     @torch.inference_mode()

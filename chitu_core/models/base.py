@@ -30,8 +30,8 @@ class ForwardBatch:
     last_token_indices: torch.Tensor  # [B] int64, index in T of each sequence's last token
     is_decode: bool  # every sequence has exactly one new token (T == B)
     # The int64 step payload (``chitu_core.distributed.step_sync``) the fields above are
-    # views/casts of, when the batch was built from one (the engine does): a TP leader
-    # hands it to its peers as is.
+    # views/casts of, when the batch was built from one (the engine does): a pipeline
+    # stage hands it to the next as is.
     payload: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property

@@ -11,10 +11,10 @@ from chitu_core.distributed.step_sync import (
     CMD_PING,
     CMD_STEP,
     HEADER_LEN,
-    INLINE_LEN,
     StepChannel,
     batch_sizes,
     header,
+    patch_input_ids,
     payload_values,
     unpack,
 )
@@ -91,9 +91,10 @@ def test_host_payload_is_the_documented_layout_and_the_header_sizes_read_it() ->
     assert values == [4, 2, 3, 0, 7, 8, 9, 10, 0, 1, 2, 3, 100, 101, 102, 103,
                       0, 1, 2, 3, 4, 5, 5, 3, 0, 3, 4, 2, 3]  # fmt: skip
     payload = torch.tensor(values, dtype=torch.int64)
-    head = header(CMD_STEP, payload, torch.device("cpu"), batch_sizes(batch))
+    head = header(CMD_STEP, payload, batch_sizes(batch))
     info = head.tolist()
     assert len(info) == HEADER_LEN and info[:3] == [CMD_STEP, 1, payload.shape[0]]
+    assert info[7] == 0  # the input ids are in the payload
     [out] = unpack(payload, 1, sizes=tuple(info[3:7]))
     _same(batch, out)
     assert out.payload is not None and torch.equal(out.payload, payload)
@@ -104,46 +105,67 @@ def test_host_payload_is_the_documented_layout_and_the_header_sizes_read_it() ->
 
 
 class _Wire:
-    """Stand-in for a TP group's all-gather: what the leader sends, the follower gets
-    (shapes must agree, as NCCL's all-gather requires)."""
+    """Stand-in for stage 0's two transports: the host control group's broadcast and the
+    TP group's all-gather on the device. What the leader sends, the follower gets, in
+    order; shapes must agree, as the collectives require."""
 
     def __init__(self) -> None:
-        self.sent: list[torch.Tensor] = []
+        self.host: list[torch.Tensor] = []
+        self.device: list[torch.Tensor] = []
 
     def state(self, leader: bool):
         wire = self
+
+        def exchange(queue: list[torch.Tensor], tensor: torch.Tensor) -> torch.Tensor:
+            if leader:
+                queue.append(tensor.clone())
+                return tensor
+            got = queue.pop(0)
+            assert got.shape == tensor.shape, "the ranks' collectives differ in size"
+            return got
 
         class State:
             layout = RankLayout(tp=2, pp=1, rank=0 if leader else 1)
             device = torch.device("cpu")
 
+            def broadcast_control(self, tensor: torch.Tensor) -> torch.Tensor:
+                assert tensor.device.type == "cpu", "the control group moves host tensors"
+                tensor.copy_(exchange(wire.host, tensor))
+                return tensor
+
             def from_stage_leader(self, tensor: torch.Tensor) -> torch.Tensor:
-                if leader:
-                    wire.sent.append(tensor.clone())
-                    return tensor
-                got = wire.sent.pop(0)
-                assert got.shape == tensor.shape, "the ranks' all-gathers differ in size"
-                return got
+                return exchange(wire.device, tensor)
 
         return State()
 
 
-@pytest.mark.parametrize("lengths", [[3, 1], [INLINE_LEN // 2, INLINE_LEN // 2 + 1]])
-def test_stage_message_inline_or_in_a_second_collective(lengths) -> None:
-    """A payload that fits rides in the header's all-gather (one collective per step);
-    a longer one (a long prefill) follows in a second; PING carries none."""
+def test_stage_message_goes_by_the_host_and_device_ids_by_the_device() -> None:
+    """Header and payload go over the control group; input ids the leader has only on the
+    device follow by the device all-gather and land in the follower's payload; PING
+    carries nothing else."""
     wire = _Wire()
     leader, follower = StepChannel(wire.state(True)), StepChannel(wire.state(False))
-    batch = _batch(lengths, False)
+    batch = _batch([3, 1], False)
     payload = _payload(batch)
-    leader.share_in_stage(
-        header(CMD_STEP, payload, torch.device("cpu"), batch_sizes(batch)), payload
-    )
-    assert len(wire.sent) == (1 if payload.shape[0] <= INLINE_LEN else 2)
+    leader.share_in_stage(header(CMD_STEP, payload, batch_sizes(batch)), payload)
+    assert len(wire.host) == 2 and not wire.device
     head, info, got = follower.receive_in_stage()
     assert info[0] == CMD_STEP and torch.equal(head, torch.tensor(info))
     [out] = unpack(got, 1, sizes=tuple(info[3:7]))
     _same(batch, out)
-    leader.share_in_stage(header(CMD_PING, None, torch.device("cpu")), None)
+
+    # A decode step queued before its ids reached the host: placeholders in the payload.
+    decode = _batch([1, 1, 1], True)
+    placeholders = _payload(decode)
+    patch_input_ids(placeholders, torch.zeros(3, dtype=torch.int64))
+    head = header(CMD_STEP, placeholders, batch_sizes(decode), ids_on_device=True)
+    leader.share_in_stage(head, placeholders, decode.input_ids)
+    assert len(wire.device) == 1
     _, info, got = follower.receive_in_stage()
-    assert info[0] == CMD_PING and got is None and not wire.sent
+    assert info[7] == 1
+    [out] = unpack(got, 1, sizes=tuple(info[3:7]))
+    _same(decode, out)
+
+    leader.share_in_stage(header(CMD_PING, None), None)
+    _, info, got = follower.receive_in_stage()
+    assert info[0] == CMD_PING and got is None and not wire.host and not wire.device
