@@ -483,6 +483,20 @@ def chitu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 @hookspec(firstresult=True)
+def chitu_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm, the pair every decoder layer runs twice.
+
+    ``x [M, D]`` (a sublayer's output) and ``residual [M, D]``, both the compute
+    dtype; ``weight [D]``. Returns ``(normed, summed)``, both ``[M, D]`` in
+    ``x.dtype``: ``summed = residual + x`` rounded to ``x.dtype``, and ``normed``
+    exactly ``chitu_rms_norm(summed, weight, eps)``. One fused kernel saves a
+    launch and a read of the sum per call. Tolerance: accumulate.
+    """
+
+
+@hookspec(firstresult=True)
 def chitu_rope(
     q: torch.Tensor,
     k: torch.Tensor,

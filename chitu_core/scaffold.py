@@ -273,9 +273,9 @@ def chitu_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 # The other hooks of chitu_core/hookspecs.py get the generic op until you add them here:
 # device, memory_info, allocate_kv_cache, synchronize, empty_cache, capture_graph,
-# moe_route, store_kv, paged_attention_prefill, mla_prefill, mla_decode, rope, sample,
-# and new_group with all_reduce, all_gather, reduce_scatter, send, recv (bound together,
-# like the weight group).
+# moe_route, store_kv, paged_attention_prefill, mla_prefill, mla_decode, add_rms_norm,
+# rope, sample, and new_group with all_reduce, all_gather, reduce_scatter, send, recv
+# (bound together, like the weight group).
 '''
 
 TEST_CONFORMANCE = '''"""The Chitu conformance suite (quick) on backend '$name', against the CPU reference."""

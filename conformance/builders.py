@@ -321,6 +321,22 @@ def rms_norm_case(m: int, d: int, *, model: str = "") -> Case:
     return Case("rms_norm", f"M={m},D={d}", build, ("x", "weight"), (), ("x",), model=model)
 
 
+def add_rms_norm_case(m: int, d: int, *, model: str = "") -> Case:
+    """``add_rms_norm`` of a sublayer output and a residual, both ``[M, D]``."""
+
+    def build(gen):
+        return {
+            "x": randn(gen, m, d, scale=2.0),
+            "residual": randn(gen, m, d, scale=3.0),
+            "weight": randn(gen, d) + 1,
+            "eps": 1e-6,
+        }
+
+    name = f"M={m},D={d}"
+    return Case("add_rms_norm", name, build, ("x", "residual", "weight"), (), ("x", "residual"),
+                model=model)  # fmt: skip
+
+
 def silu_case(m: int, inter: int, *, model: str = "") -> Case:
     """``silu_and_mul`` of ``[M, 2I]``."""
 

@@ -33,7 +33,7 @@ from conformance.real_cases import real_shape_cases
 def _small_cases() -> list[Case]:
     cases = []
     for m, d in ((1, 64), (5, 200), (0, 32)):
-        cases += [b.rms_norm_case(m, d), b.silu_case(m, d)]
+        cases += [b.rms_norm_case(m, d), b.add_rms_norm_case(m, d), b.silu_case(m, d)]
     cases += [
         b.rope_case(7, 4, 2, 64, 64, True),
         b.rope_case(7, 4, 1, 96, 32, False),

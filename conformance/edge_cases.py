@@ -119,6 +119,7 @@ def empty_batch_cases() -> list[Case]:
         b.mla_case("mla_decode", None, [], 4, 64, 16, 16, label="empty"),
         b.mla_case("mla_prefill", [], [], 4, 64, 16, 16, label="empty"),
         b.rms_norm_case(0, 4096),
+        b.add_rms_norm_case(0, 4096),
         b.silu_case(0, 2048),
         b.rope_case(0, 8, 2, 128, 128, True),
         b.sample_case(0, 1000),

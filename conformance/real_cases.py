@@ -146,6 +146,7 @@ def _small_op_cases(m: ModelDims, tokens: tuple[int, ...]) -> list[Case]:
     for t in tokens:
         name = m.name
         cases.append(b.rms_norm_case(t, m.hidden, model=name))
+        cases.append(b.add_rms_norm_case(t, m.hidden, model=name))
         cases.append(b.silu_case(t, m.intermediate, model=name))
         if m.kv_lora_rank:
             r, p, h = m.kv_lora_rank, m.rope_dim, m.num_heads

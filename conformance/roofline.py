@@ -177,6 +177,9 @@ def case_cost(case: Case, inputs: Inputs, dtype: torch.dtype) -> Cost | None:
     if op == "store_kv":
         moved = sum(i[k].numel() for k in ("key", "value") if i[k] is not None)
         return Cost(0, 2 * moved * a + i["slot_mapping"].numel() * 8)
+    if op == "add_rms_norm":  # reads x and the residual, writes the norm and the sum
+        n = i["x"].numel()
+        return Cost(5 * n, 4 * n * a)
     if op in ("rms_norm", "silu_and_mul"):
         x = i["x"]
         out = x.numel() if op == "rms_norm" else x.numel() // 2

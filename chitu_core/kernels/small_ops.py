@@ -1,11 +1,12 @@
-"""RMSNorm, rotary embedding and SwiGLU as one Triton launch each.
+"""RMSNorm (alone or after a residual add), rotary embedding and SwiGLU as one Triton
+launch each.
 
 The generic ops (``chitu_core/ops/small.py``) upcast to fp32 and chain 5-10
 small torch kernels per call; at batch-1 decode those launches, not the bytes,
 dominate. Each kernel here reads its inputs once, computes in fp32 and writes
 the output in the hook's dtype, with the same rounding points as the generic
-op (``chitu_core.hookspecs``: ``chitu_rms_norm``, ``chitu_rope``,
-``chitu_silu_and_mul``).
+op (``chitu_core.hookspecs``: ``chitu_rms_norm``, ``chitu_add_rms_norm``,
+``chitu_rope``, ``chitu_silu_and_mul``).
 
 The launchers raise ``ValueError`` before launching anything for calls they do
 not take (dtypes, a non-contiguous last dimension, mismatched shapes), so a
@@ -13,7 +14,7 @@ caller can fall back to the generic op; empty inputs return empty outputs
 without a launch. No host sync anywhere (CUDA-graph safe).
 
 Bytes moved (elt = element size): rms_norm ``2 M D elt`` (+ the weight once
-per program, L2-resident); silu_and_mul ``3 M I elt``; rope ``2 T (Hq Dq + Hk Dk)
+per program, L2-resident), add_rms_norm ``5 M D elt``; silu_and_mul ``3 M I elt``; rope ``2 T (Hq Dq + Hk Dk)
 elt`` + ``T R 4`` of cache rows. FLOPs are negligible: all three are
 memory/launch bound.
 """
@@ -61,19 +62,34 @@ def rms_norm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SINGLE: tl.constexpr,  # BLOCK_D >= D: the row stays in registers
+    r_ptr=None,  # [M, D] residual (HAS_RESIDUAL), last dim contiguous
+    sum_ptr=None,  # [M, D] x.dtype out: residual + x (HAS_RESIDUAL), contiguous
+    stride_rm=0,
+    stride_sm=0,
+    HAS_RESIDUAL: tl.constexpr = False,
 ):
-    """``BLOCK_M`` rows per program: ``(x * rsqrt(mean(x^2) + eps)).to(x.dtype) * w``."""
+    """``BLOCK_M`` rows per program: ``(x * rsqrt(mean(x^2) + eps)).to(x.dtype) * w``.
+    HAS_RESIDUAL: x is first replaced by ``(x + r).to(x.dtype)``, which is also stored
+    (``sum_ptr``); the norm is that of the rounded sum, as the unfused pair computes it."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)  # M * D may pass 2^31
     x_rows = x_ptr + rows64[:, None] * stride_xm
     o_rows = out_ptr + rows64[:, None] * stride_om
+    if HAS_RESIDUAL:
+        r_rows = r_ptr + rows64[:, None] * stride_rm
+        s_rows = sum_ptr + rows64[:, None] * stride_sm
     w_rows = w_ptr + tl.zeros([BLOCK_M, 1], dtype=tl.int32)
     cols = tl.arange(0, BLOCK_D)
     if SINGLE:
         col_mask = cols < D
         mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            x += tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = x.to(sum_ptr.dtype.element_ty)
+            tl.store(s_rows + cols[None, :], x, mask=mask)
+            x = x.to(tl.float32)
         inv = tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)
         # Round the normalised value to x.dtype before the weight multiply (HF Llama's
         # order, as the generic op); the product of two 16-bit values is exact in fp32,
@@ -89,13 +105,21 @@ def rms_norm_kernel(
             c = start + cols
             mask = row_mask[:, None] & (c < D)[None, :]
             x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                x += tl.load(r_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                x = x.to(sum_ptr.dtype.element_ty)
+                tl.store(s_rows + c[None, :], x, mask=mask)
+                x = x.to(tl.float32)
             acc += x * x
         inv = tl.math.rsqrt(tl.sum(acc, axis=1) / D + eps)
         for start in range(0, D, BLOCK_D):
             c = start + cols
             col_mask = c < D
             mask = row_mask[:, None] & col_mask[None, :]
-            x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:  # the sum this program stored in the first pass
+                x = tl.load(s_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
             normed = (x * inv[:, None]).to(out_ptr.dtype.element_ty).to(tl.float32)
             w = tl.load(w_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(o_rows + c[None, :], (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
@@ -151,6 +175,55 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         BLOCK_M=block_m, BLOCK_D=block_d, SINGLE=single, num_warps=num_warps,
     )  # fmt: skip
     return out
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm in one launch (semantics of ``chitu_add_rms_norm``).
+
+    Args:
+        x, residual: ``[M, D]`` (or ``[..., D]``), same shape and dtype (bf16/fp16/fp32).
+        weight: ``[D]`` bf16/fp16/fp32. eps: added to the mean square.
+
+    Returns ``(normed, summed)``, both x-shaped in ``x.dtype``: ``summed = (x + residual)``
+    rounded to ``x.dtype``, ``normed = rms_norm(summed)``. Bytes: 3 reads and 2 writes of
+    ``M D`` elements (the unfused pair: 5 reads, 2 writes, two launches). Raises
+    ``ValueError`` for unsupported inputs.
+    """
+    if x.dim() < 1:
+        raise ValueError("add_rms_norm needs x of at least one dimension")
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(
+            f"residual must match x: x {tuple(x.shape)} {x.dtype} on {x.device}, residual "
+            f"{tuple(residual.shape)} {residual.dtype} on {residual.device}"
+        )
+    _check_dtype("x", x)
+    _check_dtype("weight", weight)
+    d = x.shape[-1]
+    if weight.shape != (d,):
+        raise ValueError(f"weight must be [D={d}], got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"x is on {x.device}, weight on {weight.device}")
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out, summed
+    x2 = x.reshape(-1, d)
+    r2 = residual.reshape(-1, d)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+    weight = weight if weight.stride(0) == 1 else weight.contiguous()
+    o2, s2 = out.view(-1, d), summed.view(-1, d)
+    m = x2.shape[0]
+    block_m, block_d, single, num_warps = rms_norm_geometry(d)
+    rms_norm_kernel[(triton.cdiv(m, block_m),)](
+        x2, weight, o2, m, d, x2.stride(0), o2.stride(0), float(eps),
+        BLOCK_M=block_m, BLOCK_D=block_d, SINGLE=single,
+        r_ptr=r2, sum_ptr=s2, stride_rm=r2.stride(0), stride_sm=s2.stride(0),
+        HAS_RESIDUAL=True, num_warps=num_warps,
+    )  # fmt: skip
+    return out, summed
 
 
 # --------------------------------------------------------------------------------------

@@ -283,10 +283,18 @@ class DeepseekV3ForCausalLM(torch.nn.Module):
         or the hidden states ``[T, D]`` for the next pipeline stage."""
         ops, eps, parallel = self.ops, self.cfg.rms_norm_eps, self.parallel
         x = stage_input(self, batch, hidden_states)  # [T, D]
+        # Residual adds fused with the norm that reads the sum (see the Llama forward).
+        mlp = None
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            h = ops.rms_norm(x, layer.input_norm, eps)
-            x = x + parallel.all_reduce(layer.attn(h, batch, cache, self.cos_sin))
-            x = x + parallel.all_reduce(layer.mlp(ops.rms_norm(x, layer.post_attention_norm, eps)))
+            if mlp is None:
+                h = ops.rms_norm(x, layer.input_norm, eps)
+            else:
+                h, x = ops.add_rms_norm(mlp, x, layer.input_norm, eps)
+            attn = parallel.all_reduce(layer.attn(h, batch, cache, self.cos_sin))
+            h, x = ops.add_rms_norm(attn, x, layer.post_attention_norm, eps)
+            mlp = parallel.all_reduce(layer.mlp(h))
+        if mlp is not None:
+            x = x + mlp
         if not parallel.is_last_stage:
             return x
         return last_token_logits(self, x, batch)

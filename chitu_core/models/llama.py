@@ -209,12 +209,20 @@ class LlamaForCausalLM(torch.nn.Module):
     ) -> torch.Tensor:
         ops, eps, parallel = self.ops, self.cfg.rms_norm_eps, self.parallel
         x = stage_input(self, batch, hidden_states)  # [T, D]
+        # Each residual add is fused with the norm that reads the sum (ops.add_rms_norm):
+        # ``mlp`` is the last sublayer's output, not yet added to ``x``.
+        mlp = None
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            attn = self._attention(layer, ops.rms_norm(x, layer.input_norm, eps), batch, cache)
-            x = x + parallel.all_reduce(attn)
-            h = ops.rms_norm(x, layer.post_attention_norm, eps)
+            if mlp is None:
+                h = ops.rms_norm(x, layer.input_norm, eps)
+            else:
+                h, x = ops.add_rms_norm(mlp, x, layer.input_norm, eps)
+            attn = parallel.all_reduce(self._attention(layer, h, batch, cache))
+            h, x = ops.add_rms_norm(attn, x, layer.post_attention_norm, eps)
             mlp = ops.linear(ops.silu_and_mul(ops.linear(h, layer.gate_up, None)), layer.down, None)
-            x = x + parallel.all_reduce(mlp)
+            mlp = parallel.all_reduce(mlp)
+        if mlp is not None:
+            x = x + mlp
         if not parallel.is_last_stage:
             return x  # [T, hidden] for the next stage
         return last_token_logits(self, x, batch)

@@ -45,6 +45,7 @@ GENERIC_OPS: dict[str, Callable[..., Any]] = {
     "recv": collectives.recv,
     # small ops
     "rms_norm": small.rms_norm,
+    "add_rms_norm": small.add_rms_norm,
     "rope": small.rope,
     "silu_and_mul": small.silu_and_mul,
     "sample": small.sample,

@@ -1,4 +1,4 @@
-"""Generic small ops: RMSNorm, rotary embedding, SwiGLU, sampling."""
+"""Generic small ops: RMSNorm (with a residual add), rotary embedding, SwiGLU, sampling."""
 
 from __future__ import annotations
 
@@ -14,6 +14,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
     return (normed.to(x.dtype) * weight).to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See ``chitu_core.hookspecs.chitu_add_rms_norm``: ``(rms_norm(residual + x), residual + x)``."""
+    summed = residual + x
+    return rms_norm(summed, weight, eps), summed
 
 
 def _rotate(

@@ -1,4 +1,5 @@
-"""Numerics of the small-op kernels (RMSNorm, RoPE, SwiGLU), run under TRITON_INTERPRET=1.
+"""Numerics of the small-op kernels (RMSNorm, add+RMSNorm, RoPE, SwiGLU), run under
+TRITON_INTERPRET=1.
 
 Not collected by pytest (no ``test_`` prefix): ``test_small_ops_kernels.py`` runs
 each ``case_*`` in a fresh subprocess with the interpreter switched on before
@@ -25,12 +26,13 @@ from __future__ import annotations
 import sys
 
 import torch
+from chitu_cpu_ref.small_ops import chitu_add_rms_norm as ref_add_rms_norm
 from chitu_cpu_ref.small_ops import chitu_rms_norm as ref_rms_norm
 from chitu_cpu_ref.small_ops import chitu_rope as ref_rope
 from chitu_cpu_ref.small_ops import chitu_silu_and_mul as ref_silu_and_mul
 
 from chitu_core.kernels import interpreting
-from chitu_core.kernels.small_ops import rms_norm, rope, silu_and_mul
+from chitu_core.kernels.small_ops import add_rms_norm, rms_norm, rope, silu_and_mul
 from chitu_core.ops import small as generic
 from conformance.tolerances import assert_close
 
@@ -110,6 +112,39 @@ def case_rms_norm_wide() -> None:
     check_rms_norm(2, 16384, torch.bfloat16)  # widest single pass
     check_rms_norm(2, 16400, torch.bfloat16)  # 5 chunks, the last one ragged
     check_rms_norm(1, 20000, torch.float32, row_pad=8)
+
+
+def check_add_rms_norm(m: int, d: int, dtype, *, lead=(), row_pad=0) -> None:
+    """Both outputs: the rounded sum (against the exact sum rounded once, and the generic
+    op's) and the norm of that sum."""
+    x = (torch.randn(*lead, m, d + row_pad) * 2).to(dtype)[..., :d]
+    r = (torch.randn(*lead, m, d) * 3).to(dtype)
+    w = (torch.randn(d) + 1).to(dtype)
+    eps = 1e-6
+    x_d, r_d, w_d = _dev(x, r, w)
+    normed, summed = add_rms_norm(x_d, r_d, w_d, eps)
+    ref_normed, ref_summed = ref_add_rms_norm(x, r, w, eps)
+    gen_normed, gen_summed = generic.add_rms_norm(x_d, r_d, w_d, eps)
+    what = f"add_rms_norm {lead}+M={m} D={d} {dtype}"
+    check("add_rms_norm", summed, ref_summed.double(), gen_summed, what + " (sum)")
+    # The norm of the kernel's own sum: under the interpreter that sum is truncated,
+    # not rounded, and the norm must follow the sum the kernel handed on.
+    s_cpu = summed.cpu()
+    check("add_rms_norm", normed, ref_rms_norm(s_cpu.double(), w.double(), eps),
+          generic.rms_norm(summed, w_d, eps), what + " (norm)")  # fmt: skip
+    if not (interpreting() and dtype == torch.bfloat16):
+        assert torch.equal(s_cpu, gen_summed.cpu()), f"{what}: the sum is not x + residual"
+
+
+def case_add_rms_norm() -> None:
+    torch.manual_seed(4)
+    for dtype in DTYPES:
+        for m, d in ((1, 200), (5, 64), (3, 4096), (17, 8), (0, 16)):
+            check_add_rms_norm(m, d, dtype)
+    check_add_rms_norm(3, 200, torch.bfloat16, lead=(2,))  # [2, 3, D]
+    check_add_rms_norm(5, 136, torch.float16, row_pad=24)  # strided x rows
+    check_add_rms_norm(2, 16400, torch.bfloat16)  # the two-pass loop re-reads the stored sum
+    check_add_rms_norm(1, 20000, torch.float32)
 
 
 # --------------------------------------------------------------------------------------

@@ -27,7 +27,15 @@ from chitu_core.kernels.small_ops import (  # noqa: E402
     silu_and_mul_kernel,
 )
 
-CASES = ["rms_norm", "rms_norm_wide", "silu_and_mul", "rope_neox", "rope_interleaved", "edges"]
+CASES = [
+    "rms_norm",
+    "rms_norm_wide",
+    "add_rms_norm",
+    "silu_and_mul",
+    "rope_neox",
+    "rope_interleaved",
+    "edges",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -72,12 +80,17 @@ def _source(kernel, types: dict[str, str], constexprs: dict, aligned: list[str])
     return ASTSource(kernel, sig, constexprs, attrs)
 
 
-def _rms_source(dtype: str, w_dtype: str, d: int):
+def _rms_source(dtype: str, w_dtype: str, d: int, residual: bool = False):
     block_m, block_d, single, num_warps = rms_norm_geometry(d)
     types = {"x_ptr": dtype, "w_ptr": w_dtype, "out_ptr": dtype, "M": "i32", "D": "i32",
              "stride_xm": "i32", "stride_om": "i32", "eps": "fp32"}  # fmt: skip
     aligned = ["x_ptr", "w_ptr", "out_ptr", "D", "stride_xm", "stride_om"]
-    c = dict(BLOCK_M=block_m, BLOCK_D=block_d, SINGLE=single)
+    c = dict(BLOCK_M=block_m, BLOCK_D=block_d, SINGLE=single, HAS_RESIDUAL=residual)
+    if residual:
+        types |= {"r_ptr": dtype, "sum_ptr": dtype, "stride_rm": "i32", "stride_sm": "i32"}
+        aligned += ["r_ptr", "sum_ptr", "stride_rm", "stride_sm"]
+    else:
+        c |= dict(r_ptr=None, sum_ptr=None, stride_rm=0, stride_sm=0)
     return _source(rms_norm_kernel, types, c, aligned), num_warps
 
 
@@ -109,6 +122,8 @@ VARIANTS = {
     "rms_bf16_fp32w_7168": _rms_source("*bf16", "*fp32", 7168) + ("ld.global.v4",),
     "rms_fp16_512": _rms_source("*fp16", "*fp16", 512) + ("ld.global",),
     "rms_fp32_chunked_20480": _rms_source("*fp32", "*fp32", 20480) + ("ld.global.v4",),
+    "add_rms_bf16_4096": _rms_source("*bf16", "*bf16", 4096, True) + ("st.global.v4",),
+    "add_rms_fp16_chunked_20480": _rms_source("*fp16", "*fp16", 20480, True) + ("ld.global",),
     "silu_bf16_decode": _silu_source("*bf16", 1, 14336) + ("ld.global.v4",),
     "silu_fp16_prefill": _silu_source("*fp16", 4096, 14336) + ("ld.global.v4",),
     "silu_fp32": _silu_source("*fp32", 64, 2048) + ("ld.global.v4",),
@@ -141,7 +156,7 @@ def test_nvidia_hookimpls_match_the_specs():
 
     from chitu_core import hookspecs
 
-    for name in ("chitu_rms_norm", "chitu_rope", "chitu_silu_and_mul"):
+    for name in ("chitu_rms_norm", "chitu_add_rms_norm", "chitu_rope", "chitu_silu_and_mul"):
         impl, spec = getattr(plugin, name), getattr(hookspecs, name)
         assert inspect.signature(impl) == inspect.signature(spec), name
 
@@ -169,6 +184,26 @@ def test_nvidia_fallback_runs_generic_and_logs_once(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3, messages  # one per op, not one per call
     assert [m.split(":")[0] for m in messages] == ["rms_norm", "silu_and_mul", "rope"]
+
+
+def test_nvidia_add_rms_norm_falls_back_for_mismatched_inputs(caplog):
+    from chitu_nvidia import small_ops
+
+    from chitu_core.ops import small as generic
+
+    small_ops._logged.clear()
+    x = torch.randn(3, 16, dtype=torch.float64)  # fp64: the kernel raises ValueError
+    r = torch.randn(3, 16, dtype=torch.float64)
+    w = torch.randn(16, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="chitu_nvidia.small_ops"):
+        normed, summed = small_ops.add_rms_norm(x, r, w, 1e-6)
+    gen_normed, gen_summed = generic.add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(normed, gen_normed) and torch.equal(summed, gen_summed)
+    assert [m.getMessage().split(":")[0] for m in caplog.records] == ["add_rms_norm"]
+    with pytest.raises(ValueError, match="residual must match x"):
+        from chitu_core.kernels.small_ops import add_rms_norm
+
+        add_rms_norm(x.float(), r.float()[:2], w.float(), 1e-6)
 
 
 # --------------------------------------------------------------------------------------
@@ -214,6 +249,29 @@ def test_rms_norm_full_shapes_on_gpu(m, d, dtype):
     rows = torch.arange(m)[:: max(1, m // 64)]  # the fp64 oracle on a sample of rows
     expect = ref(x[rows].cpu().double(), w.cpu().double(), 1e-5)
     _assert_matches("rms_norm", out[rows].cpu(), expect, generic(x, w, 1e-5)[rows].cpu(), dtype)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,d", [(1, 4096), (32, 4096), (4096, 4096), (7, 7168), (5, 24576)])
+def test_add_rms_norm_full_shapes_on_gpu(m, d, dtype):
+    """The sum is bit-equal to torch's ``residual + x``; the norm matches the oracle."""
+    from chitu_cpu_ref.small_ops import chitu_rms_norm as ref
+
+    from chitu_core.kernels.small_ops import add_rms_norm
+    from chitu_core.ops.small import rms_norm as generic
+
+    g = torch.Generator(device="cuda").manual_seed(m + d)
+    x = (torch.randn(m, d, generator=g, device="cuda") * 2).to(dtype)
+    r = (torch.randn(m, d, generator=g, device="cuda") * 3).to(dtype)
+    w = (torch.randn(d, generator=g, device="cuda") + 1).to(dtype)
+    normed, summed = add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(summed, r + x)
+    rows = torch.arange(m)[:: max(1, m // 64)]
+    expect = ref(summed[rows].cpu().double(), w.cpu().double(), 1e-5)
+    gen = generic(summed, w, 1e-5)[rows].cpu()
+    _assert_matches("add_rms_norm", normed[rows].cpu(), expect, gen, dtype)
 
 
 @pytest.mark.gpu

@@ -24,7 +24,13 @@ from chitu_cpu_ref.device import (
 )
 from chitu_cpu_ref.linear import chitu_linear, chitu_prepare_weight
 from chitu_cpu_ref.moe import chitu_fused_moe, chitu_moe_route
-from chitu_cpu_ref.small_ops import chitu_rms_norm, chitu_rope, chitu_sample, chitu_silu_and_mul
+from chitu_cpu_ref.small_ops import (
+    chitu_add_rms_norm,
+    chitu_rms_norm,
+    chitu_rope,
+    chitu_sample,
+    chitu_silu_and_mul,
+)
 
 
 @hookimpl
@@ -49,6 +55,7 @@ def chitu_check_available() -> str | None:
 
 
 __all__ = [
+    "chitu_add_rms_norm",
     "chitu_allocate_kv_cache",
     "chitu_backend_info",
     "chitu_check_available",

@@ -1,4 +1,4 @@
-"""Small ops: ``chitu_rms_norm``, ``chitu_rope``, ``chitu_silu_and_mul``, ``chitu_sample``."""
+"""Small ops: ``chitu_rms_norm``, ``chitu_add_rms_norm``, ``chitu_rope``, ``chitu_silu_and_mul``, ``chitu_sample``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,16 @@ def chitu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     x64 = x.double()
     normed = x64 * torch.rsqrt(x64.square().mean(dim=-1, keepdim=True) + eps)
     return (normed.to(x.dtype).double() * weight.double()).to(x.dtype)
+
+
+@hookimpl
+def chitu_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``summed = residual + x`` rounded to ``x.dtype`` (one rounding of the exact sum),
+    then ``chitu_rms_norm(summed)``; returns ``(normed, summed)``, both ``[M, D]``."""
+    summed = (residual.double() + x.double()).to(x.dtype)
+    return chitu_rms_norm(summed, weight, eps), summed
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox_style: bool):

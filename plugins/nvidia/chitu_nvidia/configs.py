@@ -43,13 +43,16 @@ _SM80 = (
 # (benchmarks/results/gemm-h200-2026-11-26.json, ``soft_fp8_table``); M 2..16 from the
 # decode probe on an H200 (benchmarks/results/decode-probe/probe-h200.json: the mm
 # kernel with bf16 widening beat the swap-AB GEMV by 8-26% at M = 4 and 16). M 17..32:
-# the swap-AB GEMV with a 32 x 32 tile (72 registers, against 162 for the 64 x 64 one):
-# 66 against 76 us at M = 32 on 7168 x 18432, H200, 2026-11-26 probe.
+# the mm kernel with a 32 x 64 tile: over the 4 Llama-8B linears at M = 32, 126.0 us
+# against 132.9 for the swap-AB GEMV 32 x 32 and 136.9 for cuBLAS bf16; 60.2 against
+# 66.0 on 7168 x 18432; 1-2% behind the GEMV on the TP=2 shards of Llama-8B (H200,
+# benchmarks/results/sweep-m32-h200-2026-11-26.jsonl). M 33..64: the swap-AB GEMV
+# 64 x 64 still won that sweep.
 _SM90 = (
     ConfigRow(1, _C(kind="gemv", block_m=1, block_n=64, num_warps=8, num_stages=1)),
     ConfigRow(4, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=2, num_stages=4)),
     ConfigRow(16, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)),
-    ConfigRow(32, _C(kind="gemv", block_m=32, block_n=32, num_warps=4, num_stages=3)),
+    ConfigRow(32, _C(kind="mm", block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=3)),
     ConfigRow(64, _C(kind="gemv", block_m=64, block_n=64, num_warps=4, num_stages=3)),
     ConfigRow(1 << 62, _C(kind="dequant")),
 )

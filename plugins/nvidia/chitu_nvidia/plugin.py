@@ -192,6 +192,14 @@ def chitu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 @hookimpl
+def chitu_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add and RMSNorm in one Triton launch; generic where the kernel does not take it."""
+    return _small.add_rms_norm(x, residual, weight, eps)
+
+
+@hookimpl
 def chitu_rope(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -1,6 +1,7 @@
 """Small-op hooks of the NVIDIA backend: one Triton launch each, generic where they can't.
 
-RMSNorm, rotary embedding and SwiGLU run the portable kernels of
+RMSNorm (also fused with the residual add), rotary embedding and SwiGLU run the
+portable kernels of
 ``chitu_core.kernels.small_ops``, the paged KV-cache write that of
 ``chitu_core.kernels.store_kv`` (the generic ops chain 2-10 small torch kernels
 per call, which dominates batch-1 decode). The kernels raise ``ValueError``
@@ -33,6 +34,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     except ValueError as exc:
         _fallback("rms_norm", exc)
     return generic.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See ``chitu_core.hookspecs.chitu_add_rms_norm``: ``(normed, summed)``, ``[M, D]`` each."""
+    try:
+        return _kernels.add_rms_norm(x, residual, weight, eps)
+    except ValueError as exc:
+        _fallback("add_rms_norm", exc)
+    return generic.add_rms_norm(x, residual, weight, eps)
 
 
 def rope(
