@@ -159,6 +159,14 @@ def chitu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 @hookimpl
+def chitu_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``npu_add_rms_norm``."""
+    return small_ops.add_rms_norm(x, residual, weight, eps)
+
+
+@hookimpl
 def chitu_rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -177,6 +185,7 @@ def chitu_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "chitu_add_rms_norm",
     "chitu_backend_info",
     "chitu_check_available",
     "chitu_device",

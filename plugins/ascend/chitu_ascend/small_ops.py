@@ -1,4 +1,5 @@
-"""Small ops: RMSNorm, rotary embedding, SwiGLU through torch_npu's fused operators."""
+"""Small ops: RMSNorm (alone and after a residual add), rotary embedding, SwiGLU through
+torch_npu's fused operators."""
 
 from __future__ import annotations
 
@@ -20,6 +21,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # dtype.
     y, _ = torch_npu().npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)
     return y
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See ``chitu_core.hookspecs.chitu_add_rms_norm``: ``(normed, summed)``, ``[M, D]`` each.
+
+    The sum is rounded to x's dtype and normalised as ``rms_norm`` does (gamma before
+    the one rounding, tolerance class accumulate).
+    """
+    # torch_npu.npu_add_rms_norm(Tensor x1, Tensor x2, Tensor gamma, float epsilon=1e-06)
+    #     -> (Tensor y, Tensor rstd, Tensor x)
+    # Ascend/op-plugin test/test_custom_ops/test_npu_add_rms_norm.py: x = x1 + x2,
+    # y = x * rstd * gamma; x1, x2 and gamma share one dtype.
+    y, _, summed = torch_npu().npu_add_rms_norm(x, residual, weight.to(x.dtype), epsilon=eps)
+    return y, summed
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox_style: bool):

@@ -20,7 +20,7 @@ from ascend_test_paths import FAKE_DIR
 NATIVE = {
     "device", "memory_info", "synchronize", "empty_cache", "prepare_weight", "linear",
     "moe_route", "fused_moe", "store_kv", "paged_attention_prefill", "paged_attention_decode",
-    "rms_norm", "rope", "silu_and_mul",
+    "rms_norm", "add_rms_norm", "rope", "silu_and_mul",
 }  # fmt: skip
 
 

@@ -23,6 +23,6 @@ def test_demo_llama_greedy_tokens_match_cpu_ref(fake_npu, npu_calls):
     print(
         f"\nllama tiny on ascend (fake): tokens {got.tokens}, logits rel_fro {result.rel_fro:.2e}"
     )
-    for op in ("npu_fused_infer_attention_score", "npu_rms_norm", "npu_rotary_mul",
+    for op in ("npu_fused_infer_attention_score", "npu_rms_norm", "npu_add_rms_norm", "npu_rotary_mul",
                "npu_swiglu", "npu_scatter_nd_update_"):  # fmt: skip
         assert npu_calls[op] > 0, op

@@ -40,6 +40,17 @@ def test_rms_norm(ascend_ops, ref_ops, npu_calls):
     assert npu_calls["npu_rms_norm"] == 1
 
 
+def test_add_rms_norm(ascend_ops, ref_ops, npu_calls):
+    x = torch.randn(7, 256, generator=_gen(2)).to(BF16)
+    r = (torch.randn(7, 256, generator=_gen(3)) * 3).to(BF16)
+    w = torch.randn(256, generator=_gen(4)).to(BF16)
+    normed, summed = ascend_ops.add_rms_norm(x, r, w, 1e-6)
+    ref_normed, ref_summed = ref_ops.add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(summed, r + x)
+    assert_close("add_rms_norm", normed, ref_normed, BF16)
+    assert npu_calls["npu_add_rms_norm"] == 1
+
+
 @pytest.mark.parametrize("is_neox_style", [True, False])
 @pytest.mark.parametrize("rot_dim", [64, 32])
 def test_rope(ascend_ops, ref_ops, npu_calls, is_neox_style, rot_dim):

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from torch_npu._ops import (  # noqa: F401  (the operators, one function each)
+    npu_add_rms_norm,
     npu_fused_infer_attention_score,
     npu_grouped_matmul,
     npu_moe_finalize_routing,

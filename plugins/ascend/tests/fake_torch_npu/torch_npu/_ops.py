@@ -28,6 +28,17 @@ def npu_rms_norm(self, gamma, epsilon=1e-06):
     return (xf * rstd * gamma.float()).to(self.dtype), rstd
 
 
+# op-plugin test/test_custom_ops/test_npu_add_rms_norm.py (Ascend/op-plugin 26.0.0)
+def npu_add_rms_norm(x1, x2, gamma, epsilon=1e-06):
+    """(y, rstd, x): x = x1 + x2 in x1's dtype, y = rms_norm(x) * gamma in x1's dtype."""
+    _require(x1.dtype in FLOAT_DTYPES, f"x1 dtype {x1.dtype}")
+    _require(x2.dtype == x1.dtype and gamma.dtype == x1.dtype, "x1, x2, gamma share one dtype")
+    _require(x2.shape == x1.shape, "x1 and x2 share one shape")
+    x = x1 + x2
+    y, rstd = npu_rms_norm(x, gamma, epsilon)
+    return y, rstd, x
+
+
 # https://www.hiascend.com/document/detail/zh/Pytorch/700/apiref/apilist/ptaoplist_000141.html
 def npu_rotary_mul(input, r1, r2, rotary_mode="half"):
     """r1 * x + r2 * rotate(x); rotate per rotary_mode ('half' or 'interleave'); 4-D input."""
