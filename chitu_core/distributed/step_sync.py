@@ -18,9 +18,10 @@ input ids in the payload and ``ids_on_device`` set: the ids are patched in on th
 device (``patch_input_ids``).
 
 Within stage 0 the TP ranks get header and payload from rank 0 over the host
-(``ParallelState.control_group``, gloo): a follower learns the next step while
-its device still runs the current one, and queues it at once, without a read
-back from the device. Input ids that only the device holds follow by an
+(``ParallelState.control_group``, gloo) as one fixed-size message (``control_message``;
+a payload too long for it sends its rest in a second one), queued by rank 0 without
+waiting for the receivers: a follower learns the next step while its device still
+runs the current one, and queues it at once, without a read back from the device. Input ids that only the device holds follow by an
 all-gather of the TP group on the device, queued on both sides between the two
 steps. Later stages get the step from their predecessor together with the
 hidden states (device tensors), so the control flows with the data and stages
@@ -38,6 +39,10 @@ from chitu_core.models.base import ForwardBatch
 
 CMD_STOP, CMD_STEP, CMD_PING = 0, 1, 2
 HEADER_LEN = 8
+# Payload values carried in the control message itself: a decode step of 64 sequences
+# with 1,000-token contexts (a prefill chunk of 2,048 tokens needs a second message).
+INLINE_PAYLOAD = 4088
+CONTROL_LEN = HEADER_LEN + INLINE_PAYLOAD  # 32 KiB
 _BATCH_FIELDS = 4  # T, B, max_blocks, is_decode
 INPUT_IDS_AT = _BATCH_FIELDS  # where input_ids begin in a batch's payload
 
@@ -54,6 +59,22 @@ def header(
     length = 0 if payload is None else payload.shape[0]
     values = [command, int(payload is not None), length, *sizes, int(ids_on_device)]
     return torch.tensor(values, dtype=torch.int64)
+
+
+def control_message(
+    head: torch.Tensor, payload: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fixed-size control message ``[CONTROL_LEN]`` (header, then up to
+    ``INLINE_PAYLOAD`` payload values, zero padded) and the rest of a longer payload
+    (None if it fit). Fixed size: a receiver must know a message's size before it arrives."""
+    message = torch.zeros(CONTROL_LEN, dtype=torch.int64)
+    message[:HEADER_LEN] = head
+    if payload is None:
+        return message, None
+    inline = min(payload.shape[0], INLINE_PAYLOAD)
+    message[HEADER_LEN : HEADER_LEN + inline] = payload[:inline]
+    rest = payload[INLINE_PAYLOAD:].clone() if payload.shape[0] > INLINE_PAYLOAD else None
+    return message, rest
 
 
 def patch_input_ids(payload: torch.Tensor, input_ids: torch.Tensor) -> None:
@@ -151,26 +172,36 @@ class StepChannel:
         input_ids: torch.Tensor | None = None,
     ) -> None:
         """Rank 0: hand the header and payload (host tensors) to the other TP ranks of
-        stage 0, then the input ids ``[T]`` the device holds when the header says so."""
+        stage 0 as one control message (``control_message``; the rest of a longer payload
+        in a second), then the input ids ``[T]`` the device holds when the header says so."""
         if self.layout.tp == 1:
             return
-        self.state.broadcast_control(head)
-        if payload is not None:
-            self.state.broadcast_control(payload)
+        message, rest = control_message(head, payload)
+        self.state.send_control(message)
+        if rest is not None:
+            self.state.send_control(rest)
         if input_ids is not None:
             self.state.from_stage_leader(input_ids)
+
+    def flush(self) -> None:
+        """Rank 0: wait until the control messages queued so far are sent."""
+        if self.layout.tp > 1:
+            self.state.flush_control()
 
     def receive_in_stage(self) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
         """A TP rank of stage 0 other than rank 0: the next header (host), its values and
         the payload on the device, if any, with the input ids patched in when they came
         by the device."""
-        head = torch.zeros(HEADER_LEN, dtype=torch.int64)
-        self.state.broadcast_control(head)
+        message = self.state.recv_control(torch.zeros(CONTROL_LEN, dtype=torch.int64))
+        head = message[:HEADER_LEN]
         info = head.tolist()
         if info[0] != CMD_STEP:
             return head, info, None
-        host = torch.zeros(info[2], dtype=torch.int64)
-        self.state.broadcast_control(host)
+        length = info[2]
+        host = message[HEADER_LEN : HEADER_LEN + length]
+        if length > INLINE_PAYLOAD:
+            rest = self.state.recv_control(torch.zeros(length - INLINE_PAYLOAD, dtype=torch.int64))
+            host = torch.cat([host, rest])
         payload = to_device_async(host, self.state.device)
         if info[7]:
             placeholder = torch.zeros(info[3], dtype=torch.int64, device=self.state.device)

@@ -29,11 +29,19 @@ def all_reduce(tensor: torch.Tensor, group: Any) -> torch.Tensor:
 def all_gather(tensor: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
     """See ``chitu_core.hookspecs.chitu_all_gather``.
 
-    Gathers into a list and concatenates: the list form exists on every dist
-    backend, unlike ``all_gather_into_tensor``, and handles any ``dim``.
+    On NCCL one ``all_gather_into_tensor`` into a ``[G, ...]`` stack, then at most one
+    copy to concatenate along ``dim`` (none for ``dim`` 0); the list form, which every
+    dist backend has, copies each part out and concatenates them again.
     """
     tensor = tensor.contiguous()
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    world = dist.get_world_size(group)
+    if dist.get_backend(group) == "nccl" and tensor.dim() > 0:
+        d = dim % tensor.dim()
+        stacked = torch.empty((world, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        dist.all_gather_into_tensor(stacked, tensor, group=group)
+        shape = (*tensor.shape[:d], world * tensor.shape[d], *tensor.shape[d + 1 :])
+        return stacked.movedim(0, d).reshape(shape)
+    parts = [torch.empty_like(tensor) for _ in range(world)]
     dist.all_gather(parts, tensor, group=group)
     return torch.cat(parts, dim=dim)
 

@@ -10,9 +10,12 @@ from chitu_core.distributed.parallel import RankLayout
 from chitu_core.distributed.step_sync import (
     CMD_PING,
     CMD_STEP,
+    CONTROL_LEN,
     HEADER_LEN,
+    INLINE_PAYLOAD,
     StepChannel,
     batch_sizes,
+    control_message,
     header,
     patch_input_ids,
     payload_values,
@@ -105,13 +108,14 @@ def test_host_payload_is_the_documented_layout_and_the_header_sizes_read_it() ->
 
 
 class _Wire:
-    """Stand-in for stage 0's two transports: the host control group's broadcast and the
-    TP group's all-gather on the device. What the leader sends, the follower gets, in
+    """Stand-in for stage 0's two transports: the host control group's messages from rank 0
+    and the TP group's all-gather on the device. What the leader sends, the follower gets, in
     order; shapes must agree, as the collectives require."""
 
     def __init__(self) -> None:
         self.host: list[torch.Tensor] = []
         self.device: list[torch.Tensor] = []
+        self.flushed = 0
 
     def state(self, leader: bool):
         wire = self
@@ -128,10 +132,17 @@ class _Wire:
             layout = RankLayout(tp=2, pp=1, rank=0 if leader else 1)
             device = torch.device("cpu")
 
-            def broadcast_control(self, tensor: torch.Tensor) -> torch.Tensor:
-                assert tensor.device.type == "cpu", "the control group moves host tensors"
+            def send_control(self, tensor: torch.Tensor) -> None:
+                assert leader and tensor.device.type == "cpu", "rank 0 sends host tensors"
+                wire.host.append(tensor.clone())
+
+            def recv_control(self, tensor: torch.Tensor) -> torch.Tensor:
+                assert not leader and tensor.device.type == "cpu"
                 tensor.copy_(exchange(wire.host, tensor))
                 return tensor
+
+            def flush_control(self) -> None:
+                wire.flushed += 1
 
             def from_stage_leader(self, tensor: torch.Tensor) -> torch.Tensor:
                 return exchange(wire.device, tensor)
@@ -148,7 +159,7 @@ def test_stage_message_goes_by_the_host_and_device_ids_by_the_device() -> None:
     batch = _batch([3, 1], False)
     payload = _payload(batch)
     leader.share_in_stage(header(CMD_STEP, payload, batch_sizes(batch)), payload)
-    assert len(wire.host) == 2 and not wire.device
+    assert len(wire.host) == 1 and not wire.device  # header and payload in one message
     head, info, got = follower.receive_in_stage()
     assert info[0] == CMD_STEP and torch.equal(head, torch.tensor(info))
     [out] = unpack(got, 1, sizes=tuple(info[3:7]))
@@ -169,3 +180,33 @@ def test_stage_message_goes_by_the_host_and_device_ids_by_the_device() -> None:
     leader.share_in_stage(header(CMD_PING, None), None)
     _, info, got = follower.receive_in_stage()
     assert info[0] == CMD_PING and got is None and not wire.host and not wire.device
+
+
+def test_a_payload_longer_than_the_control_message_sends_its_rest_second() -> None:
+    """A prefill chunk of 2,000 tokens (6,000+ payload values) does not fit the fixed-size
+    control message: the rest follows in a second message and the follower joins them;
+    flush reaches the state."""
+    wire = _Wire()
+    leader, follower = StepChannel(wire.state(True)), StepChannel(wire.state(False))
+    batch = _batch([1500, 500], False)
+    payload = _payload(batch)
+    assert payload.shape[0] > INLINE_PAYLOAD
+    leader.share_in_stage(header(CMD_STEP, payload, batch_sizes(batch)), payload)
+    assert [t.shape[0] for t in wire.host] == [CONTROL_LEN, payload.shape[0] - INLINE_PAYLOAD]
+    _, info, got = follower.receive_in_stage()
+    assert torch.equal(got, payload) and not wire.host
+    [out] = unpack(got, 1, sizes=tuple(info[3:7]))
+    _same(batch, out)
+    leader.flush()
+    assert wire.flushed == 1
+
+
+def test_control_message_layout() -> None:
+    """Header first, the payload inline after it, zero padded to the fixed size."""
+    payload = torch.arange(10, dtype=torch.int64) + 1
+    head = header(CMD_STEP, payload, (3, 1, 2, 1))
+    message, rest = control_message(head, payload)
+    assert message.shape == (CONTROL_LEN,) and rest is None
+    assert torch.equal(message[:HEADER_LEN], head)
+    assert torch.equal(message[HEADER_LEN : HEADER_LEN + 10], payload)
+    assert not message[HEADER_LEN + 10 :].any()
