@@ -14,7 +14,6 @@ one node and only the stage hand-off crosses nodes. Rank 0 (stage 0, TP rank
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import threading
@@ -29,8 +28,6 @@ from chitu_core.distributed import DistributedError
 from chitu_core.distributed.model_parallel import ModelParallel
 
 TEARDOWN_TIMEOUT_S = 10.0
-# Rank 0's control messages in flight before it waits for the oldest to be sent.
-_CONTROL_IN_FLIGHT = 64
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +96,6 @@ class ParallelState:
         # and payloads travel host to host, never waiting for a device.
         self.world_group, self.tp_group, self.pp_group, self.control_group = groups
         self.timeout_s = timeout_s
-        # Control messages queued by rank 0 (work, tensor): the tensor must live until sent.
-        self._control_sends: collections.deque[tuple[Any, torch.Tensor]] = collections.deque()
 
     @property
     def rank(self) -> int:
@@ -137,34 +132,15 @@ class ParallelState:
         return gathered[: tensor.shape[0]]
 
     def send_control(self, tensor: torch.Tensor) -> None:
-        """Rank 0: queue ``tensor`` (CPU int64, not modified afterwards) to every other TP
-        rank of stage 0 over the control group, without waiting for them to receive it.
-
-        Point-to-point ``isend``s: a blocking gloo broadcast cost rank 0 0.4 ms per call on
-        an H200 host (it waits for the slowest receiver), twice per decode step. A failed
-        send is raised by a later call (or ``flush_control``).
-        """
-        self._reap_control(keep=_CONTROL_IN_FLIGHT)
-        for dst in self.layout.stage_ranks(0)[1:]:
-            self._control_sends.append(
-                (dist.isend(tensor, dst=dst, group=self.control_group), tensor)
-            )
+        """Rank 0: ``tensor`` (CPU int64) to every other TP rank of stage 0 over the control
+        group (a gloo broadcast: returns once the receivers have taken it)."""
+        dist.broadcast(tensor, src=0, group=self.control_group)
 
     def recv_control(self, tensor: torch.Tensor) -> torch.Tensor:
         """A TP rank of stage 0 other than rank 0: the next control message from rank 0 into
         ``tensor`` (CPU, the size rank 0 sent); returns ``tensor``."""
-        dist.recv(tensor, src=0, group=self.control_group)
+        dist.broadcast(tensor, src=0, group=self.control_group)
         return tensor
-
-    def flush_control(self) -> None:
-        """Rank 0: wait until every queued control message is sent (raises a failed send)."""
-        self._reap_control(keep=0)
-
-    def _reap_control(self, keep: int) -> None:
-        sends = self._control_sends
-        while sends and (len(sends) > keep or sends[0][0].is_completed()):
-            work, _ = sends.popleft()
-            work.wait()
 
     def agree_min(self, value: int) -> int:
         """The smallest ``value`` over all ranks (e.g. KV blocks that fit everywhere)."""

@@ -163,7 +163,6 @@ class DistributedExecutor:
                         continue
                     try:
                         self._announce(CMD_PING)
-                        self.channel.flush()  # a failed send to a rank that died raises here
                     except Exception as exc:
                         self._closed = True
                         on_failure(
@@ -190,7 +189,6 @@ class DistributedExecutor:
                 while self._in_pipeline:  # batches of aborted requests: take them off first
                     self._receive_logits()
                 self._announce(CMD_STOP)
-                self.channel.flush()
             except Exception as exc:
                 logger.warning("could not tell the other ranks to stop: %s", exc)
 

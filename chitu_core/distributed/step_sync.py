@@ -19,9 +19,9 @@ device (``patch_input_ids``).
 
 Within stage 0 the TP ranks get header and payload from rank 0 over the host
 (``ParallelState.control_group``, gloo) as one fixed-size message (``control_message``;
-a payload too long for it sends its rest in a second one), queued by rank 0 without
-waiting for the receivers: a follower learns the next step while its device still
-runs the current one, and queues it at once, without a read back from the device. Input ids that only the device holds follow by an
+a payload too long for it sends its rest in a second one): a follower learns the next
+step while its device still runs the current one, and queues it at once, without a
+read back from the device. Input ids that only the device holds follow by an
 all-gather of the TP group on the device, queued on both sides between the two
 steps. Later stages get the step from their predecessor together with the
 hidden states (device tensors), so the control flows with the data and stages
@@ -182,11 +182,6 @@ class StepChannel:
             self.state.send_control(rest)
         if input_ids is not None:
             self.state.from_stage_leader(input_ids)
-
-    def flush(self) -> None:
-        """Rank 0: wait until the control messages queued so far are sent."""
-        if self.layout.tp > 1:
-            self.state.flush_control()
 
     def receive_in_stage(self) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
         """A TP rank of stage 0 other than rank 0: the next header (host), its values and

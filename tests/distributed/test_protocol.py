@@ -115,7 +115,6 @@ class _Wire:
     def __init__(self) -> None:
         self.host: list[torch.Tensor] = []
         self.device: list[torch.Tensor] = []
-        self.flushed = 0
 
     def state(self, leader: bool):
         wire = self
@@ -140,9 +139,6 @@ class _Wire:
                 assert not leader and tensor.device.type == "cpu"
                 tensor.copy_(exchange(wire.host, tensor))
                 return tensor
-
-            def flush_control(self) -> None:
-                wire.flushed += 1
 
             def from_stage_leader(self, tensor: torch.Tensor) -> torch.Tensor:
                 return exchange(wire.device, tensor)
@@ -185,7 +181,7 @@ def test_stage_message_goes_by_the_host_and_device_ids_by_the_device() -> None:
 def test_a_payload_longer_than_the_control_message_sends_its_rest_second() -> None:
     """A prefill chunk of 2,000 tokens (6,000+ payload values) does not fit the fixed-size
     control message: the rest follows in a second message and the follower joins them;
-    flush reaches the state."""
+    """
     wire = _Wire()
     leader, follower = StepChannel(wire.state(True)), StepChannel(wire.state(False))
     batch = _batch([1500, 500], False)
@@ -197,8 +193,6 @@ def test_a_payload_longer_than_the_control_message_sends_its_rest_second() -> No
     assert torch.equal(got, payload) and not wire.host
     [out] = unpack(got, 1, sizes=tuple(info[3:7]))
     _same(batch, out)
-    leader.flush()
-    assert wire.flushed == 1
 
 
 def test_control_message_layout() -> None:
