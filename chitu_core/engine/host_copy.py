@@ -9,9 +9,10 @@ queued before the next step and awaited on its own event.
 Pinned staging comes from a pool of fixed slots allocated once per process
 (``PinnedPool``): ``Tensor.pin_memory()`` and ``torch.empty(pin_memory=True)`` cost
 a pointer query and a trip through the caching host allocator on every call (about
-0.2 ms each in an H200 profile, several per decode step). A slot is reused only once
-the copy that used it has completed (its CUDA event). Copies larger than a slot take
-the allocator's path. Devices other than CUDA take the plain (synchronous) path.
+0.2 ms each under torch.profiler on an H200 host, several per decode step). A slot
+is reused only once the copy that used it has completed (its CUDA event). Copies
+larger than a slot take the allocator's path. Devices other than CUDA take the
+plain (synchronous) path.
 """
 
 from __future__ import annotations
