@@ -265,7 +265,7 @@ class LLMEngine:
             self.max_model_len,
         )
         logger.info("memory: %s", self.memory.describe())
-        if self.ops.info.supports_graphs and not config.enforce_eager and config.pp == 1:
+        if self.ops.info.supports_graphs and not config.enforce_eager:
             try:
                 self.runner.capture_decode_graphs(scheduler_config.max_num_seqs, self.max_model_len)
             except Exception as exc:  # e.g. an op that syncs with the host cannot be captured

@@ -56,7 +56,7 @@ class ModelRunner:
         fit a bucket replay them from then on (see ``decode_graphs.py``)."""
         width = -(-max_model_len // self.block_size)
         graphs = DecodeGraphs(
-            self.model, self.ops, self.device, self.kv_caches, max_num_seqs, width
+            self.model, self.ops, self.device, self.kv_caches, max_num_seqs, width, self.dtype
         )
         graphs.capture()
         self.graphs = graphs
@@ -140,10 +140,10 @@ class ModelRunner:
         """The model on ``batch`` over this rank's caches: logits ``[B, vocab]`` fp32 (last
         pipeline stage) or hidden states ``[T, hidden]`` (earlier stages). Decode batches
         that fit a captured graph bucket replay it."""
-        if self.graphs is not None and hidden_states is None:
+        if self.graphs is not None:
             bucket = self.graphs.bucket_for(batch)
             if bucket is not None:
-                return self.graphs.replay(batch, bucket)
+                return self.graphs.replay(batch, bucket, hidden_states)
         return self.model(batch, self.kv_caches, hidden_states)
 
     def execute(

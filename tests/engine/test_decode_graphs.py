@@ -14,10 +14,13 @@ import pytest
 import torch
 
 from chitu_core.demo_model import write_demo_model
+from chitu_core.distributed.model_parallel import ModelParallel
 from chitu_core.engine.decode_graphs import DecodeGraphs, decode_buckets
 from chitu_core.engine.llm_engine import EngineConfig, LLMEngine
 from chitu_core.engine.sampling import SamplingParams
+from chitu_core.engine.runner import ModelRunner
 from chitu_core.engine.sequence import Sequence
+from chitu_core.loader import load_model
 
 
 def test_buckets_are_powers_of_two_then_the_maximum():
@@ -144,3 +147,40 @@ def test_padding_rows_point_at_the_scratch_slot(model_dir):
     assert not graphs.block_tables[3].any()
     assert graphs.block_tables[0].tolist() == [1, 2, 3, 0, 0, 0]  # stale width cleared
     assert graphs.slot_mapping[:3].tolist() == [3 * 4 + 0, 5 * 4 + 0, 6 * 4 + 1]
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_pipeline_stages_replay_their_own_layers(model_dir, stage):
+    """Each of two pipeline stages captures its layers: stage 0 returns hidden states,
+    stage 1 reads them from its static buffer (padding rows zeroed) and returns logits;
+    replays equal the eager stage forward."""
+    ops = _engine(model_dir).ops
+    model, _ = load_model(
+        model_dir, ops, torch.float32, show_progress=False,
+        parallel=ModelParallel(pp_size=2, pp_rank=stage),
+    )  # fmt: skip
+    runner = ModelRunner(model, ops, torch.device("cpu"), torch.float32, 32, 4)
+    graphs = DecodeGraphs(
+        model, StaticOutputCapture(ops), runner.device, runner.kv_caches, 4, 6, torch.float32
+    )
+    graphs.capture()
+    assert (graphs.hidden is None) == (stage == 0)
+    seqs = [
+        _sequence([5] * 9, 8, [1, 2, 3]),
+        _sequence([9] * 3, 2, [4]),
+        _sequence([2] * 6, 5, [5, 6]),
+    ]
+    batch = runner.build_batch(seqs, [1, 1, 1])
+    hidden = (
+        None
+        if stage == 0
+        else torch.randn(3, model.hidden_size, generator=torch.Generator().manual_seed(3))
+    )
+    eager = model(batch, runner.kv_caches, hidden).clone()
+    replayed = graphs.replay(batch, 4, hidden)  # bucket 4: one padding row
+    assert replayed.shape == eager.shape == ((3, model.hidden_size) if stage == 0 else eager.shape)
+    torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
+    if stage == 1:
+        assert not graphs.hidden[3].any()  # the padding row's input
+        with pytest.raises(ValueError, match="hidden_states"):
+            graphs.replay(batch, 4)
