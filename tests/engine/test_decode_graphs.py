@@ -17,8 +17,8 @@ from chitu_core.demo_model import write_demo_model
 from chitu_core.distributed.model_parallel import ModelParallel
 from chitu_core.engine.decode_graphs import DecodeGraphs, decode_buckets
 from chitu_core.engine.llm_engine import EngineConfig, LLMEngine
-from chitu_core.engine.sampling import SamplingParams
 from chitu_core.engine.runner import ModelRunner
+from chitu_core.engine.sampling import SamplingParams
 from chitu_core.engine.sequence import Sequence
 from chitu_core.loader import load_model
 
