@@ -139,6 +139,19 @@ def rms_norm_geometry(d: int) -> tuple[int, int, bool, int]:
     return block_m, block_d, single, _warps(block_m * block_d, 512, 16)
 
 
+def _check_norm_args(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """The row width D of an RMSNorm's x ``[..., D]``; ValueError unless x and the weight
+    ``[D]`` have kernel dtypes and share a device."""
+    _check_dtype("x", x)
+    _check_dtype("weight", weight)
+    d = x.shape[-1]
+    if weight.shape != (d,):
+        raise ValueError(f"weight must be [D={d}], got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"x is on {x.device}, weight on {weight.device}")
+    return d
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm (semantics of ``chitu_rms_norm``).
 
@@ -153,13 +166,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """
     if x.dim() < 1:
         raise ValueError("rms_norm needs x of at least one dimension")
-    _check_dtype("x", x)
-    _check_dtype("weight", weight)
-    d = x.shape[-1]
-    if weight.shape != (d,):
-        raise ValueError(f"weight must be [D={d}], got {tuple(weight.shape)}")
-    if weight.device != x.device:
-        raise ValueError(f"x is on {x.device}, weight on {weight.device}")
+    d = _check_norm_args(x, weight)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
@@ -198,13 +205,7 @@ def add_rms_norm(
             f"residual must match x: x {tuple(x.shape)} {x.dtype} on {x.device}, residual "
             f"{tuple(residual.shape)} {residual.dtype} on {residual.device}"
         )
-    _check_dtype("x", x)
-    _check_dtype("weight", weight)
-    d = x.shape[-1]
-    if weight.shape != (d,):
-        raise ValueError(f"weight must be [D={d}], got {tuple(weight.shape)}")
-    if weight.device != x.device:
-        raise ValueError(f"x is on {x.device}, weight on {weight.device}")
+    d = _check_norm_args(x, weight)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
