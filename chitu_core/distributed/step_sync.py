@@ -39,8 +39,9 @@ from chitu_core.models.base import ForwardBatch
 
 CMD_STOP, CMD_STEP, CMD_PING = 0, 1, 2
 HEADER_LEN = 8
-# Payload values carried in the control message itself: a decode step of 64 sequences
-# with 1,000-token contexts (a prefill chunk of 2,048 tokens needs a second message).
+# Payload values carried in the control message itself: a decode step of B sequences
+# takes 5 B + 5 + B x (table width) values, so 64 sequences of up to 57 blocks (912
+# tokens at block 16) fit; longer tables and prefill chunks send their rest second.
 INLINE_PAYLOAD = 4088
 CONTROL_LEN = HEADER_LEN + INLINE_PAYLOAD  # 32 KiB
 _BATCH_FIELDS = 4  # T, B, max_blocks, is_decode
