@@ -40,7 +40,7 @@ from chitu_core.models.base import ForwardBatch
 CMD_STOP, CMD_STEP, CMD_PING = 0, 1, 2
 HEADER_LEN = 8
 # Payload values carried in the control message itself: a decode step of B sequences
-# takes 5 B + 5 + B x (table width) values, so 64 sequences of up to 57 blocks (912
+# takes 6 B + 5 + B x (table width) values, so 64 sequences of up to 57 blocks (912
 # tokens at block 16) fit; longer tables and prefill chunks send their rest second.
 INLINE_PAYLOAD = 4088
 CONTROL_LEN = HEADER_LEN + INLINE_PAYLOAD  # 32 KiB
