@@ -35,7 +35,9 @@ class PinnedPool:
         self._buffer: torch.Tensor | None = None
         self._free: list[int] = list(range(num_slots))
         self._in_flight: collections.deque[tuple[int, torch.cuda.Event]] = collections.deque()
-        self._lock = threading.Lock()
+        # Re-entrant: a HostCopy collected by the garbage collector while this thread is
+        # inside acquire() releases its slot from __del__ through the same lock.
+        self._lock = threading.RLock()
 
     def acquire(self, nbytes: int) -> int | None:
         """A free slot for ``nbytes``, or None if they do not fit a slot or every slot is
