@@ -86,3 +86,23 @@ def test_cuda_copies_through_more_than_the_pool_holds_stay_correct():
     assert [d.get()[0].item() for d in downs] == [2 * i for i in range(96)]
     assert all(d.get().eq(2 * i).all() for i, d in enumerate(downs))
     assert torch.equal(big.cpu(), torch.arange(100_000))
+
+
+def test_pinned_pool_lock_is_reentrant_for_finalizers():
+    """HostCopy.__del__ may run (garbage collection) while the same thread is inside
+    acquire(): releasing a slot there must not deadlock on the pool's lock."""
+    import threading
+
+    pool = PinnedPool(slot_bytes=64, num_slots=2)
+    pool._buffer = torch.zeros(128, dtype=torch.uint8)
+    done = threading.Event()
+
+    def nested():
+        with pool._lock:  # as if inside acquire()
+            pool.release_after(pool.acquire(8), _Event())
+        done.set()
+
+    worker = threading.Thread(target=nested, daemon=True)
+    worker.start()
+    worker.join(timeout=5)
+    assert done.is_set(), "release inside the pool's lock deadlocked"
