@@ -83,12 +83,6 @@ def patch_input_ids(payload: torch.Tensor, input_ids: torch.Tensor) -> None:
     payload[INPUT_IDS_AT : INPUT_IDS_AT + input_ids.shape[0]].copy_(input_ids)
 
 
-def batch_sizes(batch: ForwardBatch) -> tuple[int, int, int, int]:
-    """``(T, B, max_blocks, is_decode)`` of a batch, as the header carries them."""
-    num_seqs, max_blocks = batch.block_tables.shape
-    return batch.input_ids.shape[0], num_seqs, max_blocks, int(batch.is_decode)
-
-
 def payload_values(
     input_ids: list[int],
     positions: list[int],

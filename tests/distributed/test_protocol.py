@@ -14,7 +14,6 @@ from chitu_core.distributed.step_sync import (
     HEADER_LEN,
     INLINE_PAYLOAD,
     StepChannel,
-    batch_sizes,
     control_message,
     header,
     patch_input_ids,
@@ -47,6 +46,13 @@ def _batch(lengths: list[int], decode: bool) -> ForwardBatch:
         last_token_indices=cu[1:].long() - 1,
         is_decode=decode,
     )
+
+
+def batch_sizes(batch: ForwardBatch) -> tuple[int, int, int, int]:
+    """``(T, B, max_blocks, is_decode)`` of a batch, as the header carries them (read off
+    the batch itself, independently of ``ModelRunner.host_payload``)."""
+    num_seqs, max_blocks = batch.block_tables.shape
+    return batch.input_ids.shape[0], num_seqs, max_blocks, int(batch.is_decode)
 
 
 def _payload(*batches: ForwardBatch) -> torch.Tensor:
