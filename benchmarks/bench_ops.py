@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm
+from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm, scales_foldable
 from chitu_core.kernels.packed_weight import has_nan_codes
 from chitu_core.quant import dequantize_block_fp8, quantize_block_fp8
 
@@ -161,11 +161,12 @@ def time_config(x, wq, s, cfg, num_sms) -> float:
     try:
         wqs = [wq] + [wq.clone() for _ in range(copies_for(wq.numel()) - 1)]
         nan_codes = has_nan_codes(wq.view(torch.uint8))  # as prepare_weight records it
+        fold = scales_foldable(s)
 
         def call(i):
             return lambda: fp8_gemm(
                 x, wqs[i], s, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True,
-                nan_codes=nan_codes,
+                nan_codes=nan_codes, scales_fold=fold,
             )  # fmt: skip
 
         return bench_us(call, len(wqs))
@@ -215,11 +216,12 @@ def measure(k, n, m, wq, s, w_bf16, w_f32, cap, num_sms, configs) -> dict:
     wbs = [w_bf16] + [w_bf16.clone() for _ in range(copies - 1)]
 
     nan_codes = has_nan_codes(wq.view(torch.uint8))  # as prepare_weight records it
+    fold = scales_foldable(s)
 
     def soft(i):
         return lambda: fp8_gemm(
             x, wqs[i], s, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True,
-            nan_codes=nan_codes,
+            nan_codes=nan_codes, scales_fold=fold,
         )  # fmt: skip
 
     row = {"K": k, "N": n, "M": m, "soft_config": dataclasses.asdict(cfg), "weight_copies": copies,

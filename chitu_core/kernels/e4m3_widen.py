@@ -109,6 +109,38 @@ _PTX_E4M3X4_TO_BF16X4_NO_NAN = _ptx_widen(
 )  # fmt: skip
 
 
+# Widen and scale in one: ``$0``/``$1`` = bf16(e4m3 * s) for 4 codes, s given as bf16 pairs
+# s_hi (``$3``, ``$4``) + s_lo (``$5``, ``$6``), both already multiplied by 2^120 / FOLD_FIX
+# (the exponent fix of the bf16 widening, less FOLD_FIX, which the caller multiplies back
+# once at the end). Per pair of codes: the widening (``g``, ``value * 2^-120``), then
+# fma(g, s_hi, g * s_lo): one rounding of a product that carries s to 16 significant
+# bits. 5 instructions per 2 codes; no NaN fix.
+_SCALED_TAIL = (
+    "    fma.rn.bf16x2 t0, g0, $5, mzero;\n    fma.rn.bf16x2 t1, g1, $6, mzero;\n"
+    "    fma.rn.bf16x2 $0, g0, $3, t0;\n    fma.rn.bf16x2 $1, g1, $4, t1;\n"
+)
+_PTX_E4M3X4_SCALED_TO_BF16X4_NO_NAN = _ptx_widen(
+    4, "0x87F087F0", ", t<2>, mzero", "    mov.b32 mzero, 0x80008000;\n", _SCALED_TAIL
+)
+# With the NaN fix: the unscaled value v (as ``_PTX_E4M3X4_TO_BF16X4``) times ``big`` is inf
+# only for the NaN codes, and fma(inf, 0, r) is NaN (r finite otherwise, fma(t, 0, r) = r).
+_PTX_E4M3X4_SCALED_TO_BF16X4 = _ptx_widen(
+    4, "0x87F087F0", ", t<2>, r<2>, v<2>, two120, big, mzero, zero",
+    _BF16_SETUP + "    mov.b32 big, 0x7B097B09;\n    mov.b32 zero, 0;\n",
+    _SCALED_TAIL.replace("$0,", "r0,").replace("$1,", "r1,")
+    + "    fma.rn.bf16x2 v0, g0, two120, mzero;\n    fma.rn.bf16x2 v1, g1, two120, mzero;\n"
+    "    fma.rn.bf16x2 v0, v0, big, mzero;\n    fma.rn.bf16x2 v1, v1, big, mzero;\n"
+    "    fma.rn.bf16x2 $0, v0, zero, r0;\n    fma.rn.bf16x2 $1, v1, zero, r1;\n",
+)  # fmt: skip
+
+# The scaled widening's result is ``e4m3 * s / FOLD_FIX``: s * 2^120 would overflow bf16
+# for s >= 2^7, so 2^32 of it is left for the caller. Scales s with
+# FOLD_SCALE_MIN <= |s| < FOLD_SCALE_MAX (or 0) keep every product a normal bf16.
+FOLD_FIX = 2.0**32
+FOLD_SCALE_MIN = 2.0**-85
+FOLD_SCALE_MAX = 2.0**39
+
+
 @triton.jit
 def _e4m3_to_f16_portable(bits, NAN: tl.constexpr = True):
     """bits: uint8 tensor of e4m3fn codes -> fp16 tensor of ``e4m3 * 2^-8`` (NaN kept
@@ -175,6 +207,31 @@ def e4m3_to_bf16(bits, USE_PTX: tl.constexpr, NAN: tl.constexpr = True):
         return _e4m3_to_bf16_ptx(bits, NAN)
     else:
         return (_e4m3_to_f16_portable(bits, NAN).to(tl.float32) * 256.0).to(tl.bfloat16)
+
+
+@triton.jit
+def e4m3_scaled_to_bf16(bits, scale, NAN: tl.constexpr = True):
+    """bf16(e4m3(bits) * scale) / FOLD_FIX in one inline-PTX pass (NVIDIA, sm_80+).
+
+    bits: uint8 tensor of codes; scale: fp32 tensor broadcastable to it, each
+    FOLD_SCALE_MIN <= |scale| < FOLD_SCALE_MAX or 0 (else products overflow or leave
+    the normal range). The result is within 0.5 bf16 ulp (plus 2^-16 relative) of
+    ``e4m3 * scale / FOLD_FIX``; multiply FOLD_FIX back in fp32. NAN=False: no NaN
+    fix (codes known NaN-free).
+    """
+    sf = scale * 309485009821345068724781056.0  # 2^120 / FOLD_FIX = 2^88, exact
+    s_hi = sf.to(tl.bfloat16)
+    s_lo = (sf - s_hi.to(tl.float32)).to(tl.bfloat16)
+    s_hi = tl.broadcast_to(s_hi, bits.shape)
+    s_lo = tl.broadcast_to(s_lo, bits.shape)
+    return tl.inline_asm_elementwise(
+        asm=_PTX_E4M3X4_SCALED_TO_BF16X4 if NAN else _PTX_E4M3X4_SCALED_TO_BF16X4_NO_NAN,
+        constraints="=r,=r,r,r,r,r,r",
+        args=[bits, s_hi, s_lo],
+        dtype=tl.bfloat16,
+        is_pure=True,
+        pack=4,
+    )
 
 
 @triton.jit

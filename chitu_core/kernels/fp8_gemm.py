@@ -39,7 +39,13 @@ import triton
 import triton.language as tl
 
 from chitu_core.kernels import interpreting
-from chitu_core.kernels.e4m3_widen import e4m3_to_bf16, e4m3_to_f16_x256
+from chitu_core.kernels.e4m3_widen import (
+    FOLD_SCALE_MAX,
+    FOLD_SCALE_MIN,
+    e4m3_scaled_to_bf16,
+    e4m3_to_bf16,
+    e4m3_to_f16_x256,
+)
 
 SCALE_BLOCK = 128  # DeepSeek-V3 block size along N and K
 
@@ -59,6 +65,8 @@ class Fp8GemmConfig:
             always ``block_k = 128`` (one scale block per step).
         ``"mm"``: ``fp8_mm_kernel`` (batched decode and prefill): ``acc[M, N] = x @ W^T``
             with the widened weight tile as the MMA's B operand, reused over the M tile.
+        ``"wide"``: ``fp8_wide_kernel`` (batched decode and prefill): swap-AB
+            ``acc[N, M] = widen(W) @ x^T``, the widened tile the MMA's register operand.
         ``"swap"``: ``fp8_gemm_kernel`` (swap-AB: ``acc[N, M] = W @ x^T``).
         ``"dequant"``: widen the whole weight to a bf16 scratch buffer
             (``dequant_kernel``), then cuBLAS (prefill fallback).
@@ -93,8 +101,8 @@ class Fp8GemmConfig:
             raise ValueError(
                 f"gemv block_m must be 1, 2, 4 (FMA) or >= 16 (MMA), got {self.block_m}"
             )
-        if self.kind not in ("gemv", "mm", "swap", "dequant"):
-            raise ValueError(f"kind must be gemv, mm, swap or dequant, got {self.kind!r}")
+        if self.kind not in ("gemv", "mm", "wide", "swap", "dequant"):
+            raise ValueError(f"kind must be gemv, mm, wide, swap or dequant, got {self.kind!r}")
         if self.split_k < 0:
             raise ValueError(f"split_k must be >= 0 (0 = automatic), got {self.split_k}")
 
@@ -513,6 +521,120 @@ def fp8_mm_kernel(
 
 
 @triton.jit
+def fp8_wide_kernel(
+    x_ptr,  # [M, K] bf16/fp16, K contiguous
+    w_ptr,  # [N, K] uint8 e4m3 codes, K contiguous
+    scale_ptr,  # block: [ceil(N/128), ceil(K/128)] fp32; channel: [N] fp32
+    bias_ptr,  # [N] or a dummy
+    y_ptr,  # [M, N]
+    ws_ptr,  # [split, M, N] fp32 partials (split > 1) or a dummy
+    cnt_ptr,  # int32 [num tiles] counters (FUSED_REDUCE) or a dummy
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_sk,
+    stride_ym,
+    k_tiles_per_split,
+    SCALE_MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    FENCE_PTX: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_PTX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    WIDEN_BF16: tl.constexpr = False,
+    NAN: tl.constexpr = True,
+):
+    """Batched decode (M in the tens to hundreds): ``acc[BLOCK_N, BLOCK_M] = widen(W_tile) @ x_tile^T``.
+
+    The widened weight tile is the MMA's A operand, which wgmma (Hopper) and mma
+    (Ampere) take from registers, so it never goes back to shared memory; x^T streams
+    through the software pipeline as B. Triton loads the codes straight into the
+    operand layout. Block scales: SCALE_MODE 0 multiplies each step's partial product
+    (exact operands; waits for each step's MMA); 1 folds the scale into the widened
+    tile (one bf16 rounding of e4m3 * scale; the MMAs of successive steps overlap),
+    with bf16 activations on NVIDIA in the widening itself (``e4m3_scaled_to_bf16``);
+    2 (channel) scales once at the end. WIDEN_BF16 (bf16 activations) widens straight
+    to bf16, otherwise through fp16 (value / 256, fixed at the end).
+    Bytes: N*K*ceil(M/BLOCK_M) (L2 beyond the first) + 2*M*K*ceil(N/BLOCK_N) + 2*M*N.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    kt_begin = pid_k * k_tiles_per_split
+    kt_end = min(kt_begin + k_tiles_per_split, k_tiles)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_n = offs_n % N
+    rows_m = offs_m % M
+    k0 = kt_begin * BLOCK_K
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k0 + offs_k)[None, :]
+    x_ptrs = x_ptr + rows_m[None, :] * stride_xm + (k0 + offs_k)[:, None]  # [BK, BM]
+    if SCALE_MODE != 2:
+        s_ptrs = scale_ptr + (rows_n // 128) * stride_sn
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kt in range(kt_begin, kt_end):
+        if EVEN_K:
+            w_bits = tl.load(w_ptrs)
+            xt = tl.load(x_ptrs)
+        else:
+            k_ok = kt * BLOCK_K + offs_k < K
+            w_bits = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
+            xt = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
+        if SCALE_MODE == 1:
+            s = tl.load(s_ptrs + (kt * BLOCK_K // 128) * stride_sk)
+            if USE_PTX and WIDEN_BF16:  # widening and scale in one pass (FOLD_FIX below)
+                w = e4m3_scaled_to_bf16(w_bits, s[:, None], NAN)
+            else:
+                w16 = e4m3_to_f16_x256(w_bits, USE_PTX, NAN)
+                w = (w16.to(tl.float32) * (s * 256.0)[:, None]).to(xt.dtype)
+            acc = _dot(w, xt, acc, DOT_IN_FP32)
+        else:
+            if WIDEN_BF16:  # exact values (FIX 1)
+                wx = e4m3_to_bf16(w_bits, USE_PTX, NAN)
+            else:  # fp16 activations: exact e4m3 / 256 (FIX 256)
+                wx = e4m3_to_f16_x256(w_bits, USE_PTX, NAN)
+            if SCALE_MODE == 0:
+                s = tl.load(s_ptrs + (kt * BLOCK_K // 128) * stride_sk)
+                part = _dot(wx, xt, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), DOT_IN_FP32)
+                acc += part * s[:, None]
+            else:
+                acc = _dot(wx, xt, acc, DOT_IN_FP32)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+
+    if SCALE_MODE == 1:
+        if USE_PTX and WIDEN_BF16:
+            acc = acc * 4294967296.0  # FOLD_FIX = 2^32
+    else:
+        FIX: tl.constexpr = 1.0 if WIDEN_BF16 else 256.0  # WIDEN_SCALE_FIX
+        if SCALE_MODE == 0:
+            acc = acc * FIX
+        else:
+            acc = acc * (tl.load(scale_ptr + rows_n) * FIX)[:, None]
+    out_mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    ws_ptrs = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
+    bias = acc
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows_n).to(tl.float32)[:, None]
+    _store_or_reduce(acc, bias, y_ptrs, ws_ptrs, out_mask, pid_k, n_split, M * N, cnt_ptr, pid,
+                     HAS_BIAS, FUSED_REDUCE, FENCE_PTX)  # fmt: skip
+
+
+@triton.jit
 def dequant_kernel(
     w_ptr,  # [N, K] uint8 e4m3 codes
     scale_ptr,  # block [ceil(N/128), ceil(K/128)] or channel [N] fp32
@@ -637,6 +759,15 @@ def dequantize_to(
     return out
 
 
+def scales_foldable(scale: torch.Tensor) -> bool:
+    """Whether every block scale can be folded into the widened weight by
+    ``e4m3_scaled_to_bf16`` (the ``wide`` kernel with ``scale_on_acc=False``):
+    ``FOLD_SCALE_MIN <= |s| < FOLD_SCALE_MAX`` or 0. One pass (a device sync): load time only.
+    """
+    a = scale.detach().abs()
+    return bool(((a == 0) | ((a >= FOLD_SCALE_MIN) & (a < FOLD_SCALE_MAX))).all())
+
+
 def fp8_gemm(
     x: torch.Tensor,
     w_bits: torch.Tensor,
@@ -648,6 +779,7 @@ def fp8_gemm(
     num_sms: int,
     use_ptx: bool = False,
     nan_codes: bool = True,
+    scales_fold: bool | None = None,
 ) -> torch.Tensor:
     """``y = x @ (e4m3(w_bits) * scale)^T + bias`` with the soft-FP8 kernel.
 
@@ -657,6 +789,10 @@ def fp8_gemm(
     Returns [M, N] in x.dtype. use_ptx: NVIDIA inline-PTX widening (CUDA only).
     nan_codes: whether w_bits may hold NaN codes (0x7F/0xFF); False (checked once
     at load, ``PackedWeight.has_nan_codes``) lets the kernels skip the NaN fix.
+    scales_fold: ``scales_foldable(scale)`` (``PackedWeight.scales_fold``; None: checked
+    here, a device sync). A ``wide`` config with ``scale_on_acc=False`` needs it with
+    bf16 activations on NVIDIA, and multiplies the partial products by the scales when
+    it is False.
     """
     if x.dim() != 2 or w_bits.dim() != 2 or x.shape[1] != w_bits.shape[1]:
         raise ValueError(
@@ -699,6 +835,12 @@ def fp8_gemm(
     else:
         mode = SCALE_BLOCK_ON_ACC if cfg.scale_on_acc else SCALE_BLOCK_ON_WEIGHT
         stride_sn, stride_sk = scale.stride(0), scale.stride(1)
+        folds = mode == SCALE_BLOCK_ON_WEIGHT and cfg.kind == "wide" and use_ptx
+        if folds and x.dtype == torch.bfloat16:
+            if scales_fold is None:
+                scales_fold = scales_foldable(scale)
+            if not scales_fold:
+                mode = SCALE_BLOCK_ON_ACC
     has_bias = bias is not None
     bias_arg = bias if has_bias else scale
     if cfg.kind == "swap":
@@ -744,7 +886,8 @@ def fp8_gemm(
                 *args, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, **common
             )
         else:
-            fp8_mm_kernel[(num_tiles, split)](
+            kernel = fp8_mm_kernel if cfg.kind == "mm" else fp8_wide_kernel
+            kernel[(num_tiles, split)](
                 *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 GROUP_M=cfg.group_m, **common,
             )  # fmt: skip

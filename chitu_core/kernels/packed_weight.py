@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from chitu_core.kernels.fp8_gemm import scales_foldable
 from chitu_core.quant import (
     FORMAT_FP8_BLOCK128,
     FORMAT_FP8_CHANNEL,
@@ -33,12 +34,16 @@ class PackedWeight:
     has_nan_codes: FP8 only: whether any code is NaN (0x7F/0xFF). Checked once at
         pack time; False lets the kernels widen without the NaN fix (real
         checkpoints hold none), True keeps NaN -> NaN. Defaults to the safe True.
+    scales_fold: FP8 block only: every scale is in the range that the ``wide`` kernel
+        can fold into the widened weight (``fp8_gemm.scales_foldable``, checked once at
+        pack time). Defaults to the safe False (scales applied to the partial sums).
     """
 
     weight: torch.Tensor
     scale: torch.Tensor | None
     fmt: str
     has_nan_codes: bool = True
+    scales_fold: bool = False
 
     @property
     def out_features(self) -> int:
@@ -78,7 +83,9 @@ def pack_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> P
     bits = q.weight.contiguous()
     if bits.dtype != torch.uint8:
         bits = bits.view(torch.uint8)
-    return PackedWeight(bits, q.scale.float().contiguous(), fmt, has_nan_codes(bits))
+    scale = q.scale.float().contiguous()
+    fold = fmt == FORMAT_FP8_BLOCK128 and scales_foldable(scale)
+    return PackedWeight(bits, scale, fmt, has_nan_codes(bits), fold)
 
 
 def has_nan_codes(bits: torch.Tensor) -> bool:

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from chitu_core.kernels.e4m3_widen import e4m3_widen
-from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm
+from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm, scales_foldable
 from chitu_core.quant import (
     dequantize_block_fp8,
     dequantize_channel_fp8,
@@ -99,7 +99,12 @@ def case_gemm_all_codes() -> None:
             scale = 2.0 ** torch.randint(-4, 4, (1, 2)).float()
             w_ref = dequantize_block_fp8(bits, scale, torch.float64)
         for cfg in (Fp8GemmConfig(block_n=16, block_m=64, split_k=1),
-                    Fp8GemmConfig(block_n=32, block_m=16, split_k=2, scale_on_acc=False)):  # fmt: skip
+                    Fp8GemmConfig(block_n=32, block_m=16, split_k=2, scale_on_acc=False),
+                    # the batched-decode kernel: scales on the partial sums, and folded into
+                    # the widened weight (exact here: power-of-two scales)
+                    Fp8GemmConfig(kind="wide", block_n=16, block_m=64, block_k=64, split_k=2),
+                    Fp8GemmConfig(kind="wide", block_n=32, block_m=32, split_k=1,
+                                  scale_on_acc=False)):  # fmt: skip
             y = fp8_gemm(x.to(DEVICE), bits.to(DEVICE), scale.to(DEVICE), None,
                          channel=channel, config=cfg, num_sms=4, use_ptx=USE_PTX).float().cpu()  # fmt: skip
             ref = w_ref.T.float()  # y[m, n] = W[n, m]
@@ -173,6 +178,11 @@ def case_gemm_shapes() -> None:
             kind="mm", block_n=64, block_m=32, split_k=2, scale_on_acc=False, fused_reduce=False
         ),
         Fp8GemmConfig(kind="dequant"),
+        Fp8GemmConfig(kind="wide", block_n=32, block_m=16, block_k=64, split_k=3),
+        Fp8GemmConfig(kind="wide", block_n=64, block_m=32, split_k=2, scale_on_acc=False),
+        Fp8GemmConfig(
+            kind="wide", block_n=16, block_m=16, split_k=1, scale_on_acc=False, fused_reduce=False
+        ),
     ]
     gemv_cfgs = [
         Fp8GemmConfig(kind="gemv", block_n=32, block_m=1, split_k=2, prefetch=True),
@@ -223,6 +233,55 @@ def case_subnormal_heavy() -> None:
     y = fp8_gemm(x.to(DEVICE), bits.to(DEVICE), s.to(DEVICE), None, channel=False,
                  config=Fp8GemmConfig(split_k=1), num_sms=4, use_ptx=USE_PTX)  # fmt: skip
     assert_close_to_exact(y, x, w_ref, None, operand_rounding=False)
+
+
+def case_wide_scale_fold() -> None:
+    """The wide kernel's folded block scales (NVIDIA: one widen-and-scale pass) against
+    exact operands, at the edges of the fold range and outside it (where fp8_gemm must
+    fall back to scaling the partial sums), with scales_fold given and checked."""
+    torch.manual_seed(3)
+    n, k, m = 256, 384, 48
+    bits, _ = quantize_block_fp8(torch.randn(n, k))
+    bits = bits.view(torch.uint8)
+    x = torch.randn(m, k).bfloat16()
+    cfg = Fp8GemmConfig(kind="wide", block_n=64, block_m=64, split_k=1, scale_on_acc=False)
+    base = torch.rand(2, 3) + 0.5  # 16-bit mantissas: the hi/lo split is not exact
+    for label, scale in (
+        ("typical", base * 2.0**-9),
+        ("smallest", base * 2.0**-84),
+        ("largest", base * 2.0**37),
+        ("zeros", base * torch.tensor([[0.0], [1e-3]])),
+        ("too large", base * 2.0**45),
+        ("too small", base * 2.0**-100),
+    ):
+        w_ref = dequantize_block_fp8(bits, scale, torch.float64)
+        foldable = scales_foldable(scale)
+        assert foldable == (label not in ("too large", "too small")), label
+        for fold in (None, foldable):
+            y = fp8_gemm(x.to(DEVICE), bits.to(DEVICE), scale.to(DEVICE), None, channel=False,
+                         config=cfg, num_sms=4, use_ptx=USE_PTX, scales_fold=fold)  # fmt: skip
+            assert_close_to_exact(y, x, w_ref, None, operand_rounding=True)
+
+
+def case_gemm_fp16_activations() -> None:
+    """fp16 x through every MMA kernel (fp16 widening, 2^8 fixed at the end)."""
+    torch.manual_seed(4)
+    m, n, k = 40, 96, 256
+    x = torch.randn(m, k).half()
+    for channel in (False, True):
+        quant = quantize_channel_fp8 if channel else quantize_block_fp8
+        dequant = dequantize_channel_fp8 if channel else dequantize_block_fp8
+        wq, s = quant(torch.randn(n, k) * 0.1)
+        w_ref = dequant(wq, s, torch.float64)
+        for cfg in (Fp8GemmConfig(kind="mm", block_n=32, block_m=16, split_k=2),
+                    Fp8GemmConfig(kind="wide", block_n=32, block_m=64, split_k=2),
+                    Fp8GemmConfig(kind="wide", block_n=32, block_m=32, scale_on_acc=False),
+                    Fp8GemmConfig(kind="gemv", block_n=32, block_m=64, split_k=1)):  # fmt: skip
+            y = fp8_gemm(x.to(DEVICE), wq.view(torch.uint8).to(DEVICE), s.to(DEVICE), None,
+                         channel=channel, config=cfg, num_sms=4, use_ptx=USE_PTX)  # fmt: skip
+            assert y.dtype == torch.float16
+            rounding = not channel and not cfg.scale_on_acc
+            assert_close_to_exact(y, x, w_ref, None, rounding)
 
 
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}

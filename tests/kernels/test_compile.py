@@ -27,6 +27,7 @@ from chitu_core.kernels.fp8_gemm import (  # noqa: E402
     fp8_gemm_kernel,
     fp8_gemv_kernel,
     fp8_mm_kernel,
+    fp8_wide_kernel,
     splitk_reduce_kernel,
 )
 
@@ -87,6 +88,12 @@ NEW_VARIANTS = {
     "mm": lambda p: (_new_source(fp8_mm_kernel, p, SCALE_MODE=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
                                  GROUP_M=8), 4, 3),
     "dequant": lambda p: (_dequant_source(p), 4, 3),
+    # batched decode: the shipped M 65..128 tile (scales folded into the widening), and
+    # scales on the partial sums
+    "wide": lambda p: (_new_source(fp8_wide_kernel, p, SCALE_MODE=1, BLOCK_M=128, BLOCK_N=64,
+                                   BLOCK_K=64, GROUP_M=8), 4, 4),
+    "wide_acc_no_nan": lambda p: (_new_source(fp8_wide_kernel, p, SCALE_MODE=0, BLOCK_M=64,
+                                              BLOCK_N=128, BLOCK_K=128, GROUP_M=8, NAN=False), 4, 3),
     # the widenings without the NaN fix (weights with no NaN code): fp16 (FMA) and bf16 (MMA)
     "gemv_fma_no_nan": lambda p: (_new_source(fp8_gemv_kernel, p, SCALE_MODE=0, BLOCK_N=64,
                                               BLOCK_M=1, PREFETCH=False, NAN=False), 4, 1),

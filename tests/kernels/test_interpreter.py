@@ -12,7 +12,15 @@ import pytest
 pytest.importorskip("triton")
 from kernel_test_helpers import run_cases  # noqa: E402
 
-CASES = ["widen_all_codes", "gemm_all_codes", "gemv_all_codes", "gemm_shapes", "subnormal_heavy"]
+CASES = [
+    "widen_all_codes",
+    "gemm_all_codes",
+    "gemv_all_codes",
+    "gemm_shapes",
+    "subnormal_heavy",
+    "wide_scale_fold",
+    "gemm_fp16_activations",
+]
 
 
 @pytest.mark.parametrize("case", CASES)

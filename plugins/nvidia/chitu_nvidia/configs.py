@@ -28,14 +28,18 @@ _C = Fp8GemmConfig
 # shared memory (<= 40 KB a program) fits Ampere. M = 1: the FMA GEMV; M 2..16: the
 # mm kernel with a 16-row token tile (x as the MMA's A operand, the weight widened
 # straight to bf16 in registers as B: mma.m16n8k16, which Hopper also runs at M = 16);
-# M 17..64: the swap-AB GEMV (32- then 64-token tiles); from M = 65 on: widen the weight
-# to bf16 once and call cuBLAS.
+# M 17..64: the swap-AB GEMV (32- then 64-token tiles); M 65..128: the wide kernel (the
+# Hopper winner, 82 KB of shared memory); from M = 129 on: widen the weight to bf16 once
+# and call cuBLAS.
+_WIDE_M128 = _C(kind="wide", block_n=64, block_m=128, block_k=64, split_k=2, num_warps=4,
+                num_stages=4, scale_on_acc=False)  # fmt: skip
 _SM80 = (
     ConfigRow(1, _C(kind="gemv", block_m=1, block_n=64, num_warps=8, num_stages=1)),
     ConfigRow(4, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=2, num_stages=4)),
     ConfigRow(16, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)),
     ConfigRow(32, _C(kind="gemv", block_m=32, block_n=32, num_warps=4, num_stages=3)),
     ConfigRow(64, _C(kind="gemv", block_m=64, block_n=64, num_warps=4, num_stages=3)),
+    ConfigRow(128, _WIDE_M128),
     ConfigRow(1 << 62, _C(kind="dequant")),
 )
 
@@ -47,13 +51,19 @@ _SM80 = (
 # against 132.9 for the swap-AB GEMV 32 x 32 and 136.9 for cuBLAS bf16; 60.2 against
 # 66.0 on 7168 x 18432; 1-2% behind the GEMV on the TP=2 shards of Llama-8B (H200,
 # benchmarks/results/sweep-m32-h200-2026-11-26.jsonl). M 33..64: the swap-AB GEMV
-# 64 x 64 still won that sweep.
+# 64 x 64 still won that sweep, and ties the wide kernel over the six bench_ops shapes.
+# M 65..128: the wide kernel, 64 x 128 x 64, 2 K slices, scales folded into the
+# widening: 488 us against 653 for dequant + cuBLAS summed over the six shapes at M = 128
+# (cuBLAS bf16: 302); it loses only on 7168 x 2112 (32.0 against 23.9). From M = 129 on
+# dequant + cuBLAS still wins (M = 256: 755 against 833 for the best wide tile)
+# (benchmarks/results/sweep-wide-h200-2026-11-26.jsonl).
 _SM90 = (
     ConfigRow(1, _C(kind="gemv", block_m=1, block_n=64, num_warps=8, num_stages=1)),
     ConfigRow(4, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=2, num_stages=4)),
     ConfigRow(16, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)),
     ConfigRow(32, _C(kind="mm", block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=3)),
     ConfigRow(64, _C(kind="gemv", block_m=64, block_n=64, num_warps=4, num_stages=3)),
+    ConfigRow(128, _WIDE_M128),
     ConfigRow(1 << 62, _C(kind="dequant")),
 )
 

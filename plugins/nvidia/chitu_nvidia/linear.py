@@ -83,5 +83,6 @@ def linear(
             num_sms=num_sms,
             use_ptx=torch.version.hip is None,
             nan_codes=w.has_nan_codes,
+            scales_fold=w.scales_fold,
         )  # fmt: skip
     return y.reshape(*lead, y.shape[-1])

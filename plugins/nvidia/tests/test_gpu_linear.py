@@ -38,7 +38,15 @@ def cases():
 @pytest.mark.parametrize("use_ptx", [True, False], ids=["ptx", "portable"])
 @pytest.mark.parametrize(
     "case",
-    ["widen_all_codes", "gemm_all_codes", "gemv_all_codes", "gemm_shapes", "subnormal_heavy"],
+    [
+        "widen_all_codes",
+        "gemm_all_codes",
+        "gemv_all_codes",
+        "gemm_shapes",
+        "subnormal_heavy",
+        "wide_scale_fold",
+        "gemm_fp16_activations",
+    ],  # fmt: skip
 )
 def test_kernel_cases_on_gpu(cases, case, use_ptx):
     cases.USE_PTX = use_ptx
@@ -60,7 +68,7 @@ SHAPES = [(7168, 18432), (18432, 7168), (7168, 2112), (1536, 24576), (7168, 1292
 
 
 @pytest.mark.parametrize("k,n", SHAPES)
-@pytest.mark.parametrize("m", [1, 4, 16, 64, 256, 1024])
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 96, 128, 256, 1024])
 @pytest.mark.parametrize("path", ["soft", "native"])
 def test_linear_block_fp8(monkeypatch, k, n, m, path):
     from chitu_nvidia import plugin
