@@ -53,10 +53,11 @@ _SM80 = (
 # benchmarks/results/sweep-m32-h200-2026-11-26.jsonl). M 33..64: the swap-AB GEMV
 # 64 x 64 still won that sweep, and ties the wide kernel over the six bench_ops shapes.
 # M 65..128: the wide kernel, 64 x 128 x 64, 2 K slices, scales folded into the
-# widening: 488 us against 653 for dequant + cuBLAS summed over the six shapes at M = 128
-# (cuBLAS bf16: 302); it loses only on 7168 x 2112 (32.0 against 23.9). From M = 129 on
-# dequant + cuBLAS still wins (M = 256: 755 against 833 for the best wide tile)
-# (benchmarks/results/sweep-wide-h200-2026-11-26.jsonl).
+# widening. Summed over the six shapes of benchmarks/results/sweep-wide-h200-2026-11-26.jsonl
+# at M = 128: 494 us, against 654 for dequant + cuBLAS (the previous row, bench_ops in
+# gemm-h200-2026-11-26-m32-256-before-wide.json) and 302 for cuBLAS bf16; it loses only
+# on 7168 x 2112 (33.1 against 24.0). From M = 129 on dequant + cuBLAS still wins
+# (M = 256: 739 against 829 for the best wide tile).
 _SM90 = (
     ConfigRow(1, _C(kind="gemv", block_m=1, block_n=64, num_warps=8, num_stages=1)),
     ConfigRow(4, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=2, num_stages=4)),
