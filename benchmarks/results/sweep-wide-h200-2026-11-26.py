@@ -3,14 +3,18 @@ shipped config and cuBLAS bf16, on the DeepSeek-V3 and Llama-8B shapes. JSON lin
 argv[1]; a summary (best wide config per shape and M) on stdout. ``err``: relative
 error (Frobenius) against the fp32 product of the exact operands.
 
-The committed ``.jsonl`` (H200, Triton 3.6, MS 128,256,64,1024,4096) also holds rows of
+``sweep-wide-m32-64-h200-2026-11-26.jsonl``: MS 32,48,64 on those six shapes plus
+4096x4096, 1536x24576 and Llama-8B's TP=2 shards (4096x3072, 2048x4096, 4096x14336,
+7168x4096); "shipped" there is the table before the K <= 4096 wide row.
+
+``sweep-wide-h200-2026-11-26.jsonl`` (H200, Triton 3.6, MS 128,256,64,1024,4096) also holds rows of
 ``kind="dequant"`` with a ``chunk_bytes`` field: a variant of the dequant path, since
 dropped, that widened 8-32 MB of the weight at a time into one reused buffer and
 multiplied each chunk while it was still in L2. It lost to the whole-weight path at every
 M (sums over the six shapes, best chunk size: M = 256 897 us against 739; M = 1024 1837
 against 1761; M = 4096 6021 against 5962).
 
-    PYTHONPATH=.:plugins/nvidia:benchmarks python benchmarks/results/sweep-wide-h200-2026-11-26.py OUT.jsonl [MS]
+    PYTHONPATH=.:plugins/nvidia:benchmarks python benchmarks/results/sweep-wide-h200-2026-11-26.py OUT.jsonl [MS [KxN,...]]
 """
 
 import json
@@ -31,6 +35,8 @@ num_sms = torch.cuda.get_device_properties(0).multi_processor_count
 print("L2 bytes", getattr(torch.cuda.get_device_properties(0), "L2_cache_size", None), flush=True)
 cap = torch.cuda.get_device_capability()
 SHAPES = [(7168, 18432), (18432, 7168), (7168, 2112), (4096, 6144), (4096, 28672), (14336, 4096)]
+if len(sys.argv) > 3:  # "KxN,KxN,..."
+    SHAPES = [tuple(map(int, t.split("x"))) for t in sys.argv[3].split(",")]
 
 
 def W(bn, bm, bk, w, st, split=1, acc=False):
@@ -38,8 +44,11 @@ def W(bn, bm, bk, w, st, split=1, acc=False):
              split_k=split, scale_on_acc=acc)  # fmt: skip
 
 
-def cands(m):
-    if m <= 64:
+def cands(m, k):
+    if m <= 32:
+        c = [W(64, 32, 128, 4, 3, 2), W(64, 32, 128, 4, 3, 0), W(128, 32, 128, 4, 3),
+             W(64, 32, 64, 4, 4, 2)]  # fmt: skip
+    elif m <= 64:
         c = [W(64, 64, 128, 4, 3, 2), W(64, 64, 64, 4, 2, 2), W(128, 64, 128, 4, 3),
              W(64, 64, 128, 4, 2, 2), W(64, 64, 128, 8, 3, 2), W(64, 64, 64, 4, 3, 0)]  # fmt: skip
     elif m <= 128:
@@ -53,7 +62,7 @@ def cands(m):
     else:
         c = [W(128, 256, 64, 8, 3), W(128, 256, 64, 8, 4), W(256, 128, 64, 8, 3), W(128, 128, 64, 8, 4),
              W(256, 128, 64, 8, 4)]  # fmt: skip
-    return [configs.soft_fp8_config(cap, m)] + c
+    return [configs.soft_fp8_config(cap, m, k)] + c
 
 
 t0 = time.time()
@@ -69,7 +78,7 @@ for k, n in SHAPES:
             lambda i, x=x, ws=wbs: lambda: torch.nn.functional.linear(x, ws[i]), len(wbs)
         )
         row = {"K": k, "N": n, "M": m, "cublas_us": cub, "configs": []}
-        for i, cfg in enumerate(cands(m)):
+        for i, cfg in enumerate(cands(m, k)):
             us = time_config(x, wq, s, cfg, num_sms)
             y = fp8_gemm(x, wq, s, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True,
                          nan_codes=False, scales_fold=scales_foldable(s))  # fmt: skip

@@ -18,8 +18,12 @@ from chitu_core.kernels.paged_prefill import DEFAULT_MLA_CONFIG, MLA_CONFIG_SM90
 
 @dataclass(frozen=True)
 class ConfigRow:
+    """``config`` serves M up to ``max_m``, and only K up to ``max_k`` when that is set
+    (a later row with the same or a larger ``max_m`` serves the other K)."""
+
     max_m: int
     config: Fp8GemmConfig
+    max_k: int | None = None
 
 
 _C = Fp8GemmConfig
@@ -28,16 +32,19 @@ _C = Fp8GemmConfig
 # shared memory (<= 40 KB a program) fits Ampere. M = 1: the FMA GEMV; M 2..16: the
 # mm kernel with a 16-row token tile (x as the MMA's A operand, the weight widened
 # straight to bf16 in registers as B: mma.m16n8k16, which Hopper also runs at M = 16);
-# M 17..64: the swap-AB GEMV (32- then 64-token tiles); M 65..128: the wide kernel (the
-# Hopper winner, 82 KB of shared memory); from M = 129 on: widen the weight to bf16 once
-# and call cuBLAS.
+# M 17..64: the swap-AB GEMV (32- then 64-token tiles), but the wide kernel at M 33..64
+# when K <= 4096; M 65..128: the wide kernel (the Hopper winners, <= 82 KB of shared
+# memory); from M = 129 on: widen the weight to bf16 once and call cuBLAS.
 _WIDE_M128 = _C(kind="wide", block_n=64, block_m=128, block_k=64, split_k=2, num_warps=4,
                 num_stages=4, scale_on_acc=False)  # fmt: skip
+_WIDE_M64 = _C(kind="wide", block_n=64, block_m=64, block_k=128, split_k=2, num_warps=4,
+               num_stages=3, scale_on_acc=False)  # fmt: skip
 _SM80 = (
     ConfigRow(1, _C(kind="gemv", block_m=1, block_n=64, num_warps=8, num_stages=1)),
     ConfigRow(4, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=2, num_stages=4)),
     ConfigRow(16, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)),
     ConfigRow(32, _C(kind="gemv", block_m=32, block_n=32, num_warps=4, num_stages=3)),
+    ConfigRow(64, _WIDE_M64, max_k=4096),
     ConfigRow(64, _C(kind="gemv", block_m=64, block_n=64, num_warps=4, num_stages=3)),
     ConfigRow(128, _WIDE_M128),
     ConfigRow(1 << 62, _C(kind="dequant")),
@@ -51,7 +58,11 @@ _SM80 = (
 # against 132.9 for the swap-AB GEMV 32 x 32 and 136.9 for cuBLAS bf16; 60.2 against
 # 66.0 on 7168 x 18432; 1-2% behind the GEMV on the TP=2 shards of Llama-8B (H200,
 # benchmarks/results/sweep-m32-h200-2026-11-26.jsonl). M 33..64: the swap-AB GEMV
-# 64 x 64 still won that sweep, and ties the wide kernel over the six bench_ops shapes.
+# 64 x 64 still wins when K > 4096; for K <= 4096 (Llama-8B's q/k/v, o and gate/up, and
+# TP=2 shards) the wide kernel 64 x 64 x 128 with 2 K slices: summed over 7 such shapes,
+# 213 us against 241 at M = 48 and 218 against 262 at M = 64 (cuBLAS bf16: 183, 180);
+# over 5 shapes with K > 4096 the GEMV keeps 235 against 258 (M = 48)
+# (benchmarks/results/sweep-wide-m32-64-h200-2026-11-26.jsonl).
 # M 65..128: the wide kernel, 64 x 128 x 64, 2 K slices, scales folded into the
 # widening. Summed over the six shapes of benchmarks/results/sweep-wide-h200-2026-11-26.jsonl
 # at M = 128: 494 us, against 654 for dequant + cuBLAS (the previous row, bench_ops in
@@ -63,6 +74,7 @@ _SM90 = (
     ConfigRow(4, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=2, num_stages=4)),
     ConfigRow(16, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)),
     ConfigRow(32, _C(kind="mm", block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=3)),
+    ConfigRow(64, _WIDE_M64, max_k=4096),
     ConfigRow(64, _C(kind="gemv", block_m=64, block_n=64, num_warps=4, num_stages=3)),
     ConfigRow(128, _WIDE_M128),
     ConfigRow(1 << 62, _C(kind="dequant")),
@@ -81,11 +93,12 @@ SOFT_FP8_TABLES: dict[tuple[int, int], tuple[ConfigRow, ...]] = {
 NATIVE_FP8_MIN_M: dict[tuple[int, int], int] = {(8, 9): 128, (9, 0): 128}
 
 
-def soft_fp8_config(capability: tuple[int, int], m: int) -> Fp8GemmConfig:
-    """The soft-FP8 GEMM config for ``m`` tokens on a GPU of this compute capability."""
+def soft_fp8_config(capability: tuple[int, int], m: int, k: int | None = None) -> Fp8GemmConfig:
+    """The soft-FP8 GEMM config for ``m`` tokens (and ``k`` input features: None skips the
+    rows that need it) on a GPU of this compute capability."""
     archs = sorted(a for a in SOFT_FP8_TABLES if a <= capability) or [min(SOFT_FP8_TABLES)]
     for row in SOFT_FP8_TABLES[archs[-1]]:
-        if m <= row.max_m:
+        if m <= row.max_m and (row.max_k is None or (k is not None and k <= row.max_k)):
             return row.config
     return SOFT_FP8_TABLES[archs[-1]][-1].config
 

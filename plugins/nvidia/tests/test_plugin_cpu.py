@@ -136,12 +136,24 @@ def test_every_soft_fp8_table_config_compiles_for_its_gpu(arch):
     rows = SOFT_FP8_TABLES[arch]
     assert rows[-1].max_m >= 1 << 62, "the last row must cover every M"
     for row in rows:
-        assert soft_fp8_config(arch, row.max_m) is row.config
+        assert soft_fp8_config(arch, row.max_m, row.max_k) is row.config
         cfg = row.config
         opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         kernel = triton.compile(_table_source(cfg), target=target, options=opts)
         assert "cubin" in kernel.asm
         assert kernel.metadata.shared <= _SMEM_LIMIT[arch], f"M <= {row.max_m}: {cfg}"
+
+
+def test_soft_fp8_config_rows_by_m_and_k():
+    from chitu_nvidia.configs import soft_fp8_config
+
+    for arch in ((8, 0), (8, 6), (9, 0)):
+        assert soft_fp8_config(arch, 48, 4096).kind == "wide"  # the K <= 4096 row
+        assert soft_fp8_config(arch, 48, 7168).kind == "gemv"
+        assert soft_fp8_config(arch, 48).kind == "gemv"  # K unknown: rows without max_k
+        assert soft_fp8_config(arch, 100, 7168).kind == "wide"
+        assert soft_fp8_config(arch, 129, 4096).kind == "dequant"
+    assert soft_fp8_config((12, 0), 1, 4096) is soft_fp8_config((9, 0), 1, 4096)  # newer: sm_90's
 
 
 def test_plugin_binds_and_its_fused_moe_reads_its_own_handles():
