@@ -6,25 +6,24 @@ W is ``[N, K]`` uint8 (e4m3fn codes) with DeepSeek-V3 block scales
 manipulation (``e4m3_widen.py``), so the kernel needs no FP8 hardware and
 compiles for sm_80/sm_86 and HIP; the MMA runs in bf16 on the tensor cores.
 
-One kernel serves every regime. It computes the transposed product
-``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T`` ("swap AB"): the many weight rows
-fill the MMA's M side and the few tokens of a decode step its narrow N side
-(16 minimum), and on Hopper the widened weight feeds the MMA straight from
-registers. Regimes differ only in their config:
+Three kernels and a fallback, picked per M (and K) by the plugins' config tables
+(``Fp8GemmConfig.kind``):
 
-* decode (M <= 16): memory-bound; split-K so that every SM streams the
-  weight, fp32 partials summed by ``splitk_reduce_kernel``.
-* batched decode (M 32..256): still weight-bound; one M tile covers the batch
-  so each weight byte is read once.
-* prefill (M in the thousands): compute-bound; each K step widens a
-  ``[BLOCK_N, BLOCK_K]`` tile once and reuses it across the whole ``BLOCK_M``
-  tokens of the tile; grouped tile order keeps x and W tiles in L2.
+* ``gemv`` (decode, M <= 16 or so): memory-bound; each program streams
+  ``[BLOCK_N, 128]`` weight tiles, FMA at M <= 4, a small swap-AB MMA above;
+  split-K so that every SM streams the weight, partials summed in the launch.
+* ``mm`` (M 2..32): ``acc[M, N] = x @ widen(W)^T``, the widened tile the MMA's
+  B operand, reused over the token tile.
+* ``wide`` (batched decode, M 33..128): swap-AB ``acc[N, M] = widen(W) @ x^T``,
+  the widened tile the MMA's A operand, taken from registers.
+* ``dequant`` (prefill): widen the whole weight to bf16, then cuBLAS.
 
 Block scales: with ``scale_on_acc`` the exact e4m3 values go into the MMA and
 each 128-wide K step's partial product is multiplied by its scale in fp32
 (exact operands, one FMA per accumulator element per K step); otherwise the
 scale is folded into the widened tile before the MMA (one bf16 rounding of
-``e4m3 * scale``, no per-step accumulator work, best when BLOCK_M is large).
+``e4m3 * scale``, no per-step accumulator work; the ``wide`` kernel does it inside
+the widening, ``e4m3_scaled_to_bf16``).
 
 Bytes moved: N*K (weight) + 2*M*K (x) + 2*M*N (y) [+ 8*SPLIT_K*M*N partials].
 FLOPs: 2*M*N*K.
@@ -57,7 +56,7 @@ SCALE_CHANNEL = 2
 
 @dataclass(frozen=True)
 class Fp8GemmConfig:
-    """Tile shape and launch parameters of ``fp8_gemm_kernel``.
+    """Tile shape and launch parameters of the soft-FP8 GEMM (``fp8_gemm``).
 
     kind: which kernel runs it:
         ``"gemv"``: ``fp8_gemv_kernel`` (decode, M <= 16): no tensor cores when
@@ -67,7 +66,6 @@ class Fp8GemmConfig:
             with the widened weight tile as the MMA's B operand, reused over the M tile.
         ``"wide"``: ``fp8_wide_kernel`` (batched decode and prefill): swap-AB
             ``acc[N, M] = widen(W) @ x^T``, the widened tile the MMA's register operand.
-        ``"swap"``: ``fp8_gemm_kernel`` (swap-AB: ``acc[N, M] = W @ x^T``).
         ``"dequant"``: widen the whole weight to a bf16 scratch buffer
             (``dequant_kernel``), then cuBLAS (prefill fallback).
     split_k: number of K slices (1: no split); 0 picks it from the SM count.
@@ -87,7 +85,7 @@ class Fp8GemmConfig:
     num_warps: int = 4
     num_stages: int = 4
     scale_on_acc: bool = True
-    kind: str = "swap"
+    kind: str = "wide"
     fused_reduce: bool = True
     prefetch: bool = False
 
@@ -101,8 +99,8 @@ class Fp8GemmConfig:
             raise ValueError(
                 f"gemv block_m must be 1, 2, 4 (FMA) or >= 16 (MMA), got {self.block_m}"
             )
-        if self.kind not in ("gemv", "mm", "wide", "swap", "dequant"):
-            raise ValueError(f"kind must be gemv, mm, wide, swap or dequant, got {self.kind!r}")
+        if self.kind not in ("gemv", "mm", "wide", "dequant"):
+            raise ValueError(f"kind must be gemv, mm, wide or dequant, got {self.kind!r}")
         if self.split_k < 0:
             raise ValueError(f"split_k must be >= 0 (0 = automatic), got {self.split_k}")
 
@@ -131,89 +129,18 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
-def fp8_gemm_kernel(
-    x_ptr,  # [M, K] bf16/fp16, K contiguous
-    w_ptr,  # [N, K] uint8 e4m3 codes, K contiguous
-    scale_ptr,  # block: [ceil(N/128), ceil(K/128)] fp32; channel: [N] fp32
-    bias_ptr,  # [N] or a dummy when HAS_BIAS is False
-    y_ptr,  # [M, N] output, or [split, M, N] fp32 partials when WRITE_PARTIAL
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_wn,
-    stride_sn,
-    stride_sk,
-    stride_ym,
-    stride_ys,
-    k_tiles_per_split,
-    SCALE_MODE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    WRITE_PARTIAL: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    USE_PTX: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
-    NAN: tl.constexpr = True,
-):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    kt_begin = pid_k * k_tiles_per_split
-    kt_end = min(kt_begin + k_tiles_per_split, k_tiles)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _tile_and_k_slice(
+    M, N, K, k_tiles_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """This program's output tile and K slice (grid: output tiles in grouped order x K
+    slices): ``offs_m [BLOCK_M]``, ``offs_n [BLOCK_N]`` and its K tiles ``[kt_begin, kt_end)``."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    kt_begin = tl.program_id(1) * k_tiles_per_split
+    kt_end = min(kt_begin + k_tiles_per_split, tl.cdiv(K, BLOCK_K))
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
-    # Rows past the end re-read valid rows (no load masks along N/M); the store drops them.
-    rows_n = offs_n % N
-    rows_m = offs_m % M
-    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (kt_begin * BLOCK_K + offs_k)[None, :]
-    x_ptrs = x_ptr + rows_m[None, :] * stride_xm + (kt_begin * BLOCK_K + offs_k)[:, None]
-    if SCALE_MODE != 2:
-        s_ptrs = scale_ptr + (rows_n // 128) * stride_sn
-
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for kt in range(kt_begin, kt_end):
-        if EVEN_K:
-            w_bits = tl.load(w_ptrs)  # [BLOCK_N, BLOCK_K] uint8
-            x_t = tl.load(x_ptrs)  # [BLOCK_K, BLOCK_M]
-        else:
-            k_ok = kt * BLOCK_K + offs_k < K
-            w_bits = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
-            x_t = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
-        w16 = e4m3_to_f16_x256(w_bits, USE_PTX, NAN)  # exact e4m3 / 256
-        if SCALE_MODE == 0:
-            s = tl.load(s_ptrs + (kt * BLOCK_K // 128) * stride_sk) * 256.0  # [BLOCK_N]
-            part = _dot(
-                w16.to(x_t.dtype), x_t, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), DOT_IN_FP32
-            )
-            acc += part * s[:, None]
-        elif SCALE_MODE == 1:
-            s = tl.load(s_ptrs + (kt * BLOCK_K // 128) * stride_sk) * 256.0
-            w = (w16.to(tl.float32) * s[:, None]).to(x_t.dtype)
-            acc = _dot(w, x_t, acc, DOT_IN_FP32)
-        else:
-            acc = _dot(w16.to(x_t.dtype), x_t, acc, DOT_IN_FP32)
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-
-    if SCALE_MODE == 2:
-        acc = acc * (tl.load(scale_ptr + rows_n) * 256.0)[:, None]
-
-    out_mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
-    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-    if not WRITE_PARTIAL:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows_n).to(tl.float32)[:, None]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(y_ptrs + pid_k * stride_ys, acc, mask=out_mask)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, kt_begin, kt_end
 
 
 @triton.jit
@@ -462,13 +389,9 @@ def fp8_mm_kernel(
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_split = tl.num_programs(1)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    kt_begin = pid_k * k_tiles_per_split
-    kt_end = min(kt_begin + k_tiles_per_split, k_tiles)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, kt_begin, kt_end = _tile_and_k_slice(
+        M, N, K, k_tiles_per_split, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
+    )
     offs_k = tl.arange(0, BLOCK_K)
     rows_m = offs_m % M
     rows_n = offs_n % N
@@ -568,13 +491,9 @@ def fp8_wide_kernel(
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_split = tl.num_programs(1)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    kt_begin = pid_k * k_tiles_per_split
-    kt_end = min(kt_begin + k_tiles_per_split, k_tiles)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, offs_n, kt_begin, kt_end = _tile_and_k_slice(
+        M, N, K, k_tiles_per_split, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
+    )
     offs_k = tl.arange(0, BLOCK_K)
     rows_n = offs_n % N
     rows_m = offs_m % M
@@ -768,6 +687,56 @@ def scales_foldable(scale: torch.Tensor) -> bool:
     return bool(((a == 0) | ((a >= FOLD_SCALE_MIN) & (a < FOLD_SCALE_MAX))).all())
 
 
+_KERNEL_SIGNATURE = {
+    "x_ptr": "*bf16", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16",
+    "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+    "stride_wn": "i32", "stride_sn": "i32", "stride_sk": "i32", "stride_ym": "i32",
+    "k_tiles_per_split": "i32",
+}  # fmt: skip
+
+
+def kernel_source(
+    config: Fp8GemmConfig,
+    *,
+    channel: bool = False,
+    half: str = "bf16",
+    even_k: bool = True,
+    use_ptx: bool = True,
+    nan_codes: bool = True,
+    fused_reduce: bool = True,
+):
+    """The Triton kernel that ``fp8_gemm`` launches for ``config`` (kinds gemv, mm, wide;
+    for dequant its widening kernel), as a ``triton.compiler.ASTSource`` with the launch's
+    constexprs: what ``triton.compile(src, target=GPUTarget(...))`` builds ahead of time
+    for a GPU that is not here. half: "bf16" or "fp16" activations; fused_reduce: the
+    split-K variant that sums partials in the kernel (NVIDIA)."""
+    from triton.compiler import ASTSource
+
+    if config.kind == "dequant":
+        sig = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": f"*{half}", "N": "i32",
+               "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_sk": "i32"}  # fmt: skip
+        c = {"CHANNEL": channel, "USE_PTX": use_ptx, "BLOCK_N": 16, "BLOCK_K": 512,
+             "NAN": nan_codes}  # fmt: skip
+        return ASTSource(dequant_kernel, {**sig, **dict.fromkeys(c, "constexpr")}, c)
+    if channel:
+        mode = SCALE_CHANNEL
+    else:
+        mode = SCALE_BLOCK_ON_ACC if config.scale_on_acc else SCALE_BLOCK_ON_WEIGHT
+    c = dict(SCALE_MODE=mode, HAS_BIAS=True, FUSED_REDUCE=fused_reduce,
+             FENCE_PTX=fused_reduce and use_ptx, EVEN_K=even_k, USE_PTX=use_ptx,
+             DOT_IN_FP32=False, WIDEN_BF16=half == "bf16", NAN=nan_codes,
+             BLOCK_M=config.block_m, BLOCK_N=config.block_n)  # fmt: skip
+    if config.kind == "gemv":
+        kernel, c["PREFETCH"] = fp8_gemv_kernel, config.prefetch
+    elif config.kind in ("mm", "wide"):
+        kernel = fp8_mm_kernel if config.kind == "mm" else fp8_wide_kernel
+        c.update(BLOCK_K=config.block_k, GROUP_M=config.group_m)
+    else:
+        raise ValueError(f"no source for kind {config.kind!r}")
+    sig = {k: (f"*{half}" if v == "*bf16" else v) for k, v in _KERNEL_SIGNATURE.items()}
+    return ASTSource(kernel, {**sig, **dict.fromkeys(c, "constexpr")}, c)
+
+
 def fp8_gemm(
     x: torch.Tensor,
     w_bits: torch.Tensor,
@@ -843,54 +812,30 @@ def fp8_gemm(
                 mode = SCALE_BLOCK_ON_ACC
     has_bias = bias is not None
     bias_arg = bias if has_bias else scale
-    if cfg.kind == "swap":
-        out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-        fp8_gemm_kernel[(num_tiles, split)](
-            x, w_bits, scale, bias_arg, out,
-            m, n, k,
-            x.stride(0), w_bits.stride(0), stride_sn, stride_sk,
-            n, m * n, per,
-            SCALE_MODE=mode,
-            HAS_BIAS=has_bias and split == 1,
-            WRITE_PARTIAL=split > 1,
-            EVEN_K=k % cfg.block_k == 0,
-            USE_PTX=use_ptx,
-            BLOCK_N=cfg.block_n,
-            BLOCK_M=cfg.block_m,
-            BLOCK_K=cfg.block_k,
-            GROUP_M=cfg.group_m,
-            DOT_IN_FP32=interpreting(),
-            NAN=nan_codes,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )  # fmt: skip
-        fused = False
-        ws = out
+    # The fused reduction needs a GPU-scope fence: inline PTX on NVIDIA; the
+    # interpreter runs programs one after another and needs none.
+    fused = split > 1 and cfg.fused_reduce and (use_ptx or interpreting())
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
+    cnt = _counters(x.device, num_tiles) if fused else ws
+    common = dict(
+        SCALE_MODE=mode, HAS_BIAS=has_bias, FUSED_REDUCE=fused,
+        FENCE_PTX=fused and use_ptx and not interpreting(),
+        EVEN_K=k % block_k == 0, USE_PTX=use_ptx, DOT_IN_FP32=interpreting(),
+        WIDEN_BF16=x.dtype == torch.bfloat16, NAN=nan_codes,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    args = (x, w_bits, scale, bias_arg, y, ws, cnt, m, n, k,
+            x.stride(0), w_bits.stride(0), stride_sn, stride_sk, y.stride(0), per)  # fmt: skip
+    if cfg.kind == "gemv":
+        fp8_gemv_kernel[(num_tiles, split)](
+            *args, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, **common
+        )
     else:
-        # The fused reduction needs a GPU-scope fence: inline PTX on NVIDIA; the
-        # interpreter runs programs one after another and needs none.
-        fused = split > 1 and cfg.fused_reduce and (use_ptx or interpreting())
-        ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
-        cnt = _counters(x.device, num_tiles) if fused else ws
-        common = dict(
-            SCALE_MODE=mode, HAS_BIAS=has_bias, FUSED_REDUCE=fused,
-            FENCE_PTX=fused and use_ptx and not interpreting(),
-            EVEN_K=k % block_k == 0, USE_PTX=use_ptx, DOT_IN_FP32=interpreting(),
-            WIDEN_BF16=x.dtype == torch.bfloat16, NAN=nan_codes,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        kernel = fp8_mm_kernel if cfg.kind == "mm" else fp8_wide_kernel
+        kernel[(num_tiles, split)](
+            *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            GROUP_M=cfg.group_m, **common,
         )  # fmt: skip
-        args = (x, w_bits, scale, bias_arg, y, ws, cnt, m, n, k,
-                x.stride(0), w_bits.stride(0), stride_sn, stride_sk, y.stride(0), per)  # fmt: skip
-        if cfg.kind == "gemv":
-            fp8_gemv_kernel[(num_tiles, split)](
-                *args, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, **common
-            )
-        else:
-            kernel = fp8_mm_kernel if cfg.kind == "mm" else fp8_wide_kernel
-            kernel[(num_tiles, split)](
-                *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                GROUP_M=cfg.group_m, **common,
-            )  # fmt: skip
     if split > 1 and not fused:
         block = 1024
         splitk_reduce_kernel[(triton.cdiv(m * n, block),)](

@@ -23,82 +23,40 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 from chitu_core.kernels.e4m3_widen import e4m3_widen_kernel  # noqa: E402
 from chitu_core.kernels.fp8_gemm import (  # noqa: E402
-    dequant_kernel,
-    fp8_gemm_kernel,
-    fp8_gemv_kernel,
-    fp8_mm_kernel,
-    fp8_wide_kernel,
+    Fp8GemmConfig,
+    kernel_source,
     splitk_reduce_kernel,
 )
 
 HIP_TARGETS = [GPUTarget("hip", "gfx90a", 64), GPUTarget("hip", "gfx942", 64)]
 
 
-def _gemm_source(scale_mode: int, split_k: int, use_ptx: bool, block_n: int, block_m: int):
-    sig = {
-        "x_ptr": "*bf16", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16",
-        "y_ptr": "*bf16" if split_k == 1 else "*fp32",
-        "M": "i32", "N": "i32", "K": "i32",
-        "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_sk": "i32",
-        "stride_ym": "i32", "stride_ys": "i32", "k_tiles_per_split": "i32",
-    }  # fmt: skip
-    constexprs = {
-        "SCALE_MODE": scale_mode, "HAS_BIAS": True, "WRITE_PARTIAL": split_k > 1, "EVEN_K": True,
-        "USE_PTX": use_ptx, "BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_K": 128,
-        "GROUP_M": 8, "DOT_IN_FP32": False, "NAN": True,
-    }  # fmt: skip
-    sig.update(dict.fromkeys(constexprs, "constexpr"))
-    return ASTSource(fp8_gemm_kernel, sig, constexprs)
+def _variant(cfg: Fp8GemmConfig, nan: bool = True):
+    """(use_ptx -> (source, num_warps, num_stages)) of the kernel fp8_gemm launches for cfg,
+    with a masked K tail."""
+    return lambda p: (kernel_source(cfg, even_k=False, use_ptx=p, nan_codes=nan),
+                      cfg.num_warps, cfg.num_stages)  # fmt: skip
 
 
-# (scale_mode, split_k, block_n, block_m): decode split-K, batched decode, prefill, per-channel
-GEMM_VARIANTS = [(0, 4, 64, 16), (1, 1, 128, 128)]
-
-_NEW_SIG = {
-    "x_ptr": "*bf16", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16",
-    "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-    "stride_wn": "i32", "stride_sn": "i32", "stride_sk": "i32", "stride_ym": "i32",
-    "k_tiles_per_split": "i32",
-}  # fmt: skip
-
-
-def _new_source(kernel, use_ptx: bool, **constexprs):
-    c = dict(HAS_BIAS=True, FUSED_REDUCE=True, FENCE_PTX=use_ptx, EVEN_K=False, USE_PTX=use_ptx,
-             DOT_IN_FP32=False, WIDEN_BF16=True, NAN=True)  # fmt: skip
-    c.update(constexprs)
-    sig = dict(_NEW_SIG)
-    sig.update(dict.fromkeys(c, "constexpr"))
-    return ASTSource(kernel, sig, c)
-
-
-def _dequant_source(use_ptx: bool):
-    sig = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "K": "i32",
-           "stride_wn": "i32", "stride_sn": "i32", "stride_sk": "i32"}  # fmt: skip
-    c = {"CHANNEL": False, "USE_PTX": use_ptx, "BLOCK_N": 16, "BLOCK_K": 512, "NAN": True}
-    sig.update(dict.fromkeys(c, "constexpr"))
-    return ASTSource(dequant_kernel, sig, c)
-
-
-# the kernels of the per-arch tables: decode FMA GEMV (prefetch), swap-AB dot GEMV, mm, dequant
+C = Fp8GemmConfig
+# the kernels of the per-arch tables: decode FMA GEMV (prefetch), swap-AB dot GEMV, mm, dequant,
+# the batched-decode wide kernel (scales folded into the widening, and on the partial sums)
 NEW_VARIANTS = {
-    "gemv_fma": lambda p: (_new_source(fp8_gemv_kernel, p, SCALE_MODE=0, BLOCK_N=64, BLOCK_M=1,
-                                       PREFETCH=True), 8, 1),
-    "gemv_dot": lambda p: (_new_source(fp8_gemv_kernel, p, SCALE_MODE=0, BLOCK_N=64, BLOCK_M=16,
-                                       PREFETCH=False), 4, 3),
-    "mm": lambda p: (_new_source(fp8_mm_kernel, p, SCALE_MODE=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
-                                 GROUP_M=8), 4, 3),
-    "dequant": lambda p: (_dequant_source(p), 4, 3),
-    # batched decode: the shipped M 65..128 tile (scales folded into the widening), and
-    # scales on the partial sums
-    "wide": lambda p: (_new_source(fp8_wide_kernel, p, SCALE_MODE=1, BLOCK_M=128, BLOCK_N=64,
-                                   BLOCK_K=64, GROUP_M=8), 4, 4),
-    "wide_acc_no_nan": lambda p: (_new_source(fp8_wide_kernel, p, SCALE_MODE=0, BLOCK_M=64,
-                                              BLOCK_N=128, BLOCK_K=128, GROUP_M=8, NAN=False), 4, 3),
+    "gemv_fma": _variant(C(kind="gemv", block_n=64, block_m=1, prefetch=True, num_warps=8,
+                           num_stages=1)),
+    "gemv_dot": _variant(C(kind="gemv", block_n=64, block_m=16, num_warps=4, num_stages=3)),
+    "mm": _variant(C(kind="mm", block_m=64, block_n=64, block_k=64, scale_on_acc=False,
+                     num_warps=4, num_stages=3)),
+    "dequant": _variant(C(kind="dequant", num_warps=4, num_stages=3)),
+    "wide": _variant(C(kind="wide", block_m=128, block_n=64, block_k=64, scale_on_acc=False,
+                       num_warps=4, num_stages=4)),
+    "wide_acc_no_nan": _variant(C(kind="wide", block_m=64, block_n=128, block_k=128, num_warps=4,
+                                  num_stages=3), nan=False),
     # the widenings without the NaN fix (weights with no NaN code): fp16 (FMA) and bf16 (MMA)
-    "gemv_fma_no_nan": lambda p: (_new_source(fp8_gemv_kernel, p, SCALE_MODE=0, BLOCK_N=64,
-                                              BLOCK_M=1, PREFETCH=False, NAN=False), 4, 1),
-    "mm_no_nan": lambda p: (_new_source(fp8_mm_kernel, p, SCALE_MODE=0, BLOCK_M=16, BLOCK_N=128,
-                                        BLOCK_K=128, GROUP_M=8, NAN=False), 4, 3),
+    "gemv_fma_no_nan": _variant(C(kind="gemv", block_n=64, block_m=1, num_warps=4, num_stages=1),
+                                nan=False),
+    "mm_no_nan": _variant(C(kind="mm", block_m=16, block_n=128, block_k=128, num_warps=4,
+                            num_stages=3), nan=False),
 }  # fmt: skip
 
 
@@ -149,20 +107,6 @@ def _reduce_source():
     return ASTSource(splitk_reduce_kernel, sig, {"HAS_BIAS": True, "BLOCK": 1024})
 
 
-# Every variant with the PTX widening; the portable widening once (it is the same code path).
-GEMM_BUILDS = [pytest.param(v, True, id=f"{v}-ptx") for v in GEMM_VARIANTS] + [
-    pytest.param(GEMM_VARIANTS[0], False, id=f"{GEMM_VARIANTS[0]}-portable")
-]
-
-
-@pytest.mark.parametrize("target", CUDA_TARGETS, ids=lambda t: f"sm_{t.arch}")
-@pytest.mark.parametrize("variant,use_ptx", GEMM_BUILDS)
-def test_gemm_compiles_for_cuda(target, variant, use_ptx):
-    scale_mode, split_k, block_n, block_m = variant
-    num_warps = 8 if block_m >= 128 else 4
-    _compile(_gemm_source(scale_mode, split_k, use_ptx, block_n, block_m), target, num_warps)
-
-
 @pytest.mark.parametrize("target", CUDA_TARGETS, ids=lambda t: f"sm_{t.arch}")
 def test_helpers_compile_for_cuda(target):
     _compile(_widen_source(True), target)
@@ -191,6 +135,7 @@ def test_fp8_hardware_convert_does_not_compile_for_sm80():
 def test_portable_kernels_compile_for_hip(target):
     if not _hip_available(target):
         pytest.skip(f"this triton build cannot compile for {target.arch}")
-    _compile(_gemm_source(0, 4, False, 64, 16), target)
-    _compile(_gemm_source(1, 1, False, 128, 64), target, num_warps=8)
+    for name in ("gemv_dot", "wide", "mm"):  # the portable widening, MFMA tiles
+        src, num_warps, num_stages = NEW_VARIANTS[name](False)
+        _compile(src, target, num_warps, num_stages)
     _compile(_reduce_source(), target)

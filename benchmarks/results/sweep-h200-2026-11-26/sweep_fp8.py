@@ -7,6 +7,10 @@ Times each candidate like bench_ops.py (CUDA-graph replays over rotated weight
 copies), next to cuBLAS bf16 on the same data, checks each result against the fp32
 reference, and appends JSON lines to DIR/sweep.jsonl. With --compile-only, runs
 each candidate once (fills Triton's cache; shard the list over processes).
+
+The ``"kind": "swap"`` rows of sweep.jsonl were timed with ``fp8_gemm_kernel``, a swap-AB
+kernel since replaced by ``fp8_wide_kernel`` (same tile layout, bf16 widening, in-launch
+split-K sum); run today, those candidates run the wide kernel.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def candidates(m: int) -> list[C]:
             ]
         ] + [
             C(kind="gemv", block_m=4, block_n=32, num_warps=4, num_stages=1, split_k=0),
-            C(kind="swap", block_n=32, block_m=16, num_warps=4, num_stages=4),
+            C(kind="wide", block_n=32, block_m=16, num_warps=4, num_stages=4),
         ]
     if m <= 64:
         return [
@@ -100,7 +104,7 @@ def candidates(m: int) -> list[C]:
             ]
         ] + [
             C(
-                kind="swap",
+                kind="wide",
                 block_n=bn,
                 block_m=64,
                 block_k=bk,
@@ -142,7 +146,7 @@ def candidates(m: int) -> list[C]:
             ]
             + [
                 C(
-                    kind="swap",
+                    kind="wide",
                     block_n=bn,
                     block_m=bm,
                     block_k=bk,
@@ -181,7 +185,7 @@ def candidates(m: int) -> list[C]:
         ]
         + [
             C(
-                kind="swap",
+                kind="wide",
                 block_n=bn,
                 block_m=bm,
                 block_k=64,

@@ -35,13 +35,8 @@ from chitu_hygon.configs import MAX_LDS_BYTES, table_for  # noqa: E402
 
 from chitu_core.kernels.e4m3_widen import e4m3_widen_kernel  # noqa: E402
 from chitu_core.kernels.fp8_gemm import (  # noqa: E402
-    SCALE_BLOCK_ON_ACC,
-    SCALE_BLOCK_ON_WEIGHT,
-    SCALE_CHANNEL,
     Fp8GemmConfig,
-    dequant_kernel,
-    fp8_gemv_kernel,
-    fp8_mm_kernel,
+    kernel_source,
     splitk_reduce_kernel,
 )
 
@@ -80,45 +75,15 @@ def hip_toolchain_missing() -> str | None:
     return None
 
 
-_GEMM_SIG = {
-    "x_ptr": "*bf16", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16",
-    "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-    "stride_wn": "i32", "stride_sn": "i32", "stride_sk": "i32", "stride_ym": "i32",
-    "k_tiles_per_split": "i32",
-}  # fmt: skip
-
-
 def _gemm_source(config: Fp8GemmConfig, channel: bool, half: str, even_k: bool) -> ASTSource:
-    """The kernel ``fp8_gemm`` launches for ``config`` on HIP, with its constexprs."""
-    if channel:
-        mode = SCALE_CHANNEL
-    else:
-        mode = SCALE_BLOCK_ON_ACC if config.scale_on_acc else SCALE_BLOCK_ON_WEIGHT
-    consts = dict(
-        SCALE_MODE=mode, HAS_BIAS=True, FUSED_REDUCE=False, FENCE_PTX=False, EVEN_K=even_k,
-        USE_PTX=False, DOT_IN_FP32=False, WIDEN_BF16=half == "bf16", NAN=True,
-    )  # fmt: skip
-    if config.kind == "gemv":
-        kernel = fp8_gemv_kernel
-        consts |= dict(BLOCK_N=config.block_n, BLOCK_M=config.block_m, PREFETCH=config.prefetch)
-    elif config.kind == "mm":
-        kernel = fp8_mm_kernel
-        consts |= dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                       GROUP_M=config.group_m)  # fmt: skip
-    else:
-        raise ValueError(f"no Triton GEMM kernel for kind {config.kind!r}")
-    sig = {k: (f"*{half}" if v == "*bf16" else v) for k, v in _GEMM_SIG.items()}
-    sig.update(dict.fromkeys(consts, "constexpr"))
-    return ASTSource(kernel, sig, consts)
+    """The kernel ``fp8_gemm`` launches for ``config`` on HIP (no PTX, no fused split-K)."""
+    return kernel_source(config, channel=channel, half=half, even_k=even_k, use_ptx=False,
+                         fused_reduce=False)  # fmt: skip
 
 
 def _dequant_source(channel: bool) -> ASTSource:
     """``dequantize_to``'s launch (the ``dequant`` kind's widening before hipBLAS)."""
-    sig = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "K": "i32",
-           "stride_wn": "i32", "stride_sn": "i32", "stride_sk": "i32"}  # fmt: skip
-    consts = {"CHANNEL": channel, "USE_PTX": False, "BLOCK_N": 16, "BLOCK_K": 512, "NAN": True}
-    sig.update(dict.fromkeys(consts, "constexpr"))
-    return ASTSource(dequant_kernel, sig, consts)
+    return kernel_source(Fp8GemmConfig(kind="dequant"), channel=channel, use_ptx=False)
 
 
 def _reduce_source() -> ASTSource:

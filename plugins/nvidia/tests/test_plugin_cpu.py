@@ -90,35 +90,6 @@ def test_native_fp8_kernels_compile_for_sm90():
 
 # Largest shared memory a program may use (opt-in): A100, RTX 30xx/A10, L4/RTX 40xx, H100/H200.
 _SMEM_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (9, 0): 232448}
-_GEMM_SIG = {
-    "x_ptr": "*bf16", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16",
-    "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-    "stride_wn": "i32", "stride_sn": "i32", "stride_sk": "i32", "stride_ym": "i32",
-    "k_tiles_per_split": "i32",
-}  # fmt: skip
-
-
-def _table_source(cfg):
-    """The ASTSource that ``fp8_gemm`` launches for ``cfg`` (block scales, PTX widening,
-    bf16 activations, weights without NaN codes: what a real checkpoint runs)."""
-    from triton.compiler import ASTSource
-
-    from chitu_core.kernels import fp8_gemm as g
-
-    if cfg.kind == "dequant":
-        sig = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "K": "i32",
-               "stride_wn": "i32", "stride_sn": "i32", "stride_sk": "i32"}  # fmt: skip
-        c = {"CHANNEL": False, "USE_PTX": True, "BLOCK_N": 16, "BLOCK_K": 512, "NAN": False}
-        return ASTSource(g.dequant_kernel, {**sig, **dict.fromkeys(c, "constexpr")}, c)
-    c = dict(SCALE_MODE=0 if cfg.scale_on_acc else 1, HAS_BIAS=False, FUSED_REDUCE=True,
-             FENCE_PTX=True, EVEN_K=True, USE_PTX=True, DOT_IN_FP32=False, WIDEN_BF16=True,
-             NAN=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)  # fmt: skip
-    if cfg.kind == "gemv":
-        kernel, c["PREFETCH"] = g.fp8_gemv_kernel, cfg.prefetch
-    else:
-        kernel = g.fp8_mm_kernel if cfg.kind == "mm" else g.fp8_wide_kernel
-        c.update(BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
-    return ASTSource(kernel, {**_GEMM_SIG, **dict.fromkeys(c, "constexpr")}, c)
 
 
 @pytest.mark.skipif(
@@ -132,6 +103,8 @@ def test_every_soft_fp8_table_config_compiles_for_its_gpu(arch):
     from chitu_nvidia.configs import SOFT_FP8_TABLES, soft_fp8_config
     from triton.backends.compiler import GPUTarget
 
+    from chitu_core.kernels.fp8_gemm import kernel_source
+
     target = GPUTarget("cuda", arch[0] * 10 + arch[1], 32)
     rows = SOFT_FP8_TABLES[arch]
     assert rows[-1].max_m >= 1 << 62, "the last row must cover every M"
@@ -139,7 +112,8 @@ def test_every_soft_fp8_table_config_compiles_for_its_gpu(arch):
         assert soft_fp8_config(arch, row.max_m, row.max_k) is row.config
         cfg = row.config
         opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        kernel = triton.compile(_table_source(cfg), target=target, options=opts)
+        src = kernel_source(cfg, nan_codes=False)  # what a real checkpoint runs
+        kernel = triton.compile(src, target=target, options=opts)
         assert "cubin" in kernel.asm
         assert kernel.metadata.shared <= _SMEM_LIMIT[arch], f"M <= {row.max_m}: {cfg}"
 
