@@ -68,7 +68,8 @@ class Fp8GemmConfig:
             ``acc[N, M] = widen(W) @ x^T``, the widened tile the MMA's register operand.
         ``"dequant"``: widen the whole weight to a bf16 scratch buffer
             (``dequant_kernel``), then cuBLAS (prefill fallback).
-    split_k: number of K slices (1: no split); 0 picks it from the SM count.
+    split_k: number of K slices (1: no split); 0 picks it from the SM count, at most
+        ``max_split_k``.
     scale_on_acc: block scales applied to the fp32 accumulator per K step
         (exact operands) instead of folded into the widened weight tile.
     fused_reduce: split-K partials summed by the last program of each output
@@ -81,6 +82,7 @@ class Fp8GemmConfig:
     block_m: int = 16
     block_k: int = 128
     split_k: int = 0
+    max_split_k: int = 16
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 4
@@ -614,7 +616,7 @@ def splitk_reduce_kernel(
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def pick_split_k(num_tiles: int, k_tiles: int, num_sms: int) -> int:
+def pick_split_k(num_tiles: int, k_tiles: int, num_sms: int, max_split: int = 16) -> int:
     """Split K so that the grid covers the SMs in nearly whole waves.
 
     Memory-bound decode needs every SM streaming weight: pick the split (<= 16,
@@ -622,7 +624,7 @@ def pick_split_k(num_tiles: int, k_tiles: int, num_sms: int) -> int:
     wave, preferring fewer slices on ties (fewer fp32 partials).
     """
     best, best_eff = 1, 0.0
-    for split in range(1, 17):
+    for split in range(1, max(1, max_split) + 1):
         per = triton.cdiv(k_tiles, split)
         if per < 2 and split > 1:
             break
@@ -796,7 +798,7 @@ def fp8_gemm(
             raise ValueError(f"gemv config covers M <= {cfg.block_m}, got M = {m}")
     else:
         num_tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
-    split = cfg.split_k or pick_split_k(num_tiles, k_tiles, num_sms)
+    split = cfg.split_k or pick_split_k(num_tiles, k_tiles, num_sms, cfg.max_split_k)
     per = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, per)
     if channel:

@@ -130,6 +130,18 @@ def test_soft_fp8_config_rows_by_m_and_k():
     assert soft_fp8_config((12, 0), 1, 4096) is soft_fp8_config((9, 0), 1, 4096)  # newer: sm_90's
 
 
+def test_split_k_pick_and_its_cap():
+    from chitu_core.kernels.fp8_gemm import pick_split_k
+
+    # Llama-8B's down projection at M = 32 (64 tiles of 64 rows, 112 K tiles), 132 SMs
+    assert pick_split_k(64, 112, 132) == 8
+    assert pick_split_k(64, 112, 132, max_split=4) == 4
+    # a cap above the free pick changes nothing: the lm head (2020 tiles) keeps 2
+    assert pick_split_k(2020, 56, 132) == pick_split_k(2020, 56, 132, max_split=4) == 2
+    assert pick_split_k(448, 32, 132, max_split=4) == 2  # 4096 x 28672: 2 fills the waves
+    assert pick_split_k(8, 2, 132) == 1  # a slice keeps >= 2 K tiles
+
+
 def test_plugin_binds_and_its_fused_moe_reads_its_own_handles():
     """The weight group (prepare_weight, linear, fused_moe) must bind together."""
     import torch
