@@ -37,6 +37,8 @@ _C = Fp8GemmConfig
 # memory); from M = 129 on: widen the weight to bf16 once and call cuBLAS.
 _WIDE_M128 = _C(kind="wide", block_n=64, block_m=128, block_k=64, split_k=2, num_warps=4,
                 num_stages=4, scale_on_acc=False)  # fmt: skip
+_MM_M32 = _C(kind="mm", block_m=32, block_n=64, block_k=128, max_split_k=4, num_warps=4,
+             num_stages=3)  # fmt: skip
 _WIDE_M64 = _C(kind="wide", block_n=64, block_m=64, block_k=128, split_k=2, num_warps=4,
                num_stages=3, scale_on_acc=False)  # fmt: skip
 _SM80 = (
@@ -78,9 +80,7 @@ _SM90 = (
     ConfigRow(1, _C(kind="gemv", block_m=1, block_n=64, num_warps=8, num_stages=1)),
     ConfigRow(4, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=2, num_stages=4)),
     ConfigRow(16, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)),
-    ConfigRow(
-        32, _C(kind="mm", block_m=32, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=3)
-    ),  # fmt: skip
+    ConfigRow(32, _MM_M32),
     ConfigRow(64, _WIDE_M64, max_k=4096),
     ConfigRow(64, _C(kind="gemv", block_m=64, block_n=64, num_warps=4, num_stages=3)),
     ConfigRow(128, _WIDE_M128),
