@@ -59,12 +59,14 @@ _SM80 = (
 # the mm kernel with a 32 x 64 tile: over the 4 Llama-8B linears at M = 32, 126.0 us
 # against 132.9 for the swap-AB GEMV 32 x 32 and 136.9 for cuBLAS bf16; 60.2 against
 # 66.0 on 7168 x 18432; 1-2% behind the GEMV on the TP=2 shards of Llama-8B (H200,
-# benchmarks/results/sweep-m32-h200-2026-11-26.jsonl). Its K split at most 4 (the automatic
-# pick, made for the GEMV, gives 5-11 slices there; 2 on the lm head and 1536 x 24576,
-# kept): with 4 over Llama-8B's four linears 120.3 us against 126.7, over their TP=2 shards
-# 74.3 against 80.2 (cuBLAS bf16 79.4)
-# (sweep-m32-small-h200-2026-11-26.jsonl; at M = 1, 4 and 16 the automatic split is within
-# 2% of the best fixed one: sweep-m{1,4,16}-small-h200-2026-11-26.jsonl). M 33..64: the swap-AB GEMV
+# benchmarks/results/sweep-m32-h200-2026-11-26.jsonl). With K <= 4096 its K split is at
+# most 4 (the automatic pick, made for the GEMV, gives 5-11 slices there). bench_ops
+# --ms 32 capped (tp-h200x2-2026-11-26-split.txt) against free
+# (gemm-h200-2026-11-26-m32-256-wide.json): 4096 x 6144 16.5 us against 21.1, 4096 x 28672
+# 53.9 against 61.1 (2 slices); but 7168 x 18432 61.2 against 60.1 and 14336 x 4096 32.3
+# against 30.5, so K > 4096 keeps the free pick. TP=2 shards 4096 x 3072, 2048 x 4096,
+# 4096 x 14336: 55.2 against 61.0 (sweep-m32-small-h200-2026-11-26.jsonl). At M = 1, 4 and
+# 16 the free pick is within 2% of the best fixed split (sweep-m{1,4,16}-small-*.jsonl). M 33..64: the swap-AB GEMV
 # 64 x 64 still wins when K > 4096; for K <= 4096 (Llama-8B's q/k/v, o and gate/up, and
 # TP=2 shards) the wide kernel 64 x 64 x 128 with 2 K slices: summed over 7 such shapes,
 # 213 us against 241 at M = 48 and 218 against 262 at M = 64 (cuBLAS bf16: 183, 180);
@@ -80,7 +82,8 @@ _SM90 = (
     ConfigRow(1, _C(kind="gemv", block_m=1, block_n=64, num_warps=8, num_stages=1)),
     ConfigRow(4, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=2, num_stages=4)),
     ConfigRow(16, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)),
-    ConfigRow(32, _MM_M32),
+    ConfigRow(32, _MM_M32, max_k=4096),
+    ConfigRow(32, dataclasses.replace(_MM_M32, max_split_k=16)),
     ConfigRow(64, _WIDE_M64, max_k=4096),
     ConfigRow(64, _C(kind="gemv", block_m=64, block_n=64, num_warps=4, num_stages=3)),
     ConfigRow(128, _WIDE_M128),
