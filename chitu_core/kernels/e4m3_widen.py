@@ -41,6 +41,9 @@ FLOPs/bytes: none of memory; about 2.5 (fp16, PTX), 3 (bf16, PTX) or 8 (portable
 element with the NaN fix, 1.5 (fp16) and 2 (bf16) without.
 ``e4m3_to_bf16`` gives the exact value as bf16 (no 2^-8 factor): what a bf16 MMA wants,
 without the fp16 -> bf16 conversion (F2F, a quarter-rate instruction per element).
+``e4m3_scaled_to_bf16`` widens and multiplies by a block scale in the same pass
+(2.5 instructions per element, NVIDIA only), for kernels that fold the scale into the
+MMA operand instead of scaling each partial sum.
 """
 
 from __future__ import annotations

@@ -497,6 +497,7 @@ def fp8_wide_kernel(
         M, N, K, k_tiles_per_split, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
     )
     offs_k = tl.arange(0, BLOCK_K)
+    # Rows past the end re-read valid rows (no load masks along N/M); the store drops them.
     rows_n = offs_n % N
     rows_m = offs_m % M
     k0 = kt_begin * BLOCK_K
