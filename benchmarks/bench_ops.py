@@ -206,7 +206,7 @@ def measure(k, n, m, wq, s, w_bf16, w_f32, cap, num_sms, configs) -> dict:
     """One table row: every path on the same data, errors vs the fp32 exact reference."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ w_f32.T
-    cfg = configs.soft_fp8_config(cap, m, k)
+    cfg = configs.soft_fp8_config(cap, m, k, n)
 
     def err(y):
         return ((y.float() - ref).norm() / ref.norm()).item()
@@ -375,9 +375,9 @@ def write_json(path, rows, props, configs, cap, num_sms) -> None:
         "hbm_bytes_per_s": HBM_BYTES_PER_S,
         "roofline": f"max(bytes / {HBM_BYTES_PER_S:.3g} B/s, 2MNK / {BF16_FLOPS_PER_S:.3g} FLOP/s)",
         "soft_fp8_table": {
-            (f"{r.max_m} (K <= {r.max_k})" if r.max_k else str(r.max_m)): dataclasses.asdict(
-                r.config
-            )
+            str(r.max_m)
+            + (f" (K <= {r.max_k})" if r.max_k else "")
+            + (f" (N >= {r.min_n})" if r.min_n else ""): dataclasses.asdict(r.config)
             for r in configs.SOFT_FP8_TABLES.get(cap, ())
         },
         "rows": rows,

@@ -63,7 +63,7 @@ for group, shapes in GROUPS.items():
         del wbs
         row = {"group": group, "K": k, "N": n, "M": M, "cublas_us": cub, "configs": []}
         sums[group]["cublas"] += cub
-        for i, cfg in enumerate([configs.soft_fp8_config(cap, M, k)] + CANDS):
+        for i, cfg in enumerate([configs.soft_fp8_config(cap, M, k, n)] + CANDS):
             us = time_config(x, wq, s, cfg, num_sms)
             y = fp8_gemm(x, wq, s, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True,
                          nan_codes=False, scales_fold=scales_foldable(s))  # fmt: skip

@@ -44,7 +44,7 @@ def W(bn, bm, bk, w, st, split=1, acc=False):
              split_k=split, scale_on_acc=acc)  # fmt: skip
 
 
-def cands(m, k):
+def cands(m, k, n):
     if m <= 32:
         c = [W(64, 32, 128, 4, 3, 2), W(64, 32, 128, 4, 3, 0), W(128, 32, 128, 4, 3),
              W(64, 32, 64, 4, 4, 2)]  # fmt: skip
@@ -62,7 +62,7 @@ def cands(m, k):
     else:
         c = [W(128, 256, 64, 8, 3), W(128, 256, 64, 8, 4), W(256, 128, 64, 8, 3), W(128, 128, 64, 8, 4),
              W(256, 128, 64, 8, 4)]  # fmt: skip
-    return [configs.soft_fp8_config(cap, m, k)] + c
+    return [configs.soft_fp8_config(cap, m, k, n)] + c
 
 
 t0 = time.time()
@@ -78,7 +78,7 @@ for k, n in SHAPES:
             lambda i, x=x, ws=wbs: lambda: torch.nn.functional.linear(x, ws[i]), len(wbs)
         )
         row = {"K": k, "N": n, "M": m, "cublas_us": cub, "configs": []}
-        for i, cfg in enumerate(cands(m, k)):
+        for i, cfg in enumerate(cands(m, k, n)):
             us = time_config(x, wq, s, cfg, num_sms)
             y = fp8_gemm(x, wq, s, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True,
                          nan_codes=False, scales_fold=scales_foldable(s))  # fmt: skip

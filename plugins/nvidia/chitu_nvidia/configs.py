@@ -18,12 +18,21 @@ from chitu_core.kernels.paged_prefill import DEFAULT_MLA_CONFIG, MLA_CONFIG_SM90
 
 @dataclass(frozen=True)
 class ConfigRow:
-    """``config`` serves M up to ``max_m``, and only K up to ``max_k`` when that is set
-    (a later row with the same or a larger ``max_m`` serves the other K)."""
+    """``config`` serves M up to ``max_m``; when set, only K up to ``max_k`` and N from
+    ``min_n`` on (a later row serves the other shapes)."""
 
     max_m: int
     config: Fp8GemmConfig
     max_k: int | None = None
+    min_n: int | None = None
+
+    def serves(self, m: int, k: int | None, n: int | None) -> bool:
+        """Whether this row applies; an unknown K or N skips the rows that need it."""
+        if m > self.max_m:
+            return False
+        if self.max_k is not None and (k is None or k > self.max_k):
+            return False
+        return self.min_n is None or (n is not None and n >= self.min_n)
 
 
 _C = Fp8GemmConfig
@@ -33,8 +42,9 @@ _C = Fp8GemmConfig
 # mm kernel with a 16-row token tile (x as the MMA's A operand, the weight widened
 # straight to bf16 in registers as B: mma.m16n8k16, which Hopper also runs at M = 16);
 # M 17..64: the swap-AB GEMV (32- then 64-token tiles), but the wide kernel at M 33..64
-# when K <= 4096; M 65..128: the wide kernel (the Hopper winners, <= 82 KB of shared
-# memory); from M = 129 on: widen the weight to bf16 once and call cuBLAS.
+# when K <= 4096; M 65..128: the wide kernel when N >= 4096 (the Hopper winners, <= 82 KB
+# of shared memory); otherwise, and from M = 129 on: widen the weight to bf16 once and
+# call cuBLAS.
 _WIDE_M128 = _C(kind="wide", block_n=64, block_m=128, block_k=64, split_k=2, num_warps=4,
                 num_stages=4, scale_on_acc=False)  # fmt: skip
 _MM_M32 = _C(kind="mm", block_m=32, block_n=64, block_k=128, max_split_k=4, num_warps=4,
@@ -48,7 +58,7 @@ _SM80 = (
     ConfigRow(32, _C(kind="gemv", block_m=32, block_n=32, num_warps=4, num_stages=3)),
     ConfigRow(64, _WIDE_M64, max_k=4096),
     ConfigRow(64, _C(kind="gemv", block_m=64, block_n=64, num_warps=4, num_stages=3)),
-    ConfigRow(128, _WIDE_M128),
+    ConfigRow(128, _WIDE_M128, min_n=4096),
     ConfigRow(1 << 62, _C(kind="dequant")),
 )
 
@@ -75,9 +85,11 @@ _SM80 = (
 # M 65..128: the wide kernel, 64 x 128 x 64, 2 K slices, scales folded into the
 # widening. Summed over the six shapes of benchmarks/results/sweep-wide-h200-2026-11-26.jsonl
 # at M = 128: 494 us, against 654 for dequant + cuBLAS (the previous row, bench_ops in
-# gemm-h200-2026-11-26-m32-256-before-wide.json) and 302 for cuBLAS bf16; it loses only
-# on 7168 x 2112 (33.1 against 24.0). From M = 129 on dequant + cuBLAS still wins
-# (M = 256: 739 against 829 for the best wide tile).
+# gemm-h200-2026-11-26-m32-256-before-wide.json) and 302 for cuBLAS bf16. It loses only
+# on 7168 x 2112 (33.1 against 24.0): 33 tiles of 64 rows, 66 programs with the 2 K
+# slices, half the SMs; so N < 4096 keeps dequant + cuBLAS (N = 4096: 60.0 against 84.6).
+# From M = 129 on dequant + cuBLAS still wins (M = 256: 739 against 829 for the best
+# wide tile).
 _SM90 = (
     ConfigRow(1, _C(kind="gemv", block_m=1, block_n=64, num_warps=8, num_stages=1)),
     ConfigRow(4, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=2, num_stages=4)),
@@ -86,7 +98,7 @@ _SM90 = (
     ConfigRow(32, dataclasses.replace(_MM_M32, max_split_k=16)),
     ConfigRow(64, _WIDE_M64, max_k=4096),
     ConfigRow(64, _C(kind="gemv", block_m=64, block_n=64, num_warps=4, num_stages=3)),
-    ConfigRow(128, _WIDE_M128),
+    ConfigRow(128, _WIDE_M128, min_n=4096),
     ConfigRow(1 << 62, _C(kind="dequant")),
 )
 
@@ -103,12 +115,14 @@ SOFT_FP8_TABLES: dict[tuple[int, int], tuple[ConfigRow, ...]] = {
 NATIVE_FP8_MIN_M: dict[tuple[int, int], int] = {(8, 9): 128, (9, 0): 128}
 
 
-def soft_fp8_config(capability: tuple[int, int], m: int, k: int | None = None) -> Fp8GemmConfig:
-    """The soft-FP8 GEMM config for ``m`` tokens (and ``k`` input features: None skips the
-    rows that need it) on a GPU of this compute capability."""
+def soft_fp8_config(
+    capability: tuple[int, int], m: int, k: int | None = None, n: int | None = None
+) -> Fp8GemmConfig:
+    """The soft-FP8 GEMM config for ``m`` tokens, ``k`` input and ``n`` output features
+    (None skips the rows that need them) on a GPU of this compute capability."""
     archs = sorted(a for a in SOFT_FP8_TABLES if a <= capability) or [min(SOFT_FP8_TABLES)]
     for row in SOFT_FP8_TABLES[archs[-1]]:
-        if m <= row.max_m and (row.max_k is None or (k is not None and k <= row.max_k)):
+        if row.serves(m, k, n):
             return row.config
     return SOFT_FP8_TABLES[archs[-1]][-1].config
 

@@ -79,7 +79,7 @@ def linear(
         y = fp8_gemm(
             x2, w.weight, w.scale, bias,
             channel=w.fmt == FORMAT_FP8_CHANNEL,
-            config=soft_fp8_config(capability, m, x2.shape[1]),
+            config=soft_fp8_config(capability, m, x2.shape[1], w.out_features),
             num_sms=num_sms,
             use_ptx=torch.version.hip is None,
             nan_codes=w.has_nan_codes,

@@ -109,7 +109,7 @@ def test_every_soft_fp8_table_config_compiles_for_its_gpu(arch):
     rows = SOFT_FP8_TABLES[arch]
     assert rows[-1].max_m >= 1 << 62, "the last row must cover every M"
     for row in rows:
-        assert soft_fp8_config(arch, row.max_m, row.max_k) is row.config
+        assert soft_fp8_config(arch, row.max_m, row.max_k, row.min_n) is row.config
         cfg = row.config
         opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         src = kernel_source(cfg, nan_codes=False)  # what a real checkpoint runs
@@ -118,14 +118,16 @@ def test_every_soft_fp8_table_config_compiles_for_its_gpu(arch):
         assert kernel.metadata.shared <= _SMEM_LIMIT[arch], f"M <= {row.max_m}: {cfg}"
 
 
-def test_soft_fp8_config_rows_by_m_and_k():
+def test_soft_fp8_config_rows_by_m_k_and_n():
     from chitu_nvidia.configs import soft_fp8_config
 
     for arch in ((8, 0), (8, 6), (9, 0)):
         assert soft_fp8_config(arch, 48, 4096).kind == "wide"  # the K <= 4096 row
         assert soft_fp8_config(arch, 48, 7168).kind == "gemv"
         assert soft_fp8_config(arch, 48).kind == "gemv"  # K unknown: rows without max_k
-        assert soft_fp8_config(arch, 100, 7168).kind == "wide"
+        assert soft_fp8_config(arch, 100, 7168, 18432).kind == "wide"  # the N >= 4096 row
+        assert soft_fp8_config(arch, 100, 7168, 2112).kind == "dequant"
+        assert soft_fp8_config(arch, 100, 7168).kind == "dequant"  # N unknown
         assert soft_fp8_config(arch, 129, 4096).kind == "dequant"
     assert soft_fp8_config((12, 0), 1, 4096) is soft_fp8_config((9, 0), 1, 4096)  # newer: sm_90's
 
