@@ -1,8 +1,9 @@
 """Per-architecture launch configs of the soft-FP8 GEMM (no autotuning at serve time).
 
 Tables are keyed by compute capability; each row gives the config for M up to
-``max_m``. Winners of ``benchmarks/bench_ops.py --tune`` on the GPU named in the
-comment; other archs of a family fall back to the nearest entry below them.
+``max_m`` (some rows only for K up to ``max_k`` or N from ``min_n``: the first row that
+serves a shape wins). Winners of the sweeps named in the comments, on the GPU named
+there; other archs of a family fall back to the nearest entry below them.
 """
 
 from __future__ import annotations
