@@ -152,6 +152,40 @@ def _check_norm_args(x: torch.Tensor, weight: torch.Tensor) -> int:
     return d
 
 
+def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
+    """``t`` as ``[M, D]`` with a contiguous last dimension (a copy only for a transposed
+    view: rare, and one copy beats the generic chain)."""
+    t2 = t.reshape(-1, d)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _launch_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``rms_norm_kernel`` on x (after adding ``residual`` when given): ``(normed, summed)``,
+    ``summed`` None without a residual. Arguments checked by the callers but for the norm's."""
+    d = _check_norm_args(x, weight)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    summed = None if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out, summed
+    x2 = _rows(x, d)
+    weight = weight if weight.stride(0) == 1 else weight.contiguous()
+    o2 = out.view(-1, d)
+    fused = {}
+    if residual is not None:
+        r2, s2 = _rows(residual, d), summed.view(-1, d)
+        fused = dict(r_ptr=r2, sum_ptr=s2, stride_rm=r2.stride(0), stride_sm=s2.stride(0),
+                     HAS_RESIDUAL=True)  # fmt: skip
+    m = x2.shape[0]
+    block_m, block_d, single, num_warps = rms_norm_geometry(d)
+    rms_norm_kernel[(triton.cdiv(m, block_m),)](
+        x2, weight, o2, m, d, x2.stride(0), o2.stride(0), float(eps),
+        BLOCK_M=block_m, BLOCK_D=block_d, SINGLE=single, num_warps=num_warps, **fused,
+    )  # fmt: skip
+    return out, summed
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm (semantics of ``chitu_rms_norm``).
 
@@ -166,22 +200,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """
     if x.dim() < 1:
         raise ValueError("rms_norm needs x of at least one dimension")
-    d = _check_norm_args(x, weight)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    x2 = x if x.dim() == 2 else x.reshape(-1, d)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()  # rare (a transposed view): one copy beats the generic chain
-    weight = weight if weight.stride(0) == 1 else weight.contiguous()
-    o2 = out.view(-1, d)
-    m = x2.shape[0]
-    block_m, block_d, single, num_warps = rms_norm_geometry(d)
-    rms_norm_kernel[(triton.cdiv(m, block_m),)](
-        x2, weight, o2, m, d, x2.stride(0), o2.stride(0), float(eps),
-        BLOCK_M=block_m, BLOCK_D=block_d, SINGLE=single, num_warps=num_warps,
-    )  # fmt: skip
-    return out
+    return _launch_rms_norm(x, weight, eps, None)[0]
 
 
 def add_rms_norm(
@@ -205,26 +224,7 @@ def add_rms_norm(
             f"residual must match x: x {tuple(x.shape)} {x.dtype} on {x.device}, residual "
             f"{tuple(residual.shape)} {residual.dtype} on {residual.device}"
         )
-    d = _check_norm_args(x, weight)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out, summed
-    x2 = x.reshape(-1, d)
-    r2 = residual.reshape(-1, d)
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
-    weight = weight if weight.stride(0) == 1 else weight.contiguous()
-    o2, s2 = out.view(-1, d), summed.view(-1, d)
-    m = x2.shape[0]
-    block_m, block_d, single, num_warps = rms_norm_geometry(d)
-    rms_norm_kernel[(triton.cdiv(m, block_m),)](
-        x2, weight, o2, m, d, x2.stride(0), o2.stride(0), float(eps),
-        BLOCK_M=block_m, BLOCK_D=block_d, SINGLE=single,
-        r_ptr=r2, sum_ptr=s2, stride_rm=r2.stride(0), stride_sm=s2.stride(0),
-        HAS_RESIDUAL=True, num_warps=num_warps,
-    )  # fmt: skip
-    return out, summed
+    return _launch_rms_norm(x, weight, eps, residual)
 
 
 # --------------------------------------------------------------------------------------
