@@ -6,6 +6,7 @@ bound ``Ops`` table and torch tensor math, so they run on any backend.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -103,6 +104,33 @@ def stage_input(
     if model.parallel.is_first_stage:
         return model.parallel.embed(batch.input_ids, model.embed, model.vocab_shard)
     return hidden_states
+
+
+def decoder_layers(
+    model: Any,
+    x: torch.Tensor,
+    kv_caches: list[Any],
+    attention: Callable[[Any, torch.Tensor, Any], torch.Tensor],
+    mlp: Callable[[Any, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """This stage's pre-norm decoder layers over ``x [T, D]``; returns the residual stream.
+
+    Per layer: ``x += all_reduce(attention(layer, rms_norm(x), cache))``, then
+    ``x += all_reduce(mlp(layer, rms_norm(x)))`` (``layer.input_norm``,
+    ``layer.post_attention_norm``). Each residual add is fused with the norm that reads
+    the sum (``ops.add_rms_norm``); the last layer's MLP output is added plainly.
+    """
+    ops, eps, parallel = model.ops, model.cfg.rms_norm_eps, model.parallel
+    pending = None  # the last sublayer's output, not yet added to x
+    for layer, cache in zip(model.layers, kv_caches, strict=True):
+        if pending is None:
+            h = ops.rms_norm(x, layer.input_norm, eps)
+        else:
+            h, x = ops.add_rms_norm(pending, x, layer.input_norm, eps)
+        attn = parallel.all_reduce(attention(layer, h, cache))
+        h, x = ops.add_rms_norm(attn, x, layer.post_attention_norm, eps)
+        pending = parallel.all_reduce(mlp(layer, h))
+    return x if pending is None else x + pending
 
 
 def last_token_logits(model: Any, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

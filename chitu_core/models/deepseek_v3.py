@@ -26,6 +26,7 @@ from chitu_core.models.base import (
     ForwardBatch,
     KVCacheLayout,
     LayerCache,
+    decoder_layers,
     last_token_logits,
     stage_input,
 )
@@ -281,20 +282,13 @@ class DeepseekV3ForCausalLM(torch.nn.Module):
     ) -> torch.Tensor:
         """Logits ``[B, vocab]`` fp32 of each sequence's last token of this step (last stage),
         or the hidden states ``[T, D]`` for the next pipeline stage."""
-        ops, eps, parallel = self.ops, self.cfg.rms_norm_eps, self.parallel
-        x = stage_input(self, batch, hidden_states)  # [T, D]
-        # Residual adds fused with the norm that reads the sum (see the Llama forward).
-        mlp = None
-        for layer, cache in zip(self.layers, kv_caches, strict=True):
-            if mlp is None:
-                h = ops.rms_norm(x, layer.input_norm, eps)
-            else:
-                h, x = ops.add_rms_norm(mlp, x, layer.input_norm, eps)
-            attn = parallel.all_reduce(layer.attn(h, batch, cache, self.cos_sin))
-            h, x = ops.add_rms_norm(attn, x, layer.post_attention_norm, eps)
-            mlp = parallel.all_reduce(layer.mlp(h))
-        if mlp is not None:
-            x = x + mlp
-        if not parallel.is_last_stage:
+        x = decoder_layers(
+            self,
+            stage_input(self, batch, hidden_states),  # [T, D]
+            kv_caches,
+            lambda layer, h, cache: layer.attn(h, batch, cache, self.cos_sin),
+            lambda layer, h: layer.mlp(h),
+        )
+        if not self.parallel.is_last_stage:
             return x
         return last_token_logits(self, x, batch)

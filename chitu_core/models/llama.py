@@ -20,6 +20,7 @@ from chitu_core.models.base import (
     ForwardBatch,
     KVCacheLayout,
     LayerCache,
+    decoder_layers,
     last_token_logits,
     stage_input,
 )
@@ -207,22 +208,16 @@ class LlamaForCausalLM(torch.nn.Module):
         kv_caches: list[LayerCache],
         hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        ops, eps, parallel = self.ops, self.cfg.rms_norm_eps, self.parallel
-        x = stage_input(self, batch, hidden_states)  # [T, D]
-        # Each residual add is fused with the norm that reads the sum (ops.add_rms_norm):
-        # ``mlp`` is the last sublayer's output, not yet added to ``x``.
-        mlp = None
-        for layer, cache in zip(self.layers, kv_caches, strict=True):
-            if mlp is None:
-                h = ops.rms_norm(x, layer.input_norm, eps)
-            else:
-                h, x = ops.add_rms_norm(mlp, x, layer.input_norm, eps)
-            attn = parallel.all_reduce(self._attention(layer, h, batch, cache))
-            h, x = ops.add_rms_norm(attn, x, layer.post_attention_norm, eps)
-            mlp = ops.linear(ops.silu_and_mul(ops.linear(h, layer.gate_up, None)), layer.down, None)
-            mlp = parallel.all_reduce(mlp)
-        if mlp is not None:
-            x = x + mlp
-        if not parallel.is_last_stage:
+        ops = self.ops
+        x = decoder_layers(
+            self,
+            stage_input(self, batch, hidden_states),  # [T, D]
+            kv_caches,
+            lambda layer, h, cache: self._attention(layer, h, batch, cache),
+            lambda layer, h: ops.linear(
+                ops.silu_and_mul(ops.linear(h, layer.gate_up, None)), layer.down, None
+            ),
+        )
+        if not self.parallel.is_last_stage:
             return x  # [T, hidden] for the next stage
         return last_token_logits(self, x, batch)
