@@ -690,6 +690,25 @@ def scales_foldable(scale: torch.Tensor) -> bool:
     return bool(((a == 0) | ((a >= FOLD_SCALE_MIN) & (a < FOLD_SCALE_MAX))).all())
 
 
+def _scale_mode(config: Fp8GemmConfig, channel: bool) -> int:
+    """The SCALE_MODE constexpr of ``config`` (before ``fp8_gemm``'s fold fallback)."""
+    if channel:
+        return SCALE_CHANNEL
+    return SCALE_BLOCK_ON_ACC if config.scale_on_acc else SCALE_BLOCK_ON_WEIGHT
+
+
+def _kernel_and_tile(config: Fp8GemmConfig):
+    """The Triton kernel of a gemv, mm or wide ``config`` and its tile constexprs."""
+    if config.kind == "gemv":
+        tile = dict(BLOCK_N=config.block_n, BLOCK_M=config.block_m, PREFETCH=config.prefetch)
+        return fp8_gemv_kernel, tile
+    if config.kind in ("mm", "wide"):
+        tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                    GROUP_M=config.group_m)  # fmt: skip
+        return (fp8_mm_kernel if config.kind == "mm" else fp8_wide_kernel), tile
+    raise ValueError(f"no Triton GEMM kernel for kind {config.kind!r}")
+
+
 _KERNEL_SIGNATURE = {
     "x_ptr": "*bf16", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16",
     "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
@@ -721,21 +740,10 @@ def kernel_source(
         c = {"CHANNEL": channel, "USE_PTX": use_ptx, "BLOCK_N": 16, "BLOCK_K": 512,
              "NAN": nan_codes}  # fmt: skip
         return ASTSource(dequant_kernel, {**sig, **dict.fromkeys(c, "constexpr")}, c)
-    if channel:
-        mode = SCALE_CHANNEL
-    else:
-        mode = SCALE_BLOCK_ON_ACC if config.scale_on_acc else SCALE_BLOCK_ON_WEIGHT
-    c = dict(SCALE_MODE=mode, HAS_BIAS=True, FUSED_REDUCE=fused_reduce,
+    kernel, tile = _kernel_and_tile(config)
+    c = dict(SCALE_MODE=_scale_mode(config, channel), HAS_BIAS=True, FUSED_REDUCE=fused_reduce,
              FENCE_PTX=fused_reduce and use_ptx, EVEN_K=even_k, USE_PTX=use_ptx,
-             DOT_IN_FP32=False, WIDEN_BF16=half == "bf16", NAN=nan_codes,
-             BLOCK_M=config.block_m, BLOCK_N=config.block_n)  # fmt: skip
-    if config.kind == "gemv":
-        kernel, c["PREFETCH"] = fp8_gemv_kernel, config.prefetch
-    elif config.kind in ("mm", "wide"):
-        kernel = fp8_mm_kernel if config.kind == "mm" else fp8_wide_kernel
-        c.update(BLOCK_K=config.block_k, GROUP_M=config.group_m)
-    else:
-        raise ValueError(f"no source for kind {config.kind!r}")
+             DOT_IN_FP32=False, WIDEN_BF16=half == "bf16", NAN=nan_codes, **tile)  # fmt: skip
     sig = {k: (f"*{half}" if v == "*bf16" else v) for k, v in _KERNEL_SIGNATURE.items()}
     return ASTSource(kernel, {**sig, **dict.fromkeys(c, "constexpr")}, c)
 
@@ -802,10 +810,10 @@ def fp8_gemm(
     split = cfg.split_k or pick_split_k(num_tiles, k_tiles, num_sms, cfg.max_split_k)
     per = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, per)
+    mode = _scale_mode(cfg, channel)
     if channel:
-        mode, stride_sn, stride_sk = SCALE_CHANNEL, 0, 0
+        stride_sn, stride_sk = 0, 0
     else:
-        mode = SCALE_BLOCK_ON_ACC if cfg.scale_on_acc else SCALE_BLOCK_ON_WEIGHT
         stride_sn, stride_sk = scale.stride(0), scale.stride(1)
         folds = mode == SCALE_BLOCK_ON_WEIGHT and cfg.kind == "wide" and use_ptx
         if folds and x.dtype == torch.bfloat16:
@@ -829,16 +837,8 @@ def fp8_gemm(
     )  # fmt: skip
     args = (x, w_bits, scale, bias_arg, y, ws, cnt, m, n, k,
             x.stride(0), w_bits.stride(0), stride_sn, stride_sk, y.stride(0), per)  # fmt: skip
-    if cfg.kind == "gemv":
-        fp8_gemv_kernel[(num_tiles, split)](
-            *args, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, **common
-        )
-    else:
-        kernel = fp8_mm_kernel if cfg.kind == "mm" else fp8_wide_kernel
-        kernel[(num_tiles, split)](
-            *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            GROUP_M=cfg.group_m, **common,
-        )  # fmt: skip
+    kernel, tile = _kernel_and_tile(cfg)
+    kernel[(num_tiles, split)](*args, **tile, **common)
     if split > 1 and not fused:
         block = 1024
         splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
