@@ -120,8 +120,8 @@ class HostCopy:
         if self._event is not None:
             self._event.synchronize()
             self._event = None
-            self._host = self._host.clone()
-            if self._slot is not None:
+            if self._slot is not None:  # the pool's slot: copy out, then hand it back
+                self._host = self._host.clone()
                 _POOL.release(self._slot)
                 self._slot = None
         return self._host.cpu()
