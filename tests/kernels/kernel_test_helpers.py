@@ -17,8 +17,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CUDA_TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 86, 32), GPUTarget("cuda", 90, 32)]
-# Largest shared memory a program may use (opt-in): A100, RTX 30xx/A10, H100/H200.
-SMEM_LIMIT = {80: 166912, 86: 101376, 90: 232448}
+# Largest shared memory a program may use (opt-in): A100, RTX 30xx/A10, L4/RTX 40xx, H100/H200.
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
 def case_env(device: str, **extra: str) -> dict[str, str]:

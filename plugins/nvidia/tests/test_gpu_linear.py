@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from interp_cases import CASES as CASE_NAMES  # every soft-FP8 numerics case (tests/kernels)
 
 from chitu_core.quant import (
     FORMAT_FP8_BLOCK128,
@@ -22,10 +20,6 @@ pytestmark = [
         not torch.cuda.is_available() or torch.version.hip is not None, reason="needs an NVIDIA GPU"
     ),
 ]
-
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT / "tests" / "kernels"))
-from interp_cases import CASES as CASE_NAMES  # noqa: E402 - every soft-FP8 numerics case
 
 
 @pytest.fixture(scope="module")
