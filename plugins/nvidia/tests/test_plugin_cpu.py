@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -12,8 +10,15 @@ from chitu_core.quant import FORMAT_FP8_BLOCK128, FORMAT_UNQUANTIZED, quantize_b
 
 pytest.importorskip("triton")
 from chitu_nvidia import plugin  # noqa: E402
+from kernel_test_helpers import INTERPRETING, SMEM_LIMIT  # noqa: E402
 
 from chitu_core.kernels.packed_weight import PackedWeight  # noqa: E402
+
+# Ahead-of-time compiles for GPU targets (no GPU needed) cannot run in a process with the
+# Triton interpreter on (TRITON_INTERPRET=1).
+needs_compiler = pytest.mark.skipif(
+    INTERPRETING, reason="compiles kernels for GPU targets; TRITON_INTERPRET=1 is set"
+)
 
 
 def test_hookimpl_names_match_specs():
@@ -64,9 +69,7 @@ def test_prepare_weight_experts_and_dense():
         plugin.chitu_prepare_weight(w, None, FORMAT_FP8_BLOCK128)
 
 
-@pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiles kernels"
-)
+@needs_compiler
 def test_native_fp8_kernels_compile_for_sm90():
     import triton
     from chitu_nvidia.native_fp8 import act_quant_kernel, w8a8_block_gemm_kernel
@@ -88,16 +91,13 @@ def test_native_fp8_kernels_compile_for_sm90():
     assert "cubin" in k.asm
 
 
-@pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiles kernels"
-)
+@needs_compiler
 @pytest.mark.parametrize("arch", [(8, 0), (8, 6), (8, 9), (9, 0)], ids=lambda a: f"sm_{a[0]}{a[1]}")
 def test_every_soft_fp8_table_config_compiles_for_its_gpu(arch):
     """Each row of the per-arch tables builds a cubin for that arch within its shared memory
     (how the Ampere rows, never timed on Ampere here, are known to run there)."""
     import triton
     from chitu_nvidia.configs import SOFT_FP8_TABLES, soft_fp8_config
-    from kernel_test_helpers import SMEM_LIMIT
     from triton.backends.compiler import GPUTarget
 
     from chitu_core.kernels.fp8_gemm import kernel_source
