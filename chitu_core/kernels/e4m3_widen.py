@@ -48,6 +48,8 @@ MMA operand instead of scaling each partial sum.
 
 from __future__ import annotations
 
+import re
+
 import triton
 import triton.language as tl
 
@@ -234,6 +236,47 @@ def e4m3_scaled_to_bf16(bits, scale, NAN: tl.constexpr = True):
         dtype=tl.bfloat16,
         is_pure=True,
         pack=4,
+    )
+
+
+def _split_outputs(asm: str) -> tl.constexpr:
+    """The scaled widening rewritten for one int32 of 4 codes in and 4 bf16 out: the same
+    instructions, results unpacked into four 16-bit outputs (``$0``..``$3``: codes 0..3 of
+    the word), the word in ``$4`` and the scale pairs in ``$5`` (hi) and ``$6`` (lo), each
+    the same row scale in both halves."""
+    regs = {"0": "o0", "1": "o1", "2": "$4", "3": "$5", "4": "$5", "5": "$6", "6": "$6"}
+    body = re.sub(r"\$(\d)", lambda m: regs[m.group(1)], asm.value)
+    body = body.replace("{\n", "{\n    .reg .b32 o<2>;\n", 1)
+    return tl.constexpr(
+        body.rstrip()[:-1] + "    mov.b32 {$0, $1}, o0;\n    mov.b32 {$2, $3}, o1;\n}\n"
+    )
+
+
+_PTX_WORD_SCALED_TO_BF16 = _split_outputs(_PTX_E4M3X4_SCALED_TO_BF16X4)
+_PTX_WORD_SCALED_TO_BF16_NO_NAN = _split_outputs(_PTX_E4M3X4_SCALED_TO_BF16X4_NO_NAN)
+
+
+@triton.jit
+def e4m3_word_scaled_to_bf16(words, scale, NAN: tl.constexpr = True):
+    """``e4m3_scaled_to_bf16`` of the 4 codes packed in each int32 of ``words`` (code j in
+    bits 8j..8j+7), NVIDIA inline PTX: returns 4 bf16 tensors of ``words``' shape, code 0
+    to 3, each ``bf16(e4m3 * scale) / FOLD_FIX``. scale: fp32, one per row of ``words``
+    (shape ``[rows]``), in the range of ``e4m3_scaled_to_bf16``. Unlike that helper, the
+    codes need no gathering into registers: one 32-bit load feeds one widening."""
+    sf = scale * 309485009821345068724781056.0  # 2^120 / FOLD_FIX = 2^88, exact
+    s_hi = sf.to(tl.bfloat16)
+    s_lo = (sf - s_hi.to(tl.float32)).to(tl.bfloat16)
+    b_hi = s_hi.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    b_lo = s_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi2 = tl.broadcast_to((b_hi | (b_hi << 16))[:, None], words.shape)
+    lo2 = tl.broadcast_to((b_lo | (b_lo << 16))[:, None], words.shape)
+    return tl.inline_asm_elementwise(
+        asm=_PTX_WORD_SCALED_TO_BF16 if NAN else _PTX_WORD_SCALED_TO_BF16_NO_NAN,
+        constraints="=h,=h,=h,=h,r,r,r",
+        args=[words, hi2, lo2],
+        dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+        is_pure=True,
+        pack=1,
     )
 
 

@@ -44,6 +44,7 @@ from chitu_core.kernels.e4m3_widen import (
     e4m3_scaled_to_bf16,
     e4m3_to_bf16,
     e4m3_to_f16_x256,
+    e4m3_word_scaled_to_bf16,
 )
 
 SCALE_BLOCK = 128  # DeepSeek-V3 block size along N and K
@@ -128,6 +129,92 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
     pid_n = (pid % num_pid_in_group) // group_size_m
     return pid_m, pid_n
+
+
+K_PERM_GROUP = 16  # K-permuted weights reorder codes within groups of this many
+# position p of a group holds the code of k = _K_PERM_SOURCE[p] (k_perm_offsets below)
+_K_PERM_SOURCE = torch.tensor(
+    [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15], dtype=torch.long
+)
+
+
+def permute_k(w_bits: torch.Tensor) -> torch.Tensor:
+    """The K-permuted copy of ``[..., K]`` e4m3 codes (K % 16 == 0) that ``fp8_gemm`` takes
+    with ``k_perm=True``: within each 16-wide K group, byte ``4t + j`` holds the code of
+    ``k = 2t + (j & 1) + 8 * (j >> 1)``, the four codes that one thread of a 16x16 MMA
+    operand fragment holds (k = 2t, 2t+1, 2t+8, 2t+9), so one 32-bit load feeds it."""
+    k = w_bits.shape[-1]
+    if k % K_PERM_GROUP:
+        raise ValueError(f"K-permuted weights need K % {K_PERM_GROUP} == 0, got K = {k}")
+    src = _K_PERM_SOURCE.to(w_bits.device)
+    g = w_bits.reshape(*w_bits.shape[:-1], k // K_PERM_GROUP, K_PERM_GROUP)
+    return g[..., src].reshape(w_bits.shape).contiguous()
+
+
+def unpermute_k(w_bits: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``permute_k``: codes back in K order."""
+    k = w_bits.shape[-1]
+    g = w_bits.reshape(*w_bits.shape[:-1], k // K_PERM_GROUP, K_PERM_GROUP)
+    return (
+        g[..., torch.argsort(_K_PERM_SOURCE).to(w_bits.device)].reshape(w_bits.shape).contiguous()
+    )
+
+
+@triton.jit
+def k_perm_offsets(offs):
+    """The K index whose code sits at position ``offs`` of a K-permuted row (``permute_k``)."""
+    return (offs // 16) * 16 + ((offs >> 2) & 3) * 2 + (offs & 1) + ((offs >> 1) & 1) * 8
+
+
+@triton.jit
+def _widen_codes(bits, s, SCALE_MODE: tl.constexpr, USE_PTX: tl.constexpr,
+                 WIDEN_BF16: tl.constexpr, NAN: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
+    """The MMA operand of a tile of uint8 codes ``[rows, cols]``: with SCALE_MODE 1 the value
+    times its row's block scale ``s [rows]`` (bf16 activations on NVIDIA: divided by
+    FOLD_FIX), else the exact value (bf16) or value / 256 (fp16)."""
+    if SCALE_MODE == 1:
+        if USE_PTX and WIDEN_BF16:
+            w = e4m3_scaled_to_bf16(bits, s[:, None], NAN)
+        else:
+            w16 = e4m3_to_f16_x256(bits, USE_PTX, NAN)
+            w = (w16.to(tl.float32) * (s * 256.0)[:, None]).to(DTYPE)
+    elif WIDEN_BF16:
+        w = e4m3_to_bf16(bits, USE_PTX, NAN)
+    else:
+        w = e4m3_to_f16_x256(bits, USE_PTX, NAN)
+    return w
+
+
+@triton.jit
+def _widen_words(words, s, SCALE_MODE: tl.constexpr, USE_PTX: tl.constexpr,
+                 WIDEN_BF16: tl.constexpr, NAN: tl.constexpr, DTYPE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """``_widen_codes`` of a K-permuted tile loaded as int32 words ``[BLOCK_N, BLOCK_K // 4]``,
+    returned as the ``[BLOCK_N, BLOCK_K]`` operand in K order. The words' four codes land in
+    the registers where the MMA operand wants them (join/permute/reshape, no data movement)."""
+    if SCALE_MODE == 1 and USE_PTX and WIDEN_BF16:
+        o0, o1, o2, o3 = e4m3_word_scaled_to_bf16(words, s, NAN)
+    else:
+        o0 = _widen_codes(
+            (words & 0xFF).to(tl.uint8), s, SCALE_MODE, USE_PTX, WIDEN_BF16, NAN, DTYPE
+        )
+        o1 = _widen_codes(
+            ((words >> 8) & 0xFF).to(tl.uint8), s, SCALE_MODE, USE_PTX, WIDEN_BF16, NAN, DTYPE
+        )
+        o2 = _widen_codes(
+            ((words >> 16) & 0xFF).to(tl.uint8), s, SCALE_MODE, USE_PTX, WIDEN_BF16, NAN, DTYPE
+        )
+        o3 = _widen_codes(
+            ((words >> 24) & 0xFF).to(tl.uint8), s, SCALE_MODE, USE_PTX, WIDEN_BF16, NAN, DTYPE
+        )
+    G: tl.constexpr = BLOCK_K // 16
+    o0 = tl.reshape(o0, (BLOCK_N, G, 4))
+    o1 = tl.reshape(o1, (BLOCK_N, G, 4))
+    o2 = tl.reshape(o2, (BLOCK_N, G, 4))
+    o3 = tl.reshape(o3, (BLOCK_N, G, 4))
+    # [BLOCK_N, group, t, pair element e, half h] -> k = 16 * group + 8h + 2t + e
+    t = tl.join(tl.join(o0, o1), tl.join(o2, o3))
+    return tl.reshape(tl.permute(t, (0, 1, 4, 2, 3)), (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -233,6 +320,7 @@ def fp8_gemv_kernel(
     DOT_IN_FP32: tl.constexpr,
     WIDEN_BF16: tl.constexpr = False,
     NAN: tl.constexpr = True,
+    K_PERM: tl.constexpr = False,
 ):
     """Decode GEMV/skinny GEMM: each program streams a [BLOCK_N, 128] weight tile per
     step (16-byte loads along K), widens it in registers and multiplies by the x
@@ -257,10 +345,12 @@ def fp8_gemv_kernel(
     rows_m = offs_m % M
     k0 = kt_begin * BLOCK_K
     w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k0 + offs_k)[None, :]
+    # K-permuted weight: x is read in the weight's order (the sum does not care)
+    offs_kx = k_perm_offsets(offs_k) if K_PERM else offs_k
     if BLOCK_M == 1:
-        x_ptrs = x_ptr + k0 + offs_k
+        x_ptrs = x_ptr + k0 + offs_kx
     else:
-        x_ptrs = x_ptr + rows_m[None, :] * stride_xm + (k0 + offs_k)[:, None]  # [BK, BM]
+        x_ptrs = x_ptr + rows_m[None, :] * stride_xm + (k0 + offs_kx)[:, None]  # [BK, BM]
     if SCALE_MODE != 2:
         s_ptrs = scale_ptr + (rows_n // 128) * stride_sn + kt_begin * stride_sk
 
@@ -384,6 +474,7 @@ def fp8_mm_kernel(
     DOT_IN_FP32: tl.constexpr,
     WIDEN_BF16: tl.constexpr = False,
     NAN: tl.constexpr = True,
+    K_PERM: tl.constexpr = False,
 ):
     """``acc[BLOCK_M, BLOCK_N] = x_tile @ widen(W_tile)^T``: the weight tile is widened
     once per K step (to bf16, pre-scaled by its block scale with SCALE_MODE 1) and
@@ -398,7 +489,8 @@ def fp8_mm_kernel(
     rows_m = offs_m % M
     rows_n = offs_n % N
     k0 = kt_begin * BLOCK_K
-    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + (k0 + offs_k)[None, :]
+    offs_kx = k_perm_offsets(offs_k) if K_PERM else offs_k  # x in a K-permuted weight's order
+    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + (k0 + offs_kx)[None, :]
     w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k0 + offs_k)[None, :]
     if SCALE_MODE != 2:
         s_ptrs = scale_ptr + (rows_n // 128) * stride_sn
@@ -476,6 +568,7 @@ def fp8_wide_kernel(
     DOT_IN_FP32: tl.constexpr,
     WIDEN_BF16: tl.constexpr = False,
     NAN: tl.constexpr = True,
+    K_PERM: tl.constexpr = False,
 ):
     """Batched decode (M in the tens to hundreds): ``acc[BLOCK_N, BLOCK_M] = widen(W_tile) @ x_tile^T``.
 
@@ -501,10 +594,14 @@ def fp8_wide_kernel(
     rows_n = offs_n % N
     rows_m = offs_m % M
     k0 = kt_begin * BLOCK_K
-    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k0 + offs_k)[None, :]
+    if K_PERM:  # 4 codes per int32 word, already in operand order (``permute_k``)
+        offs_w = tl.arange(0, BLOCK_K // 4)
+        w_ptrs = (w_ptr.to(tl.pointer_type(tl.int32)) + rows_n[:, None] * (stride_wn // 4)
+                  + (k0 // 4 + offs_w)[None, :])  # fmt: skip
+    else:
+        w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k0 + offs_k)[None, :]
     x_ptrs = x_ptr + rows_m[None, :] * stride_xm + (k0 + offs_k)[:, None]  # [BK, BM]
-    if SCALE_MODE != 2:
-        s_ptrs = scale_ptr + (rows_n // 128) * stride_sn
+    s_ptrs = scale_ptr + (rows_n // 128) * stride_sn
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for kt in range(kt_begin, kt_end):
@@ -513,28 +610,28 @@ def fp8_wide_kernel(
             xt = tl.load(x_ptrs)
         else:
             k_ok = kt * BLOCK_K + offs_k < K
-            w_bits = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
+            if K_PERM:  # K % 16 == 0: whole words are in or out
+                w_bits = tl.load(w_ptrs, mask=(kt * BLOCK_K + 4 * offs_w < K)[None, :], other=0)
+            else:
+                w_bits = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
             xt = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
-        if SCALE_MODE == 1:
+        if SCALE_MODE != 2:
             s = tl.load(s_ptrs + (kt * BLOCK_K // 128) * stride_sk)
-            if USE_PTX and WIDEN_BF16:  # widening and scale in one pass (FOLD_FIX below)
-                w = e4m3_scaled_to_bf16(w_bits, s[:, None], NAN)
-            else:
-                w16 = e4m3_to_f16_x256(w_bits, USE_PTX, NAN)
-                w = (w16.to(tl.float32) * (s * 256.0)[:, None]).to(xt.dtype)
-            acc = _dot(w, xt, acc, DOT_IN_FP32)
         else:
-            if WIDEN_BF16:  # exact values (FIX 1)
-                wx = e4m3_to_bf16(w_bits, USE_PTX, NAN)
-            else:  # fp16 activations: exact e4m3 / 256 (FIX 256)
-                wx = e4m3_to_f16_x256(w_bits, USE_PTX, NAN)
-            if SCALE_MODE == 0:
-                s = tl.load(s_ptrs + (kt * BLOCK_K // 128) * stride_sk)
-                part = _dot(wx, xt, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), DOT_IN_FP32)
-                acc += part * s[:, None]
-            else:
-                acc = _dot(wx, xt, acc, DOT_IN_FP32)
-        w_ptrs += BLOCK_K
+            s = tl.zeros((BLOCK_N,), tl.float32)  # unused: channel scales apply at the end
+        # SCALE_MODE 1: the widening applies the scale (with USE_PTX and bf16: / FOLD_FIX);
+        # 0 and 2: exact values (bf16, FIX 1) or e4m3 / 256 (fp16, FIX 256)
+        if K_PERM:
+            w = _widen_words(w_bits, s, SCALE_MODE, USE_PTX, WIDEN_BF16, NAN, xt.dtype,
+                             BLOCK_N, BLOCK_K)  # fmt: skip
+        else:
+            w = _widen_codes(w_bits, s, SCALE_MODE, USE_PTX, WIDEN_BF16, NAN, xt.dtype)
+        if SCALE_MODE == 0:
+            part = _dot(w, xt, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), DOT_IN_FP32)
+            acc += part * s[:, None]
+        else:
+            acc = _dot(w, xt, acc, DOT_IN_FP32)
+        w_ptrs += BLOCK_K // 4 if K_PERM else BLOCK_K
         x_ptrs += BLOCK_K
 
     if SCALE_MODE == 1:
@@ -571,9 +668,10 @@ def dequant_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NAN: tl.constexpr = True,
+    K_PERM: tl.constexpr = False,
 ):
     """out = bf16(e4m3(w) * scale): the whole-weight widening of the ``dequant`` prefill
-    path. Bytes: N*K read, 2*N*K written."""
+    path, in K order also for a K-permuted ``w`` (K_PERM). Bytes: N*K read, 2*N*K written."""
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)  # K fastest: streaming order
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
@@ -590,8 +688,9 @@ def dequant_kernel(
             other=0.0,
         )[None, :]
     v = e4m3_to_f16_x256(bits, USE_PTX, NAN).to(tl.float32) * (s * 256.0)
+    offs_out = k_perm_offsets(offs_k) if K_PERM else offs_k
     tl.store(
-        out_ptr + offs_n[:, None] * K + offs_k[None, :], v.to(out_ptr.dtype.element_ty), mask=mask
+        out_ptr + offs_n[:, None] * K + offs_out[None, :], v.to(out_ptr.dtype.element_ty), mask=mask
     )
 
 
@@ -665,9 +764,11 @@ def dequantize_to(
     channel: bool,
     use_ptx: bool,
     nan_codes: bool = True,
+    k_perm: bool = False,
 ) -> torch.Tensor:
-    """``bf16(e4m3(w) * scale)`` of a whole [N, K] weight with the Triton widening.
-    nan_codes=False only for codes known to hold no NaN (0x7F/0xFF)."""
+    """``bf16(e4m3(w) * scale)`` of a whole [N, K] weight with the Triton widening, in K
+    order (k_perm: ``w_bits`` is K-permuted, ``permute_k``). nan_codes=False only for codes
+    known to hold no NaN (0x7F/0xFF)."""
     n, k = w_bits.shape
     out = torch.empty((n, k), dtype=dtype, device=w_bits.device)
     if n == 0 or k == 0:
@@ -676,7 +777,8 @@ def dequantize_to(
     stride_sn, stride_sk = (0, 0) if channel else (scale.stride(0), scale.stride(1))
     dequant_kernel[(triton.cdiv(k, bk), triton.cdiv(n, bn))](
         w_bits, scale, out, n, k, w_bits.stride(0), stride_sn, stride_sk,
-        CHANNEL=channel, USE_PTX=use_ptx, BLOCK_N=bn, BLOCK_K=bk, NAN=nan_codes, num_warps=4,
+        CHANNEL=channel, USE_PTX=use_ptx, BLOCK_N=bn, BLOCK_K=bk, NAN=nan_codes, K_PERM=k_perm,
+        num_warps=4,
     )  # fmt: skip
     return out
 
@@ -726,24 +828,27 @@ def kernel_source(
     use_ptx: bool = True,
     nan_codes: bool = True,
     fused_reduce: bool = True,
+    k_perm: bool = False,
 ):
     """The Triton kernel that ``fp8_gemm`` launches for ``config`` (kinds gemv, mm, wide;
     for dequant its widening kernel), as a ``triton.compiler.ASTSource`` with the launch's
     constexprs: what ``triton.compile(src, target=GPUTarget(...))`` builds ahead of time
     for a GPU that is not here. half: "bf16" or "fp16" activations; fused_reduce: the
-    split-K variant that sums partials in the kernel (NVIDIA)."""
+    split-K variant that sums partials in the kernel (NVIDIA); k_perm: for a K-permuted
+    weight (``permute_k``)."""
     from triton.compiler import ASTSource
 
     if config.kind == "dequant":
         sig = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": f"*{half}", "N": "i32",
                "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_sk": "i32"}  # fmt: skip
         c = {"CHANNEL": channel, "USE_PTX": use_ptx, "BLOCK_N": 16, "BLOCK_K": 512,
-             "NAN": nan_codes}  # fmt: skip
+             "NAN": nan_codes, "K_PERM": k_perm}  # fmt: skip
         return ASTSource(dequant_kernel, {**sig, **dict.fromkeys(c, "constexpr")}, c)
     kernel, tile = _kernel_and_tile(config)
     c = dict(SCALE_MODE=_scale_mode(config, channel), HAS_BIAS=True, FUSED_REDUCE=fused_reduce,
              FENCE_PTX=fused_reduce and use_ptx, EVEN_K=even_k, USE_PTX=use_ptx,
-             DOT_IN_FP32=False, WIDEN_BF16=half == "bf16", NAN=nan_codes, **tile)  # fmt: skip
+             DOT_IN_FP32=False, WIDEN_BF16=half == "bf16", NAN=nan_codes, K_PERM=k_perm,
+             **tile)  # fmt: skip
     sig = {k: (f"*{half}" if v == "*bf16" else v) for k, v in _KERNEL_SIGNATURE.items()}
     return ASTSource(kernel, {**sig, **dict.fromkeys(c, "constexpr")}, c)
 
@@ -760,6 +865,7 @@ def fp8_gemm(
     use_ptx: bool = False,
     nan_codes: bool = True,
     scales_fold: bool | None = None,
+    k_perm: bool = False,
 ) -> torch.Tensor:
     """``y = x @ (e4m3(w_bits) * scale)^T + bias`` with the soft-FP8 kernel.
 
@@ -772,7 +878,9 @@ def fp8_gemm(
     scales_fold: ``scales_foldable(scale)`` (``PackedWeight.scales_fold``; None: checked
     here, a device sync). A ``wide`` config with ``scale_on_acc=False`` needs it with
     bf16 activations on NVIDIA, and multiplies the partial products by the scales when
-    it is False.
+    it is False. k_perm: ``w_bits`` is K-permuted (``permute_k``, ``PackedWeight.k_perm``):
+    the ``wide`` kernel then loads 4 codes per 32-bit word straight into the MMA operand;
+    the others read x in the weight's order.
     """
     if x.dim() != 2 or w_bits.dim() != 2 or x.shape[1] != w_bits.shape[1]:
         raise ValueError(
@@ -786,6 +894,8 @@ def fp8_gemm(
         raise ValueError("fp8_gemm needs x and w with a contiguous last dimension")
     m, k = x.shape
     n = w_bits.shape[0]
+    if k_perm and k % K_PERM_GROUP:
+        raise ValueError(f"a K-permuted weight needs K % {K_PERM_GROUP} == 0, got K = {k}")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
@@ -794,8 +904,9 @@ def fp8_gemm(
     cfg = config
     if cfg.kind == "dequant":
         w = dequantize_to(
-            w_bits, scale, x.dtype, channel=channel, use_ptx=use_ptx, nan_codes=nan_codes
-        )
+            w_bits, scale, x.dtype, channel=channel, use_ptx=use_ptx, nan_codes=nan_codes,
+            k_perm=k_perm,
+        )  # fmt: skip
         return torch.nn.functional.linear(x, w, bias)
     block_k = 128 if cfg.kind == "gemv" else cfg.block_k
     if not channel and 128 % block_k:
@@ -832,7 +943,7 @@ def fp8_gemm(
         SCALE_MODE=mode, HAS_BIAS=has_bias, FUSED_REDUCE=fused,
         FENCE_PTX=fused and use_ptx and not interpreting(),
         EVEN_K=k % block_k == 0, USE_PTX=use_ptx, DOT_IN_FP32=interpreting(),
-        WIDEN_BF16=x.dtype == torch.bfloat16, NAN=nan_codes,
+        WIDEN_BF16=x.dtype == torch.bfloat16, NAN=nan_codes, K_PERM=k_perm,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     args = (x, w_bits, scale, bias_arg, y, ws, cnt, m, n, k,
