@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chitu_core.kernels.fp8_gemm import scales_foldable
+from chitu_core.kernels.fp8_gemm import K_PERM_GROUP, permute_k, scales_foldable, unpermute_k
 from chitu_core.quant import (
     FORMAT_FP8_BLOCK128,
     FORMAT_FP8_CHANNEL,
@@ -37,6 +37,10 @@ class PackedWeight:
     scales_fold: FP8 block only: every scale is in the range that the ``wide`` kernel
         can fold into the widened weight (``fp8_gemm.scales_foldable``, checked once at
         pack time). Defaults to the safe False (scales applied to the partial sums).
+    k_perm: FP8 ``[N, K]`` only: the codes are K-permuted (``fp8_gemm.permute_k``), the
+        layout in which the ``wide`` kernel loads 4 codes per word straight into its MMA
+        operand; every soft-FP8 kernel reads it (``fp8_gemm(k_perm=True)``), native FP8
+        kernels do not.
     """
 
     weight: torch.Tensor
@@ -44,6 +48,7 @@ class PackedWeight:
     fmt: str
     has_nan_codes: bool = True
     scales_fold: bool = False
+    k_perm: bool = False
 
     @property
     def out_features(self) -> int:
@@ -62,20 +67,27 @@ class PackedWeight:
         return self.fmt in (FORMAT_FP8_BLOCK128, FORMAT_FP8_CHANNEL)
 
     def fp8_view(self) -> torch.Tensor:
-        """The codes as ``float8_e4m3fn`` (a view, no copy) for native FP8 kernels."""
-        return self.weight.view(torch.float8_e4m3fn)
+        """The codes as ``float8_e4m3fn`` in K order for native FP8 kernels (a view, no
+        copy, unless K-permuted)."""
+        bits = unpermute_k(self.weight) if self.k_perm else self.weight
+        return bits.view(torch.float8_e4m3fn)
 
     def as_quantized(self) -> QuantizedWeight:
-        """Back to the core's ``QuantizedWeight`` (a view, no copy) for the generic ops."""
-        return QuantizedWeight(self.weight, self.scale, self.fmt)
+        """Back to the core's ``QuantizedWeight`` for the generic ops (a view, no copy,
+        unless K-permuted)."""
+        bits = unpermute_k(self.weight) if self.k_perm else self.weight
+        return QuantizedWeight(bits, self.scale, self.fmt)
 
 
-def pack_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> PackedWeight:
+def pack_weight(
+    weight: torch.Tensor, scale: torch.Tensor | None, fmt: str, k_perm: bool = False
+) -> PackedWeight:
     """Validate (through ``QuantizedWeight``) and repack: FP8 codes to contiguous uint8.
 
     weight: ``[N, K]`` or ``[E, N, K]``; scale and fmt as in
     ``chitu_core.hookspecs.chitu_prepare_weight``. Keeps FP8 at 1 byte per element.
-    Raises ValueError on a weight that does not match its format.
+    k_perm: K-permute the codes of an FP8 ``[N, K]`` weight with K % 16 == 0 (others
+    are kept in K order). Raises ValueError on a weight that does not match its format.
     """
     q = QuantizedWeight(weight, scale, fmt)
     if fmt == FORMAT_UNQUANTIZED:
@@ -85,7 +97,11 @@ def pack_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> P
         bits = bits.view(torch.uint8)
     scale = q.scale.float().contiguous()
     fold = fmt == FORMAT_FP8_BLOCK128 and scales_foldable(scale)
-    return PackedWeight(bits, scale, fmt, has_nan_codes(bits), fold)
+    nan = has_nan_codes(bits)
+    k_perm = k_perm and bits.dim() == 2 and bits.shape[1] % K_PERM_GROUP == 0
+    if k_perm:
+        bits = permute_k(bits)
+    return PackedWeight(bits, scale, fmt, nan, fold, k_perm)
 
 
 def has_nan_codes(bits: torch.Tensor) -> bool:

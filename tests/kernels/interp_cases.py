@@ -13,7 +13,13 @@ import sys
 import torch
 
 from chitu_core.kernels.e4m3_widen import e4m3_widen
-from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm, scales_foldable
+from chitu_core.kernels.fp8_gemm import (
+    Fp8GemmConfig,
+    fp8_gemm,
+    permute_k,
+    scales_foldable,
+    unpermute_k,
+)
 from chitu_core.quant import (
     dequantize_block_fp8,
     dequantize_channel_fp8,
@@ -282,6 +288,61 @@ def case_gemm_fp16_activations() -> None:
             assert y.dtype == torch.float16
             rounding = not channel and not cfg.scale_on_acc
             assert_close_to_exact(y, x, w_ref, None, rounding)
+
+
+def case_k_perm() -> None:
+    """K-permuted weights (``permute_k``) through every kind: all 256 codes exact (one-hot x),
+    NaN rows NaN, the folded-scale widening of the wide kernel (NVIDIA: one word-wide PTX
+    pass) equal bit for bit to the K-order kernel, random shapes with a K tail close to
+    exact, fp16 activations; and ``unpermute_k`` inverts ``permute_k``."""
+    torch.manual_seed(0)
+    n = 20
+    bits = _all_codes_weight(n)
+    bits[n - 2, 17] = 0x7F
+    bits[n - 1, 200] = 0xFF
+    perm = permute_k(bits)
+    assert torch.equal(unpermute_k(perm), bits) and not torch.equal(perm, bits)
+    x = torch.eye(256, dtype=torch.bfloat16)
+    scale = 2.0 ** torch.randint(-4, 4, (1, 2)).float()
+    ref = dequantize_block_fp8(bits, scale, torch.float64).T.float()
+    kinds = (Fp8GemmConfig(kind="gemv", block_m=1, block_n=32),
+             Fp8GemmConfig(kind="mm", block_m=16, block_n=32, split_k=2),
+             Fp8GemmConfig(kind="wide", block_n=16, block_m=64, block_k=64, split_k=2),
+             Fp8GemmConfig(kind="wide", block_n=32, block_m=32, split_k=1, scale_on_acc=False),
+             Fp8GemmConfig(kind="dequant"))  # fmt: skip
+    for cfg in kinds:
+        xs = x[:1] if cfg.kind == "gemv" else x
+        for nan_codes in (True, False):
+            rows = n if nan_codes else n - 2
+            y = fp8_gemm(xs.to(DEVICE), perm[:rows].to(DEVICE), scale.to(DEVICE), None,
+                         channel=False, config=cfg, num_sms=4, use_ptx=USE_PTX,
+                         nan_codes=nan_codes, k_perm=True).float().cpu()  # fmt: skip
+            assert same_values(y[:, : n - 2], ref[: len(xs), : n - 2], False), f"{cfg} {nan_codes}"
+            if nan_codes:
+                assert bool(y[:, n - 2 :].isnan().all()), f"NaN codes must give NaN rows: {cfg}"
+    # random data, K tail (K % 16 == 0, not % 128), N tail, bias, both activation dtypes
+    n, k = 150, 208
+    wq, s = quantize_block_fp8(torch.randn(n, k) * 0.05)
+    w_bits = wq.view(torch.uint8)
+    w_ref = dequantize_block_fp8(wq, s, torch.float64)
+    bias = torch.randn(n)
+    for dtype in (torch.bfloat16, torch.float16):
+        for cfg in kinds:
+            m = 1 if cfg.kind == "gemv" else 37
+            xr = torch.randn(m, k).to(dtype)
+            y = fp8_gemm(xr.to(DEVICE), permute_k(w_bits).to(DEVICE), s.to(DEVICE),
+                         bias.to(dtype).to(DEVICE), channel=False, config=cfg, num_sms=4,
+                         use_ptx=USE_PTX, k_perm=True)  # fmt: skip
+            folded = cfg.kind == "dequant" or not cfg.scale_on_acc
+            assert_close_to_exact(y, xr, w_ref, bias.to(dtype), operand_rounding=folded)
+            if cfg.kind == "wide":  # same logical operands as the K-order kernel: same bits
+                y0 = fp8_gemm(xr.to(DEVICE), w_bits.to(DEVICE), s.to(DEVICE),
+                              bias.to(dtype).to(DEVICE), channel=False, config=cfg, num_sms=4,
+                              use_ptx=USE_PTX, scales_fold=True)  # fmt: skip
+                y1 = fp8_gemm(xr.to(DEVICE), permute_k(w_bits).to(DEVICE), s.to(DEVICE),
+                              bias.to(dtype).to(DEVICE), channel=False, config=cfg, num_sms=4,
+                              use_ptx=USE_PTX, scales_fold=True, k_perm=True)  # fmt: skip
+                assert torch.equal(y0, y1), f"{cfg} {dtype}"
 
 
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}

@@ -110,6 +110,44 @@ SOFT_FP8_TABLES: dict[tuple[int, int], tuple[ConfigRow, ...]] = {
     (9, 0): _SM90,
 }
 
+
+# K-permuted weights (``PackedWeight.k_perm``, the NVIDIA plugin's default): the wide
+# kernel loads 4 codes per word straight into its MMA operand (no byte gathering), which
+# moves it down to M = 17. Winners of benchmarks/results/sweep-kperm-h200-2026-11-26.py
+# (H200, Triton 3.6; jsonl beside it), against the K-order table above on the same run:
+# * M 17..32, K <= 4096, N >= 14336 (Llama-8B gate/up and its TP=2 shard, DeepSeek's
+#   1536 x 24576): 128 x 32 x 128, one K slice: 41.8 / 27.0 / 17.8 us against 53.2 / 32.0 /
+#   23.6; elsewhere the mm kernel (x read in the weight's order) keeps M <= 32.
+# * M 33..64, K <= 4096, N >= 14336: 128 x 64 x 128, one slice: 49.0 / 31.6 / 20.8 against
+#   73.6 / 43.3 / 32.3; other K <= 4096: 64 x 64 x 128, 2 slices (22.7 / 16.1 / 11.5 against
+#   23.5 / 16.5 / 11.8); K > 4096 with N >= 14336: 64 x 64 x 128, 2 slices (74.0 against
+#   81.5 on 7168 x 18432); the GEMV keeps the rest (18432 x 7168, 14336 x 4096, 7168 x 2112).
+# * M 65..128: 64 x 128 x 128, one slice for K <= 4096 and N >= 14336 (78.6 / 39.9 / 32.2
+#   against 113.9 / 60.8 / 51.3), else 2 slices for N >= 4096 (7168 x 18432 119.3 against
+#   136.1, 18432 x 7168 93.2 / 115.7, 4096 x 6144 27.6 / 32.0, 14336 x 4096 51.7 / 59.0,
+#   2048 x 4096 14.3 / 14.9); N < 4096 and M > 128 keep dequant + cuBLAS.
+# Ampere runs the same rows, compile-checked only (<= 99 KB of shared memory).
+def _wide(bn: int, bm: int, bk: int, stages: int, split: int) -> Fp8GemmConfig:
+    return _C(kind="wide", block_n=bn, block_m=bm, block_k=bk, split_k=split, num_warps=4,
+              num_stages=stages, scale_on_acc=False)  # fmt: skip
+
+
+_K_PERM = (
+    *_SM90[:3],
+    ConfigRow(32, _wide(128, 32, 128, 4, 1), max_k=4096, min_n=14336),
+    *_SM90[3:5],
+    ConfigRow(64, _wide(128, 64, 128, 3, 1), max_k=4096, min_n=14336),
+    ConfigRow(64, _wide(64, 64, 128, 3, 2), max_k=4096),
+    ConfigRow(64, _wide(64, 64, 128, 3, 2), min_n=14336),
+    _SM90[6],
+    ConfigRow(128, _wide(64, 128, 128, 3, 1), max_k=4096, min_n=14336),
+    ConfigRow(128, _wide(64, 128, 128, 3, 2), min_n=4096),
+    _SM90[-1],
+)
+SOFT_FP8_TABLES_K_PERM: dict[tuple[int, int], tuple[ConfigRow, ...]] = dict.fromkeys(
+    SOFT_FP8_TABLES, _K_PERM
+)
+
 # On sm_89+ the native FP8 path is used from this many tokens on (soft FP8 below:
 # decode is weight-bound and the soft kernel reads the same bytes without the
 # activation-quantization pass).
@@ -117,15 +155,21 @@ NATIVE_FP8_MIN_M: dict[tuple[int, int], int] = {(8, 9): 128, (9, 0): 128}
 
 
 def soft_fp8_config(
-    capability: tuple[int, int], m: int, k: int | None = None, n: int | None = None
+    capability: tuple[int, int],
+    m: int,
+    k: int | None = None,
+    n: int | None = None,
+    k_perm: bool = False,
 ) -> Fp8GemmConfig:
     """The soft-FP8 GEMM config for ``m`` tokens, ``k`` input and ``n`` output features
-    (None skips the rows that need them) on a GPU of this compute capability."""
-    archs = sorted(a for a in SOFT_FP8_TABLES if a <= capability) or [min(SOFT_FP8_TABLES)]
-    for row in SOFT_FP8_TABLES[archs[-1]]:
+    (None skips the rows that need them) on a GPU of this compute capability, for a
+    weight in K order or K-permuted (``k_perm``)."""
+    tables = SOFT_FP8_TABLES_K_PERM if k_perm else SOFT_FP8_TABLES
+    archs = sorted(a for a in tables if a <= capability) or [min(tables)]
+    for row in tables[archs[-1]]:
         if row.serves(m, k, n):
             return row.config
-    return SOFT_FP8_TABLES[archs[-1]][-1].config
+    return tables[archs[-1]][-1].config
 
 
 # MLA absorbed decode (DeepSeek-V3: 128 heads, R 512 + P 64). On sm_80/sm_90 the default

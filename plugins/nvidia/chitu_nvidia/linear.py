@@ -22,6 +22,12 @@ def force_soft_fp8() -> bool:
     return os.environ.get("CHITU_FORCE_SOFT_FP8", "0") not in ("", "0")
 
 
+def k_perm_enabled() -> bool:
+    """``CHITU_FP8_K_PERM=0`` keeps FP8 weights in K order (the default K-permutes them at
+    load for the soft-FP8 wide kernel, ``PackedWeight.k_perm``); for A/B measurements."""
+    return os.environ.get("CHITU_FP8_K_PERM", "1") not in ("", "0")
+
+
 def native_fp8_enabled() -> bool:
     """``CHITU_NATIVE_FP8=1`` opts in to the native FP8 path on sm_89+.
 
@@ -66,6 +72,7 @@ def linear(
     if native is None:
         native = (
             w.fmt == FORMAT_FP8_BLOCK128
+            and not w.k_perm
             and not force_soft_fp8()
             and native_fp8_enabled()
             and capability >= (8, 9)
@@ -79,10 +86,11 @@ def linear(
         y = fp8_gemm(
             x2, w.weight, w.scale, bias,
             channel=w.fmt == FORMAT_FP8_CHANNEL,
-            config=soft_fp8_config(capability, m, x2.shape[1], w.out_features),
+            config=soft_fp8_config(capability, m, x2.shape[1], w.out_features, w.k_perm),
             num_sms=num_sms,
             use_ptx=torch.version.hip is None,
             nan_codes=w.has_nan_codes,
             scales_fold=w.scales_fold,
+            k_perm=w.k_perm,
         )  # fmt: skip
     return y.reshape(*lead, y.shape[-1])

@@ -86,8 +86,11 @@ def chitu_capture_graph(fn: Callable[[], Any], device: torch.device) -> Callable
 
 @hookimpl
 def chitu_prepare_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> Any:
-    """FP8 codes become a contiguous uint8 tensor (the soft kernels' input); see ``PackedWeight``."""
-    return pack_weight(weight, scale, fmt)
+    """FP8 codes become a contiguous uint8 tensor (the soft kernels' input), [N, K] ones
+    K-permuted for the wide kernel unless native FP8 is on or ``CHITU_FP8_K_PERM=0``; see
+    ``PackedWeight``."""
+    k_perm = _linear.k_perm_enabled() and not _linear.native_fp8_enabled()
+    return pack_weight(weight, scale, fmt, k_perm=k_perm)
 
 
 @hookimpl

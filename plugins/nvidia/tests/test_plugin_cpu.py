@@ -6,12 +6,18 @@ import pytest
 import torch
 
 from chitu_core import hookspecs
-from chitu_core.quant import FORMAT_FP8_BLOCK128, FORMAT_UNQUANTIZED, quantize_block_fp8
+from chitu_core.quant import (
+    FORMAT_FP8_BLOCK128,
+    FORMAT_UNQUANTIZED,
+    QuantizedWeight,
+    quantize_block_fp8,
+)
 
 pytest.importorskip("triton")
 from chitu_nvidia import plugin  # noqa: E402
 from kernel_test_helpers import INTERPRETING, SMEM_LIMIT  # noqa: E402
 
+from chitu_core.kernels.fp8_gemm import permute_k  # noqa: E402
 from chitu_core.kernels.packed_weight import PackedWeight  # noqa: E402
 
 # Ahead-of-time compiles for GPU targets (no GPU needed) cannot run in a process with the
@@ -37,9 +43,32 @@ def test_prepare_weight_keeps_fp8_one_byte():
     h = plugin.chitu_prepare_weight(w, s, FORMAT_FP8_BLOCK128)
     assert isinstance(h, PackedWeight)
     assert h.weight.dtype == torch.uint8 and h.weight.element_size() == 1
-    assert torch.equal(h.weight, w.view(torch.uint8))
     assert h.out_features == 300 and h.in_features == 260 and h.num_experts is None
-    torch.testing.assert_close(h.as_quantized().dequantize(), h.as_quantized().dequantize())
+    # K = 260 is no multiple of 16: kept in K order
+    assert not h.k_perm and torch.equal(h.weight, w.view(torch.uint8))
+    torch.testing.assert_close(
+        h.as_quantized().dequantize(), QuantizedWeight(w, s, FORMAT_FP8_BLOCK128).dequantize()
+    )
+
+
+def test_prepare_weight_k_permutes_for_the_wide_kernel(monkeypatch):
+    """[N, K] FP8 weights with K % 16 == 0 are K-permuted at load (the wide kernel's
+    layout); the generic view still reads K order; CHITU_FP8_K_PERM=0 and native FP8 keep
+    K order (native kernels read it)."""
+    w, s = quantize_block_fp8(torch.randn(256, 384))
+    q = QuantizedWeight(w, s, FORMAT_FP8_BLOCK128)
+    h = plugin.chitu_prepare_weight(w, s, FORMAT_FP8_BLOCK128)
+    assert h.k_perm and torch.equal(h.weight, permute_k(w.view(torch.uint8)))
+    assert torch.equal(h.as_quantized().weight.view(torch.uint8), w.view(torch.uint8))
+    assert torch.equal(h.fp8_view().view(torch.uint8), w.view(torch.uint8))
+    torch.testing.assert_close(h.as_quantized().dequantize(), q.dequantize())
+    experts, es = quantize_block_fp8(torch.randn(2, 128, 128))
+    assert not plugin.chitu_prepare_weight(experts, es, FORMAT_FP8_BLOCK128).k_perm
+    for env in ("CHITU_FP8_K_PERM=0", "CHITU_NATIVE_FP8=1"):
+        with monkeypatch.context() as mp:
+            mp.setenv(*env.split("="))
+            h = plugin.chitu_prepare_weight(w, s, FORMAT_FP8_BLOCK128)
+            assert not h.k_perm and torch.equal(h.weight, w.view(torch.uint8)), env
 
 
 def test_prepare_weight_records_nan_codes():
@@ -97,22 +126,24 @@ def test_every_soft_fp8_table_config_compiles_for_its_gpu(arch):
     """Each row of the per-arch tables builds a cubin for that arch within its shared memory
     (how the Ampere rows, never timed on Ampere here, are known to run there)."""
     import triton
-    from chitu_nvidia.configs import SOFT_FP8_TABLES, soft_fp8_config
+    from chitu_nvidia.configs import SOFT_FP8_TABLES, SOFT_FP8_TABLES_K_PERM, soft_fp8_config
     from triton.backends.compiler import GPUTarget
 
     from chitu_core.kernels.fp8_gemm import kernel_source
 
     target = GPUTarget("cuda", arch[0] * 10 + arch[1], 32)
-    rows = SOFT_FP8_TABLES[arch]
-    assert rows[-1].max_m >= 1 << 62, "the last row must cover every M"
-    for row in rows:
-        assert soft_fp8_config(arch, row.max_m, row.max_k, row.min_n) is row.config
-        cfg = row.config
-        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        src = kernel_source(cfg, nan_codes=False)  # what a real checkpoint runs
-        kernel = triton.compile(src, target=target, options=opts)
-        assert "cubin" in kernel.asm
-        assert kernel.metadata.shared <= SMEM_LIMIT[target.arch], f"M <= {row.max_m}: {cfg}"
+    for k_perm, tables in ((False, SOFT_FP8_TABLES), (True, SOFT_FP8_TABLES_K_PERM)):
+        rows = tables[arch]
+        assert rows[-1].max_m >= 1 << 62, "the last row must cover every M"
+        for row in rows:
+            assert soft_fp8_config(arch, row.max_m, row.max_k, row.min_n, k_perm) is row.config
+            cfg = row.config
+            opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            # what a real checkpoint runs
+            src = kernel_source(cfg, nan_codes=False, k_perm=k_perm)
+            kernel = triton.compile(src, target=target, options=opts)
+            assert "cubin" in kernel.asm
+            assert kernel.metadata.shared <= SMEM_LIMIT[target.arch], f"M <= {row.max_m}: {cfg}"
 
 
 def test_soft_fp8_config_rows_by_m_k_and_n():
