@@ -161,9 +161,20 @@ def unpermute_k(w_bits: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def k_perm_offsets(offs):
-    """The K index whose code sits at position ``offs`` of a K-permuted row (``permute_k``)."""
-    return (offs // 16) * 16 + ((offs >> 2) & 3) * 2 + (offs & 1) + ((offs >> 1) & 1) * 8
+def k_perm_tile(t, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[ROWS, BLOCK_K]`` in K order (BLOCK_K % 16 == 0, aligned to 16) -> the order of
+    ``permute_k``, in registers: how a tile of x meets a K-permuted weight tile."""
+    G: tl.constexpr = BLOCK_K // 16
+    t = tl.reshape(t, (ROWS, G, 2, 4, 2))  # k = 16 group + 8h + 2t + e
+    return tl.reshape(tl.permute(t, (0, 1, 3, 2, 4)), (ROWS, BLOCK_K))  # at 16 group + 4t + 2h + e
+
+
+@triton.jit
+def k_unperm_tile(t, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The inverse of ``k_perm_tile``: a K-permuted ``[ROWS, BLOCK_K]`` tile back in K order."""
+    G: tl.constexpr = BLOCK_K // 16
+    t = tl.reshape(t, (ROWS, G, 4, 2, 2))
+    return tl.reshape(tl.permute(t, (0, 1, 3, 2, 4)), (ROWS, BLOCK_K))
 
 
 @triton.jit
@@ -345,12 +356,10 @@ def fp8_gemv_kernel(
     rows_m = offs_m % M
     k0 = kt_begin * BLOCK_K
     w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k0 + offs_k)[None, :]
-    # K-permuted weight: x is read in the weight's order (the sum does not care)
-    offs_kx = k_perm_offsets(offs_k) if K_PERM else offs_k
     if BLOCK_M == 1:
-        x_ptrs = x_ptr + k0 + offs_kx
+        x_ptrs = x_ptr + k0 + offs_k
     else:
-        x_ptrs = x_ptr + rows_m[None, :] * stride_xm + (k0 + offs_kx)[:, None]  # [BK, BM]
+        x_ptrs = x_ptr + rows_m[None, :] * stride_xm + (k0 + offs_k)[:, None]  # [BK, BM]
     if SCALE_MODE != 2:
         s_ptrs = scale_ptr + (rows_n // 128) * stride_sn + kt_begin * stride_sk
 
@@ -394,6 +403,11 @@ def fp8_gemv_kernel(
                 xt = tl.load(x_ptrs, mask=k_ok, other=0.0)
             else:
                 xt = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
+        if K_PERM:  # x into the K-permuted weight's order (the sum does not care)
+            if BLOCK_M == 1:
+                xt = tl.reshape(k_perm_tile(tl.reshape(xt, (1, BLOCK_K)), 1, BLOCK_K), (BLOCK_K,))
+            else:
+                xt = tl.trans(k_perm_tile(tl.trans(xt), BLOCK_M, BLOCK_K))
         if BLOCK_M == 1:
             w = e4m3_to_f16_x256(w_bits, USE_PTX, NAN).to(tl.float32)  # exact e4m3 / 256
             xf = xt.to(tl.float32)
@@ -489,8 +503,7 @@ def fp8_mm_kernel(
     rows_m = offs_m % M
     rows_n = offs_n % N
     k0 = kt_begin * BLOCK_K
-    offs_kx = k_perm_offsets(offs_k) if K_PERM else offs_k  # x in a K-permuted weight's order
-    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + (k0 + offs_kx)[None, :]
+    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + (k0 + offs_k)[None, :]
     w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k0 + offs_k)[None, :]
     if SCALE_MODE != 2:
         s_ptrs = scale_ptr + (rows_n // 128) * stride_sn
@@ -504,6 +517,8 @@ def fp8_mm_kernel(
             k_ok = kt * BLOCK_K + offs_k < K
             x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
             w_bits = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
+        if K_PERM:  # x into the K-permuted weight's order (the sum does not care)
+            x = k_perm_tile(x, BLOCK_M, BLOCK_K)
         if WIDEN_BF16 and SCALE_MODE != 1:  # exact bf16 values, no fp16 -> bf16 F2F
             wx = e4m3_to_bf16(w_bits, USE_PTX, NAN)
         else:
@@ -688,9 +703,10 @@ def dequant_kernel(
             other=0.0,
         )[None, :]
     v = e4m3_to_f16_x256(bits, USE_PTX, NAN).to(tl.float32) * (s * 256.0)
-    offs_out = k_perm_offsets(offs_k) if K_PERM else offs_k
+    if K_PERM:
+        v = k_unperm_tile(v, BLOCK_N, BLOCK_K)
     tl.store(
-        out_ptr + offs_n[:, None] * K + offs_out[None, :], v.to(out_ptr.dtype.element_ty), mask=mask
+        out_ptr + offs_n[:, None] * K + offs_k[None, :], v.to(out_ptr.dtype.element_ty), mask=mask
     )
 
 
