@@ -406,8 +406,10 @@ def fp8_gemv_kernel(
         if K_PERM:  # x into the K-permuted weight's order (the sum does not care)
             if BLOCK_M == 1:
                 xt = tl.reshape(k_perm_tile(tl.reshape(xt, (1, BLOCK_K)), 1, BLOCK_K), (BLOCK_K,))
-            else:
-                xt = tl.trans(k_perm_tile(tl.trans(xt), BLOCK_M, BLOCK_K))
+            else:  # [BLOCK_K, BLOCK_M]: K is the leading dim here
+                G: tl.constexpr = BLOCK_K // 16
+                xt = tl.reshape(tl.permute(tl.reshape(xt, (G, 2, 4, 2, BLOCK_M)), (0, 2, 1, 3, 4)),
+                                (BLOCK_K, BLOCK_M))  # fmt: skip
         if BLOCK_M == 1:
             w = e4m3_to_f16_x256(w_bits, USE_PTX, NAN).to(tl.float32)  # exact e4m3 / 256
             xf = xt.to(tl.float32)

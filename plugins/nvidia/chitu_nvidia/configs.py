@@ -121,7 +121,9 @@ SOFT_FP8_TABLES: dict[tuple[int, int], tuple[ConfigRow, ...]] = {
 # * M 33..64, K <= 4096, N >= 14336: 128 x 64 x 128, one slice: 49.0 / 31.6 / 20.8 against
 #   73.6 / 43.3 / 32.3; other K <= 4096: 64 x 64 x 128, 2 slices (22.7 / 16.1 / 11.5 against
 #   23.5 / 16.5 / 11.8); K > 4096 with N >= 14336: 64 x 64 x 128, 2 slices (74.0 against
-#   81.5 on 7168 x 18432); the GEMV keeps the rest (18432 x 7168, 14336 x 4096, 7168 x 2112).
+#   81.5 on 7168 x 18432); the rest 64 x 64 x 128 with the automatic split (18432 x 7168
+#   69.0 against 73.6 for the GEMV, 14336 x 4096 43.7 / 42.0, 7168 x 2112 18.1 / 18.3): the
+#   GEMV's swap-AB tile would take the x tile through shared memory twice on this layout.
 # * M 65..128: 64 x 128 x 128, one slice for K <= 4096 and N >= 14336 (78.6 / 39.9 / 32.2
 #   against 113.9 / 60.8 / 51.3), else 2 slices for N >= 4096 (7168 x 18432 119.3 against
 #   136.1, 18432 x 7168 93.2 / 115.7, 4096 x 6144 27.6 / 32.0, 14336 x 4096 51.7 / 59.0,
@@ -139,7 +141,7 @@ _K_PERM = (
     ConfigRow(64, _wide(128, 64, 128, 3, 1), max_k=4096, min_n=14336),
     ConfigRow(64, _wide(64, 64, 128, 3, 2), max_k=4096),
     ConfigRow(64, _wide(64, 64, 128, 3, 2), min_n=14336),
-    _SM90[6],
+    ConfigRow(64, _wide(64, 64, 128, 3, 0)),
     ConfigRow(128, _wide(64, 128, 128, 3, 1), max_k=4096, min_n=14336),
     ConfigRow(128, _wide(64, 128, 128, 3, 2), min_n=4096),
     _SM90[-1],
