@@ -306,12 +306,13 @@ def case_k_perm() -> None:
     scale = 2.0 ** torch.randint(-4, 4, (1, 2)).float()
     ref = dequantize_block_fp8(bits, scale, torch.float64).T.float()
     kinds = (Fp8GemmConfig(kind="gemv", block_m=1, block_n=32),
+             Fp8GemmConfig(kind="gemv", block_m=16, block_n=32),
              Fp8GemmConfig(kind="mm", block_m=16, block_n=32, split_k=2),
              Fp8GemmConfig(kind="wide", block_n=16, block_m=64, block_k=64, split_k=2),
              Fp8GemmConfig(kind="wide", block_n=32, block_m=32, split_k=1, scale_on_acc=False),
              Fp8GemmConfig(kind="dequant"))  # fmt: skip
     for cfg in kinds:
-        xs = x[:1] if cfg.kind == "gemv" else x
+        xs = x[: cfg.block_m] if cfg.kind == "gemv" else x
         for nan_codes in (True, False):
             rows = n if nan_codes else n - 2
             y = fp8_gemm(xs.to(DEVICE), perm[:rows].to(DEVICE), scale.to(DEVICE), None,
@@ -328,7 +329,7 @@ def case_k_perm() -> None:
     bias = torch.randn(n)
     for dtype in (torch.bfloat16, torch.float16):
         for cfg in kinds:
-            m = 1 if cfg.kind == "gemv" else 37
+            m = min(cfg.block_m, 13) if cfg.kind == "gemv" else 37
             xr = torch.randn(m, k).to(dtype)
             y = fp8_gemm(xr.to(DEVICE), permute_k(w_bits).to(DEVICE), s.to(DEVICE),
                          bias.to(dtype).to(DEVICE), channel=False, config=cfg, num_sms=4,
