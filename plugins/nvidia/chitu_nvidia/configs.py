@@ -124,13 +124,21 @@ SOFT_FP8_TABLES: dict[tuple[int, int], tuple[ConfigRow, ...]] = {
 #   81.5 on 7168 x 18432); the rest 64 x 64 x 128 with the automatic split (18432 x 7168
 #   69.0 against 73.6 for the GEMV, 14336 x 4096 43.7 / 42.0, 7168 x 2112 18.1 / 18.3): the
 #   GEMV's swap-AB tile would take the x tile through shared memory twice on this layout.
-# * M 65..128: 64 x 128 x 128, one slice for K <= 4096 and N >= 14336 (78.6 / 39.9 / 32.2
-#   against 113.9 / 60.8 / 51.3), else 2 slices for N >= 4096 (7168 x 18432 119.3 against
+# * M 65..128: for K <= 4096 and N >= 14336 128 x 128 x 128 with 8 warps, one slice (76.8 /
+#   39.0 / 33.0 against 64 x 128 x 128's 80.3 / 40.3 / 32.0 and the K-order table's 113.9 /
+#   60.8 / 51.3), else 64 x 128 x 128, 2 slices for N >= 4096 (7168 x 18432 119.3 against
 #   136.1, 18432 x 7168 93.2 / 115.7, 4096 x 6144 27.6 / 32.0, 14336 x 4096 51.7 / 59.0,
-#   2048 x 4096 14.3 / 14.9); N < 4096 and M > 128 keep dequant + cuBLAS.
-# Ampere runs the same rows, compile-checked only (<= 99 KB of shared memory).
-def _wide(bn: int, bm: int, bk: int, stages: int, split: int) -> Fp8GemmConfig:
-    return _C(kind="wide", block_n=bn, block_m=bm, block_k=bk, split_k=split, num_warps=4,
+#   2048 x 4096 14.3 / 14.9); N < 4096 keeps dequant + cuBLAS.
+# * M 129..256 (benchmarks/results/sweep-kperm-wide-h200-2026-11-26.py, M = 192 and 256
+#   against dequant + cuBLAS, the K-order path): K <= 4096, N >= 14336: 128 x 256 x 64, 8
+#   warps, one slice (M = 256: 124.5 / 62.6 / 51.0 against 183.4 / 90.9 / 60.6); N >= 6144:
+#   128 x 128 x 128, 8 warps, one slice (7168 x 18432 184.5 / 197.2, 18432 x 7168 153.3 /
+#   197.7, 4096 x 6144 36.7 / 41.7); N >= 4096: the same, 2 slices (14336 x 4096 72.4 /
+#   94.8); N < 4096 and M > 256 keep dequant + cuBLAS.
+# sm_80 runs the same rows, compile-checked only; sm_86/sm_89 (99 KB of shared memory a
+# block) drop the 8-warp tiles.
+def _wide(bn: int, bm: int, bk: int, stages: int, split: int, warps: int = 4) -> Fp8GemmConfig:
+    return _C(kind="wide", block_n=bn, block_m=bm, block_k=bk, split_k=split, num_warps=warps,
               num_stages=stages, scale_on_acc=False)  # fmt: skip
 
 
@@ -142,13 +150,32 @@ _K_PERM = (
     ConfigRow(64, _wide(64, 64, 128, 3, 2), max_k=4096),
     ConfigRow(64, _wide(64, 64, 128, 3, 2), min_n=14336),
     ConfigRow(64, _wide(64, 64, 128, 3, 0)),
-    ConfigRow(128, _wide(64, 128, 128, 3, 1), max_k=4096, min_n=14336),
+    ConfigRow(128, _wide(128, 128, 128, 3, 1, warps=8), max_k=4096, min_n=14336),
     ConfigRow(128, _wide(64, 128, 128, 3, 2), min_n=4096),
+    ConfigRow(256, _wide(128, 256, 64, 3, 1, warps=8), max_k=4096, min_n=14336),
+    ConfigRow(256, _wide(128, 128, 128, 3, 1, warps=8), min_n=6144),
+    ConfigRow(256, _wide(128, 128, 128, 3, 2, warps=8), min_n=4096),
     _SM90[-1],
 )
-SOFT_FP8_TABLES_K_PERM: dict[tuple[int, int], tuple[ConfigRow, ...]] = dict.fromkeys(
-    SOFT_FP8_TABLES, _K_PERM
-)
+
+
+def _wide8(row: ConfigRow) -> bool:
+    return row.config.kind == "wide" and row.config.num_warps == 8
+
+
+# 99 KB of shared memory: no 8-warp wide tile (M 65..128, K <= 4096, N >= 14336: the 4-warp
+# tile; M > 128: dequant + cuBLAS)
+_K_PERM_SM86 = tuple(
+    dataclasses.replace(row, config=_wide(64, 128, 128, 3, 1)) if _wide8(row) else row
+    for row in _K_PERM
+    if not (_wide8(row) and row.max_m > 128)
+)  # fmt: skip
+SOFT_FP8_TABLES_K_PERM: dict[tuple[int, int], tuple[ConfigRow, ...]] = {
+    (8, 0): _K_PERM,
+    (8, 6): _K_PERM_SM86,
+    (8, 9): _K_PERM_SM86,
+    (9, 0): _K_PERM,
+}
 
 # On sm_89+ the native FP8 path is used from this many tokens on (soft FP8 below:
 # decode is weight-bound and the soft kernel reads the same bytes without the
