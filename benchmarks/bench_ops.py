@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm, scales_foldable
+from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm, permute_k, scales_foldable
 from chitu_core.kernels.packed_weight import has_nan_codes
 from chitu_core.quant import dequantize_block_fp8, quantize_block_fp8
 
@@ -46,6 +46,9 @@ SHAPES = [  # (K, N): DeepSeek-V3, then Llama-8B
 MS = [1, 4, 16, 64, 256, 1024, 4096]
 HBM_BYTES_PER_S = 3.02e12  # H100 copy bandwidth (BENCHMARKS.md); re-measured at start
 BF16_FLOPS_PER_S = 989e12  # H100/H200 SXM dense bf16 peak
+# The soft path reads weights in the layout the plugin packs them in (K-permuted unless
+# CHITU_FP8_K_PERM=0; set in main) with that layout's config table.
+K_PERM = False
 
 C = Fp8GemmConfig
 G = dict(kind="gemv")
@@ -159,14 +162,15 @@ def make_weight(n, k):
 def time_config(x, wq, s, cfg, num_sms) -> float:
     """Median us of one soft-FP8 config; inf if it does not build (e.g. out of shared memory)."""
     try:
-        wqs = [wq] + [wq.clone() for _ in range(copies_for(wq.numel()) - 1)]
         nan_codes = has_nan_codes(wq.view(torch.uint8))  # as prepare_weight records it
         fold = scales_foldable(s)
+        wq = permute_k(wq.view(torch.uint8)) if K_PERM else wq
+        wqs = [wq] + [wq.clone() for _ in range(copies_for(wq.numel()) - 1)]
 
         def call(i):
             return lambda: fp8_gemm(
                 x, wqs[i], s, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True,
-                nan_codes=nan_codes, scales_fold=fold,
+                nan_codes=nan_codes, scales_fold=fold, k_perm=K_PERM,
             )  # fmt: skip
 
         return bench_us(call, len(wqs))
@@ -206,7 +210,7 @@ def measure(k, n, m, wq, s, w_bf16, w_f32, cap, num_sms, configs) -> dict:
     """One table row: every path on the same data, errors vs the fp32 exact reference."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ w_f32.T
-    cfg = configs.soft_fp8_config(cap, m, k, n)
+    cfg = configs.soft_fp8_config(cap, m, k, n, K_PERM)
 
     def err(y):
         return ((y.float() - ref).norm() / ref.norm()).item()
@@ -217,15 +221,16 @@ def measure(k, n, m, wq, s, w_bf16, w_f32, cap, num_sms, configs) -> dict:
 
     nan_codes = has_nan_codes(wq.view(torch.uint8))  # as prepare_weight records it
     fold = scales_foldable(s)
+    wps = [permute_k(w.view(torch.uint8)) for w in wqs] if K_PERM else wqs
 
     def soft(i):
         return lambda: fp8_gemm(
-            x, wqs[i], s, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True,
-            nan_codes=nan_codes, scales_fold=fold,
+            x, wps[i], s, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True,
+            nan_codes=nan_codes, scales_fold=fold, k_perm=K_PERM,
         )  # fmt: skip
 
     row = {"K": k, "N": n, "M": m, "soft_config": dataclasses.asdict(cfg), "weight_copies": copies,
-           "nan_codes": nan_codes}  # fmt: skip
+           "nan_codes": nan_codes, "k_perm": K_PERM}  # fmt: skip
     row["soft_fp8_us"] = bench_us(soft, copies)
     row["max_rel_err"] = err(soft(0)())
     row["native_fp8_us"] = None
@@ -277,7 +282,8 @@ def main() -> None:
 
     from chitu_nvidia import configs, linear
 
-    global HBM_BYTES_PER_S
+    global HBM_BYTES_PER_S, K_PERM
+    K_PERM = linear.k_perm_enabled() and not linear.native_fp8_enabled()
     HBM_BYTES_PER_S = copy_bytes_per_s()
     print(f"copy bandwidth {HBM_BYTES_PER_S / 1e12:.2f} TB/s", flush=True)
     props = torch.cuda.get_device_properties(0)
@@ -290,7 +296,7 @@ def main() -> None:
     if args.tune:
         best = tune(num_sms, args.tune_budget_s)
         table = tuple(configs.ConfigRow(mm, cfg) for mm, cfg in sorted(best.items()))
-        configs.SOFT_FP8_TABLES[cap] = table
+        (configs.SOFT_FP8_TABLES_K_PERM if K_PERM else configs.SOFT_FP8_TABLES)[cap] = table
         with open(args.tune, "w") as f:
             json.dump({str(mm): dataclasses.asdict(c) for mm, c in best.items()}, f, indent=1)
     shapes = (
@@ -378,8 +384,11 @@ def write_json(path, rows, props, configs, cap, num_sms) -> None:
             str(r.max_m)
             + (f" (K <= {r.max_k})" if r.max_k else "")
             + (f" (N >= {r.min_n})" if r.min_n else ""): dataclasses.asdict(r.config)
-            for r in configs.SOFT_FP8_TABLES.get(cap, ())
+            for r in (configs.SOFT_FP8_TABLES_K_PERM if K_PERM else configs.SOFT_FP8_TABLES).get(
+                cap, ()
+            )
         },
+        "soft_fp8_weight_layout": "K-permuted (permute_k)" if K_PERM else "K order",
         "rows": rows,
     }
     with open(path, "w") as f:
