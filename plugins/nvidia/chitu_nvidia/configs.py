@@ -134,7 +134,9 @@ SOFT_FP8_TABLES: dict[tuple[int, int], tuple[ConfigRow, ...]] = {
 #   warps, one slice (M = 256: 124.5 / 62.6 / 51.0 against 183.4 / 90.9 / 60.6); N >= 6144:
 #   128 x 128 x 128, 8 warps, one slice (7168 x 18432 184.5 / 197.2, 18432 x 7168 153.3 /
 #   197.7, 4096 x 6144 36.7 / 41.7); N >= 4096: the same, 2 slices (14336 x 4096 72.4 /
-#   94.8); N < 4096 and M > 256 keep dequant + cuBLAS.
+#   94.8); N < 4096 keeps dequant + cuBLAS. M 257..512, K <= 4096, N >= 14336: the
+#   128 x 256 x 64 tile still wins (M = 512: 241.2 / 119.6 / 77.7 against 256.2 / 134.2 /
+#   86.6); other shapes at M = 512 and every shape at M = 1024 keep dequant + cuBLAS.
 # sm_80 runs the same rows, compile-checked only; sm_86/sm_89 (99 KB of shared memory a
 # block) drop the 8-warp tiles.
 def _wide(bn: int, bm: int, bk: int, stages: int, split: int, warps: int = 4) -> Fp8GemmConfig:
@@ -155,6 +157,7 @@ _K_PERM = (
     ConfigRow(256, _wide(128, 256, 64, 3, 1, warps=8), max_k=4096, min_n=14336),
     ConfigRow(256, _wide(128, 128, 128, 3, 1, warps=8), min_n=6144),
     ConfigRow(256, _wide(128, 128, 128, 3, 2, warps=8), min_n=4096),
+    ConfigRow(512, _wide(128, 256, 64, 3, 1, warps=8), max_k=4096, min_n=14336),
     _SM90[-1],
 )
 
