@@ -18,6 +18,15 @@ Three kernels and a fallback, picked per M (and K) by the plugins' config tables
   the widened tile the MMA's A operand, taken from registers.
 * ``dequant`` (prefill): widen the whole weight to bf16, then cuBLAS.
 
+K-permuted weights (``permute_k``, ``k_perm=True``; what the NVIDIA plugin packs): within
+each 16-wide K group the four codes that one thread of the MMA operand fragment holds
+(k = 2t, 2t+1, 2t+8, 2t+9) sit in one 32-bit word. The ``wide`` kernel loads words and
+widens them straight into its operand registers, without the byte permutes that gather
+codes from K order (sm_90 SASS, Triton 3.9, 64 x 128 x 64 tile: 16 instead of 72 PRMT and
+9 instead of 25 LDS per K step); ``gemv``/``mm`` permute their x tile the same way in
+registers and ``dequant`` un-permutes before its store. The sum over K does not depend on
+the order, so every kernel takes either layout.
+
 Block scales: with ``scale_on_acc`` the exact e4m3 values go into the MMA and
 each 128-wide K step's partial product is multiplied by its scale in fp32
 (exact operands, one FMA per accumulator element per K step); otherwise the
@@ -132,7 +141,7 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 K_PERM_GROUP = 16  # K-permuted weights reorder codes within groups of this many
-# position p of a group holds the code of k = _K_PERM_SOURCE[p] (k_perm_offsets below)
+# position p of a group holds the code of k = _K_PERM_SOURCE[p] (``k_perm_tile`` in-kernel)
 _K_PERM_SOURCE = torch.tensor(
     [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15], dtype=torch.long
 )
@@ -205,19 +214,15 @@ def _widen_words(words, s, SCALE_MODE: tl.constexpr, USE_PTX: tl.constexpr,
     the registers where the MMA operand wants them (join/permute/reshape, no data movement)."""
     if SCALE_MODE == 1 and USE_PTX and WIDEN_BF16:
         o0, o1, o2, o3 = e4m3_word_scaled_to_bf16(words, s, NAN)
-    else:
-        o0 = _widen_codes(
-            (words & 0xFF).to(tl.uint8), s, SCALE_MODE, USE_PTX, WIDEN_BF16, NAN, DTYPE
-        )
-        o1 = _widen_codes(
-            ((words >> 8) & 0xFF).to(tl.uint8), s, SCALE_MODE, USE_PTX, WIDEN_BF16, NAN, DTYPE
-        )
-        o2 = _widen_codes(
-            ((words >> 16) & 0xFF).to(tl.uint8), s, SCALE_MODE, USE_PTX, WIDEN_BF16, NAN, DTYPE
-        )
-        o3 = _widen_codes(
-            ((words >> 24) & 0xFF).to(tl.uint8), s, SCALE_MODE, USE_PTX, WIDEN_BF16, NAN, DTYPE
-        )
+    else:  # one byte plane at a time (code j of each word: bits 8j..8j+7)
+        mode: tl.constexpr = SCALE_MODE
+        o0 = _widen_codes((words & 0xFF).to(tl.uint8), s, mode, USE_PTX, WIDEN_BF16, NAN, DTYPE)
+        o1 = _widen_codes(((words >> 8) & 0xFF).to(tl.uint8), s, mode, USE_PTX, WIDEN_BF16, NAN,
+                          DTYPE)  # fmt: skip
+        o2 = _widen_codes(((words >> 16) & 0xFF).to(tl.uint8), s, mode, USE_PTX, WIDEN_BF16, NAN,
+                          DTYPE)  # fmt: skip
+        o3 = _widen_codes(((words >> 24) & 0xFF).to(tl.uint8), s, mode, USE_PTX, WIDEN_BF16, NAN,
+                          DTYPE)  # fmt: skip
     G: tl.constexpr = BLOCK_K // 16
     o0 = tl.reshape(o0, (BLOCK_N, G, 4))
     o1 = tl.reshape(o1, (BLOCK_N, G, 4))
