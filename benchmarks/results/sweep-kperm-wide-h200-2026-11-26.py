@@ -1,5 +1,6 @@
 # ruff: noqa: B023  (recorded experiment: its lambdas run within their loop iteration)
-"""Production ``fp8_wide_kernel`` on K-permuted weights at M 96..256: wide tiles against the
+"""Production ``fp8_wide_kernel`` on K-permuted weights at M 96..1024 (and, against the mm
+kernel, M <= 32: the second run in the jsonl, with Llama-8B's TP=2 shards): wide tiles against the
 K-perm table's pick and dequant + cuBLAS (the table's M > 128 path) and cuBLAS bf16, same
 run. JSON lines to argv[1]; the best wide config per shape and M on stdout.
 
@@ -34,6 +35,11 @@ def W(bn, bm, bk, w, st, split):
 
 
 def cands(m):
+    if m <= 32:  # against the mm kernel (the table's M <= 32 pick on most shapes)
+        mm = [C(kind="mm", block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=3,
+                split_k=sp, max_split_k=mx) for sp, mx in ((0, 4), (0, 16), (2, 16))]  # fmt: skip
+        tiles = [(64, 32, 128, 4, 4), (128, 32, 128, 4, 4), (64, 32, 64, 4, 4)]
+        return mm + [W(*t, split) for t in tiles for split in (0, 1, 2)]
     if m <= 128:
         tiles = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
                  (128, 128, 128, 8, 3), (64, 64, 128, 4, 3)]  # fmt: skip
@@ -75,10 +81,10 @@ for k, n in SHAPES:
         out.write(json.dumps(row) + "\n")
         out.flush()
         tab, deq = row["configs"][0], row["configs"][1]
-        best = min(row["configs"][2:], key=lambda r: r["us"])
+        best = min(row["configs"][2:], key=lambda r: r["us"])  # best wide or mm candidate
         c = best["cfg"]
         print(f"K={k:6d} N={n:6d} M={m:4d} cublas {row['cublas_us']:7.1f} table {tab['cfg']['kind']:7s} "
-              f"{tab['us']:7.1f} dequant {deq['us']:7.1f} | best wide {best['us']:7.1f} "
+              f"{tab['us']:7.1f} dequant {deq['us']:7.1f} | best {c['kind']} {best['us']:7.1f} "
               f"({c['block_n']}x{c['block_m']}x{c['block_k']} w{c['num_warps']} s{c['num_stages']} "
               f"k{c['split_k']}) err {best['err']:.1e} x_cublas {row['cublas_us'] / best['us']:.2f} "
               f"[{time.time() - t0:.0f}s]", flush=True)  # fmt: skip

@@ -117,7 +117,10 @@ SOFT_FP8_TABLES: dict[tuple[int, int], tuple[ConfigRow, ...]] = {
 # (H200, Triton 3.6; jsonl beside it), against the K-order table above on the same run:
 # * M 17..32, K <= 4096, N >= 14336 (Llama-8B gate/up and its TP=2 shard, DeepSeek's
 #   1536 x 24576): 128 x 32 x 128, one K slice: 41.8 / 27.0 / 17.8 us against 53.2 / 32.0 /
-#   23.6; elsewhere the mm kernel (x read in the weight's order) keeps M <= 32.
+#   23.6; elsewhere the mm kernel (x tile permuted in registers) keeps M <= 32: a second
+#   sweep (sweep-kperm-wide-h200-2026-11-26.jsonl, M = 24 and 32) has the wide kernel ahead
+#   only on K > 4096 shapes (7168 x 18432 58.6 against 62.8, 18432 x 7168 54.0 / 63.1),
+#   which a row cannot tell from the unmeasured lm head (K 7168, N 129280).
 # * M 33..64, K <= 4096, N >= 14336: 128 x 64 x 128, one slice: 49.0 / 31.6 / 20.8 against
 #   73.6 / 43.3 / 32.3; other K <= 4096: 64 x 64 x 128, 2 slices (22.7 / 16.1 / 11.5 against
 #   23.5 / 16.5 / 11.8); K > 4096 with N >= 14336: 64 x 64 x 128, 2 slices (74.0 against
