@@ -115,12 +115,13 @@ SOFT_FP8_TABLES: dict[tuple[int, int], tuple[ConfigRow, ...]] = {
 # kernel loads 4 codes per word straight into its MMA operand (no byte gathering), which
 # moves it down to M = 17. Winners of benchmarks/results/sweep-kperm-h200-2026-11-26.py
 # (H200, Triton 3.6; jsonl beside it), against the K-order table above on the same run:
-# * M 17..32, K <= 4096, N >= 14336 (Llama-8B gate/up and its TP=2 shard, DeepSeek's
-#   1536 x 24576): 128 x 32 x 128, one K slice: 41.8 / 27.0 / 17.8 us against 53.2 / 32.0 /
-#   23.6; elsewhere the mm kernel (x tile permuted in registers) keeps M <= 32: a second
-#   sweep (sweep-kperm-wide-h200-2026-11-26.jsonl, M = 24 and 32) has the wide kernel ahead
-#   only on K > 4096 shapes (7168 x 18432 58.6 against 62.8, 18432 x 7168 54.0 / 63.1),
-#   which a row cannot tell from the unmeasured lm head (K 7168, N 129280).
+# * M 17..32, N >= 14336: 128 x 32 x 128, one K slice. K <= 4096 (Llama-8B gate/up and its
+#   TP=2 shard, DeepSeek's 1536 x 24576): 41.8 / 27.0 / 17.8 us against 53.2 / 32.0 / 23.6;
+#   K 7168 (sweep-kperm-wide-h200-2026-11-26.jsonl, the M = 24/32 runs): lm head 7168 x
+#   129280 258.8 against 353.2 for mm (cuBLAS 466.4), 7168 x 36864 109.9 / 120.0, 7168 x
+#   18432 62.4 / 63.1. K > 4096 with N >= 7168: 64 x 32 x 128, automatic split (18432 x 7168
+#   54.9 against 63.4). Elsewhere the mm kernel (x tile permuted in registers) keeps M <= 32
+#   (K <= 4096 shapes within 5%; 14336 x 4096, 7168 x 4096, 7168 x 2112 mm ahead or equal).
 # * M 33..64, K <= 4096, N >= 14336: 128 x 64 x 128, one slice: 49.0 / 31.6 / 20.8 against
 #   73.6 / 43.3 / 32.3; other K <= 4096: 64 x 64 x 128, 2 slices (22.7 / 16.1 / 11.5 against
 #   23.5 / 16.5 / 11.8); K > 4096 with N >= 14336: 64 x 64 x 128, 2 slices (74.0 against
@@ -149,8 +150,10 @@ def _wide(bn: int, bm: int, bk: int, stages: int, split: int, warps: int = 4) ->
 
 _K_PERM = (
     *_SM90[:3],
-    ConfigRow(32, _wide(128, 32, 128, 4, 1), max_k=4096, min_n=14336),
-    *_SM90[3:5],
+    ConfigRow(32, _wide(128, 32, 128, 4, 1), min_n=14336),
+    _SM90[3],
+    ConfigRow(32, _wide(64, 32, 128, 4, 0), min_n=7168),
+    _SM90[4],
     ConfigRow(64, _wide(128, 64, 128, 3, 1), max_k=4096, min_n=14336),
     ConfigRow(64, _wide(64, 64, 128, 3, 2), max_k=4096),
     ConfigRow(64, _wide(64, 64, 128, 3, 2), min_n=14336),
