@@ -294,7 +294,7 @@ def case_k_perm() -> None:
     """K-permuted weights (``permute_k``) through every kind: all 256 codes exact (one-hot x),
     NaN rows NaN, the folded-scale widening of the wide kernel (NVIDIA: one word-wide PTX
     pass) equal bit for bit to the K-order kernel, random shapes with a K tail close to
-    exact, fp16 activations; and ``unpermute_k`` inverts ``permute_k``."""
+    exact, fp16 activations, per-channel scales; and ``unpermute_k`` inverts ``permute_k``."""
     torch.manual_seed(0)
     n = 20
     bits = _all_codes_weight(n)
@@ -344,6 +344,16 @@ def case_k_perm() -> None:
                               bias.to(dtype).to(DEVICE), channel=False, config=cfg, num_sms=4,
                               use_ptx=USE_PTX, scales_fold=True, k_perm=True)  # fmt: skip
                 assert torch.equal(y0, y1), f"{cfg} {dtype}"
+    # per-channel scales (``--quantize fp8`` weights) on the K-permuted layout
+    wq, s = quantize_channel_fp8(torch.randn(n, k) * 0.05)
+    w_ref = dequantize_channel_fp8(wq, s, torch.float64)
+    for cfg in kinds:
+        m = min(cfg.block_m, 13) if cfg.kind == "gemv" else 37
+        xr = torch.randn(m, k).to(torch.bfloat16)
+        y = fp8_gemm(xr.to(DEVICE), permute_k(wq.view(torch.uint8)).to(DEVICE), s.to(DEVICE),
+                     None, channel=True, config=cfg, num_sms=4, use_ptx=USE_PTX,
+                     k_perm=True)  # fmt: skip
+        assert_close_to_exact(y, xr, w_ref, None, operand_rounding=cfg.kind == "dequant")
 
 
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
