@@ -188,12 +188,14 @@ def k_unperm_tile(t, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _widen_codes(bits, s, SCALE_MODE: tl.constexpr, USE_PTX: tl.constexpr,
-                 WIDEN_BF16: tl.constexpr, NAN: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
+                 WIDEN_BF16: tl.constexpr, NAN: tl.constexpr, DTYPE: tl.constexpr,
+                 FOLD: tl.constexpr = True):  # fmt: skip
     """The MMA operand of a tile of uint8 codes ``[rows, cols]``: with SCALE_MODE 1 the value
-    times its row's block scale ``s [rows]`` (bf16 activations on NVIDIA: divided by
-    FOLD_FIX), else the exact value (bf16) or value / 256 (fp16)."""
+    times its row's block scale ``s [rows]`` (with FOLD, bf16 activations on NVIDIA: in one
+    PTX pass, divided by FOLD_FIX; needs ``scales_foldable``), else the exact value (bf16)
+    or value / 256 (fp16)."""
     if SCALE_MODE == 1:
-        if USE_PTX and WIDEN_BF16:
+        if FOLD and USE_PTX and WIDEN_BF16:
             w = e4m3_scaled_to_bf16(bits, s[:, None], NAN)
         else:
             w16 = e4m3_to_f16_x256(bits, USE_PTX, NAN)
@@ -411,10 +413,8 @@ def fp8_gemv_kernel(
         if K_PERM:  # x into the K-permuted weight's order (the sum does not care)
             if BLOCK_M == 1:
                 xt = tl.reshape(k_perm_tile(tl.reshape(xt, (1, BLOCK_K)), 1, BLOCK_K), (BLOCK_K,))
-            else:  # [BLOCK_K, BLOCK_M]: K is the leading dim here
-                G: tl.constexpr = BLOCK_K // 16
-                xt = tl.reshape(tl.permute(tl.reshape(xt, (G, 2, 4, 2, BLOCK_M)), (0, 2, 1, 3, 4)),
-                                (BLOCK_K, BLOCK_M))  # fmt: skip
+            else:  # [BLOCK_K, BLOCK_M]
+                xt = tl.trans(k_perm_tile(tl.trans(xt), BLOCK_M, BLOCK_K))
         if BLOCK_M == 1:
             w = e4m3_to_f16_x256(w_bits, USE_PTX, NAN).to(tl.float32)  # exact e4m3 / 256
             xf = xt.to(tl.float32)
@@ -512,8 +512,7 @@ def fp8_mm_kernel(
     k0 = kt_begin * BLOCK_K
     x_ptrs = x_ptr + rows_m[:, None] * stride_xm + (k0 + offs_k)[None, :]
     w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k0 + offs_k)[None, :]
-    if SCALE_MODE != 2:
-        s_ptrs = scale_ptr + (rows_n // 128) * stride_sn
+    s_ptrs = scale_ptr + (rows_n // 128) * stride_sn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(kt_begin, kt_end):
@@ -526,21 +525,18 @@ def fp8_mm_kernel(
             w_bits = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
         if K_PERM:  # x into the K-permuted weight's order (the sum does not care)
             x = k_perm_tile(x, BLOCK_M, BLOCK_K)
-        if WIDEN_BF16 and SCALE_MODE != 1:  # exact bf16 values, no fp16 -> bf16 F2F
-            wx = e4m3_to_bf16(w_bits, USE_PTX, NAN)
-        else:
-            w16 = e4m3_to_f16_x256(w_bits, USE_PTX, NAN)  # [BLOCK_N, BLOCK_K], exact e4m3 / 256
-            wx = w16.to(x.dtype)
-        if SCALE_MODE == 0:
+        if SCALE_MODE != 2:
             s = tl.load(s_ptrs + (kt * BLOCK_K // 128) * stride_sk)
-            part = _dot(x, tl.trans(wx), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_IN_FP32)
-            acc += part * s[None, :]
-        elif SCALE_MODE == 1:
-            s = tl.load(s_ptrs + (kt * BLOCK_K // 128) * stride_sk) * 256.0
-            w = (w16.to(tl.float32) * s[:, None]).to(x.dtype)
-            acc = _dot(x, tl.trans(w), acc, DOT_IN_FP32)
         else:
-            acc = _dot(x, tl.trans(wx), acc, DOT_IN_FP32)
+            s = tl.zeros((BLOCK_N,), tl.float32)  # unused: channel scales apply at the end
+        # SCALE_MODE 1: value * scale (no fold: the scale range is only checked for wide);
+        # 0 and 2: exact values (bf16, FIX 1) or e4m3 / 256 (fp16, FIX 256)
+        w = _widen_codes(w_bits, s, SCALE_MODE, USE_PTX, WIDEN_BF16, NAN, x.dtype, FOLD=False)
+        if SCALE_MODE == 0:
+            part = _dot(x, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_IN_FP32)
+            acc += part * s[None, :]
+        else:
+            acc = _dot(x, tl.trans(w), acc, DOT_IN_FP32)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 

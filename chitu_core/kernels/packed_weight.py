@@ -66,17 +66,19 @@ class PackedWeight:
     def is_fp8(self) -> bool:
         return self.fmt in (FORMAT_FP8_BLOCK128, FORMAT_FP8_CHANNEL)
 
+    def _k_order(self) -> torch.Tensor:
+        """``weight`` in K order: itself, or an un-permuted copy when K-permuted."""
+        return unpermute_k(self.weight) if self.k_perm else self.weight
+
     def fp8_view(self) -> torch.Tensor:
         """The codes as ``float8_e4m3fn`` in K order for native FP8 kernels (a view, no
         copy, unless K-permuted)."""
-        bits = unpermute_k(self.weight) if self.k_perm else self.weight
-        return bits.view(torch.float8_e4m3fn)
+        return self._k_order().view(torch.float8_e4m3fn)
 
     def as_quantized(self) -> QuantizedWeight:
         """Back to the core's ``QuantizedWeight`` for the generic ops (a view, no copy,
         unless K-permuted)."""
-        bits = unpermute_k(self.weight) if self.k_perm else self.weight
-        return QuantizedWeight(bits, self.scale, self.fmt)
+        return QuantizedWeight(self._k_order(), self.scale, self.fmt)
 
 
 def pack_weight(
