@@ -79,7 +79,10 @@ class Fp8GemmConfig:
         ``"dequant"``: widen the whole weight to a bf16 scratch buffer
             (``dequant_kernel``), then cuBLAS (prefill fallback).
     split_k: number of K slices (1: no split); 0 picks it from the SM count, at most
-        ``max_split_k``.
+        ``max_split_k`` (``pick_split_k``).
+    target_ctas_per_sm: with ``split_k = 0``: 0 picks the split that fills whole waves
+        of one program per SM; a positive value picks the one whose program count is
+        nearest this many per SM (what the short-lived decode mm programs want).
     scale_on_acc: block scales applied to the fp32 accumulator per K step
         (exact operands) instead of folded into the widened weight tile.
     fused_reduce: split-K partials summed by the last program of each output
@@ -93,6 +96,7 @@ class Fp8GemmConfig:
     block_k: int = 128
     split_k: int = 0
     max_split_k: int = 16
+    target_ctas_per_sm: float = 0.0
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 4
@@ -115,6 +119,8 @@ class Fp8GemmConfig:
             raise ValueError(f"kind must be gemv, mm, wide or dequant, got {self.kind!r}")
         if self.split_k < 0:
             raise ValueError(f"split_k must be >= 0 (0 = automatic), got {self.split_k}")
+        if self.target_ctas_per_sm < 0:
+            raise ValueError(f"target_ctas_per_sm must be >= 0, got {self.target_ctas_per_sm}")
 
 
 @triton.jit
@@ -735,26 +741,41 @@ def splitk_reduce_kernel(
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def pick_split_k(num_tiles: int, k_tiles: int, num_sms: int, max_split: int = 16) -> int:
-    """Split K so that the grid covers the SMs in nearly whole waves.
+def pick_split_k(
+    num_tiles: int,
+    k_tiles: int,
+    num_sms: int,
+    max_split: int = 16,
+    target_ctas_per_sm: float = 0.0,
+) -> int:
+    """The number of K slices (<= max_split, at least 2 K tiles per slice) for a grid of
+    ``num_tiles`` output tiles on ``num_sms`` SMs.
 
-    Memory-bound decode needs every SM streaming weight: pick the split (<= 16,
-    at least 2 K tiles per slice) whose CTA count wastes the least of its last
-    wave, preferring fewer slices on ties (fewer fp32 partials).
+    Memory-bound decode needs every SM streaming weight. By default: the split whose
+    program count wastes the least of its last wave of one program per SM, programs
+    fewer than 4 per SM discounted, fewer slices on ties (fewer fp32 partials). With
+    ``target_ctas_per_sm``: the split whose program count is nearest that many per SM,
+    fewer slices on ties.
     """
-    best, best_eff = 1, 0.0
+    target = target_ctas_per_sm * num_sms
+    best, best_key = 1, None
     for split in range(1, max(1, max_split) + 1):
         per = triton.cdiv(k_tiles, split)
         if per < 2 and split > 1:
             break
         eff_split = triton.cdiv(k_tiles, per)
         ctas = num_tiles * eff_split
-        waves = triton.cdiv(ctas, num_sms)
-        eff = ctas / (waves * num_sms)
-        if ctas < 4 * num_sms:  # too few CTAs in flight to hide memory latency
-            eff *= 0.5 + 0.5 * ctas / (4 * num_sms)
-        if eff > best_eff + 0.02:
-            best, best_eff = eff_split, eff
+        if target:
+            key = -abs(ctas - target)
+            better = best_key is None or key > best_key
+        else:
+            waves = triton.cdiv(ctas, num_sms)
+            key = ctas / (waves * num_sms)
+            if ctas < 4 * num_sms:  # too few CTAs in flight to hide memory latency
+                key *= 0.5 + 0.5 * ctas / (4 * num_sms)
+            better = key > (0.0 if best_key is None else best_key) + 0.02
+        if better:
+            best, best_key = eff_split, key
     return best
 
 
@@ -937,7 +958,9 @@ def fp8_gemm(
             raise ValueError(f"gemv config covers M <= {cfg.block_m}, got M = {m}")
     else:
         num_tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
-    split = cfg.split_k or pick_split_k(num_tiles, k_tiles, num_sms, cfg.max_split_k)
+    split = cfg.split_k or pick_split_k(
+        num_tiles, k_tiles, num_sms, cfg.max_split_k, cfg.target_ctas_per_sm
+    )
     per = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, per)
     mode = _scale_mode(cfg, channel)

@@ -48,14 +48,28 @@ _C = Fp8GemmConfig
 # call cuBLAS.
 _WIDE_M128 = _C(kind="wide", block_n=64, block_m=128, block_k=64, split_k=2, num_warps=4,
                 num_stages=4, scale_on_acc=False)  # fmt: skip
+# M 2..16: the K split whose program count is nearest 4 per SM, at most 8 slices, instead
+# of the whole-wave pick (which chose 5-12 slices for K <= 4096). Sweep of fixed splits:
+# benchmarks/results/sweep-m2-16-split-h200-2026-11-26.jsonl (K-permuted weights, H200).
+# A/B against the whole-wave pick in one run (gemm-m2-16-split-ab-h200-2026-11-26.txt):
+# 52 cases (13 shapes x M 2, 4, 8, 16) 2113.2 us against 2244.3; 4096 x 6144 14.3 against
+# 17.9 at M = 4, 4096 x 28672 42.2 / 46.7, 4096 x 14336 26.0 / 28.5, lm head 236.4 / 254.2,
+# 1536 x 24576 at M = 16 15.7 / 20.7. Slower at M 2..4 on DeepSeek's 18432 x 7168 (53.5 /
+# 46.7 at M = 2, 49.1 / 45.8 at M = 4) and 7168 x 18432 (52.5 / 50.6, 50.3 / 48.0); faster at
+# M 8..16 there. Llama-8B FP8 decode on one H200 (decode-m2-16-split-h200-2026-11-26.txt):
+# 1095 against 997 tokens/s at batch 4, 2139 / 1978 at 8, 4146 / 3810 at 16 (means of 2 runs).
+_MM_M4 = _C(kind="mm", block_m=16, block_n=64, block_k=128, max_split_k=8, target_ctas_per_sm=4.0,
+            num_warps=2, num_stages=4)  # fmt: skip
+_MM_M16 = _C(kind="mm", block_m=16, block_n=64, block_k=128, max_split_k=8,
+             target_ctas_per_sm=4.0, num_warps=4, num_stages=3)  # fmt: skip
 _MM_M32 = _C(kind="mm", block_m=32, block_n=64, block_k=128, max_split_k=4, num_warps=4,
              num_stages=3)  # fmt: skip
 _WIDE_M64 = _C(kind="wide", block_n=64, block_m=64, block_k=128, split_k=2, num_warps=4,
                num_stages=3, scale_on_acc=False)  # fmt: skip
 _SM80 = (
     ConfigRow(1, _C(kind="gemv", block_m=1, block_n=64, num_warps=8, num_stages=1)),
-    ConfigRow(4, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=2, num_stages=4)),
-    ConfigRow(16, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)),
+    ConfigRow(4, _MM_M4),
+    ConfigRow(16, _MM_M16),
     ConfigRow(32, _C(kind="gemv", block_m=32, block_n=32, num_warps=4, num_stages=3)),
     ConfigRow(64, _WIDE_M64, max_k=4096),
     ConfigRow(64, _C(kind="gemv", block_m=64, block_n=64, num_warps=4, num_stages=3)),
@@ -76,8 +90,10 @@ _SM80 = (
 # (gemm-h200-2026-11-26-m32-256-wide.json): 4096 x 6144 16.5 us against 21.1, 4096 x 28672
 # 53.9 against 61.1 (2 slices); but 7168 x 18432 61.2 against 60.1 and 14336 x 4096 32.3
 # against 30.5, so K > 4096 keeps the free pick. TP=2 shards 4096 x 3072, 2048 x 4096,
-# 4096 x 14336: 55.2 against 61.0 (sweep-m32-small-h200-2026-11-26.jsonl). At M = 1, 4 and
-# 16 the free pick is within 2% of the best fixed split (sweep-m{1,4,16}-small-*.jsonl). M 33..64: the swap-AB GEMV
+# 4096 x 14336: 55.2 against 61.0 (sweep-m32-small-h200-2026-11-26.jsonl). At M = 1 the free
+# pick is within 2% of the best fixed split on those shapes (sweep-m1-small-*.jsonl); at M 4
+# and 16 it was not (4096 x 6144: 17.6 against 14.5, sweep-m{4,16}-small-*.jsonl), hence
+# _MM_M4 / _MM_M16's target of 4 programs per SM. M 33..64: the swap-AB GEMV
 # 64 x 64 still wins when K > 4096; for K <= 4096 (Llama-8B's q/k/v, o and gate/up, and
 # TP=2 shards) the wide kernel 64 x 64 x 128 with 2 K slices: summed over 7 such shapes,
 # 213 us against 241 at M = 48 and 218 against 262 at M = 64 (cuBLAS bf16: 183, 180);
@@ -93,8 +109,8 @@ _SM80 = (
 # wide tile).
 _SM90 = (
     ConfigRow(1, _C(kind="gemv", block_m=1, block_n=64, num_warps=8, num_stages=1)),
-    ConfigRow(4, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=2, num_stages=4)),
-    ConfigRow(16, _C(kind="mm", block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)),
+    ConfigRow(4, _MM_M4),
+    ConfigRow(16, _MM_M16),
     ConfigRow(32, _MM_M32, max_k=4096),
     ConfigRow(32, dataclasses.replace(_MM_M32, max_split_k=16)),
     ConfigRow(64, _WIDE_M64, max_k=4096),

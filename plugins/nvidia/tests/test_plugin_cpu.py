@@ -172,6 +172,28 @@ def test_split_k_pick_and_its_cap():
     assert pick_split_k(8, 2, 132) == 1  # a slice keeps >= 2 K tiles
 
 
+def test_split_k_pick_with_a_target_per_sm():
+    from chitu_nvidia.configs import soft_fp8_config
+
+    from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, pick_split_k
+
+    # 4096 x 6144 at M <= 16 (96 tiles, 32 K tiles), target 4 x 132 = 528 programs: 5 slices
+    # (480) and 6 (576) are equally near, the fewer win; the whole-wave pick takes 11 (1056)
+    assert pick_split_k(96, 32, 132, 8, 4.0) == 5
+    assert pick_split_k(96, 32, 132, 16) == 11
+    assert pick_split_k(448, 32, 132, 8, 4.0) == 1  # 4096 x 28672: 448 programs already
+    assert pick_split_k(224, 32, 132, 8, 4.0) == 2  # 4096 x 14336: 448 against 672
+    assert pick_split_k(64, 16, 132, 8, 4.0) == 8  # the cap, every slice with 2 K tiles
+    assert pick_split_k(64, 4, 132, 8, 4.0) == 2  # >= 2 K tiles a slice beats the target
+    assert pick_split_k(96, 32, 108, 8, 4.0) == 4  # A100: 432 programs for 432
+    for m in (2, 4, 16):
+        for k_perm in (False, True):
+            cfg = soft_fp8_config((9, 0), m, 4096, 6144, k_perm)
+            assert (cfg.kind, cfg.target_ctas_per_sm, cfg.max_split_k) == ("mm", 4.0, 8)
+    with pytest.raises(ValueError, match="target_ctas_per_sm"):
+        Fp8GemmConfig(target_ctas_per_sm=-1.0)
+
+
 def test_plugin_binds_and_its_fused_moe_reads_its_own_handles():
     """The weight group (prepare_weight, linear, fused_moe) must bind together."""
     import torch
