@@ -157,6 +157,27 @@ SOFT_FP8_TABLES: dict[tuple[int, int], tuple[ConfigRow, ...]] = {
 #   94.8); N < 4096 keeps dequant + cuBLAS. M 257..512, K <= 4096, N >= 14336: the
 #   128 x 256 x 64 tile still wins (M = 512: 241.2 / 119.6 / 77.7 against 256.2 / 134.2 /
 #   86.6); other shapes at M = 512 and every shape at M = 1024 keep dequant + cuBLAS.
+# * K splits, second pass (sweeps of fixed splits and of the target rule on an H200:
+#   sweep-m1-64-split-h200-2026-11-26.jsonl, sweep-m96-256-split-h200-2026-11-26.jsonl; A/B
+#   against the previous rows in one run: gemm-table-ab-h200-2026-11-26.txt, 33 changed
+#   cases 1826.6 us against 1927.9):
+#   - M = 1, N >= 14336: the GEMV with 4 warps and the split nearest 8 programs per SM
+#     (4096 x 128256 136.2 against 158.5 us, 7168 x 18432 43.0 / 48.8, 4096 x 14336 22.2 /
+#     24.6, 4096 x 28672 40.2 / 42.8, 7168 x 36864 74.4 / 78.3; smaller N lose 2-4% with it).
+#   - M 17..32, K > 4096, N >= 14336: the wide tile with the split nearest 3 per SM
+#     (7168 x 18432 55.3 / 62.7 at M = 24, 56.5 / 62.7 at M = 32; lm head 265.9 / 271.0);
+#     the remaining mm shapes with K > 4096 nearest 4 per SM (7168 x 2112 13.9 / 14.8).
+#   - M 33..64: K 2049..4096 with N < 14336 4 slices instead of 2 (4096 x 6144 18.4 / 22.2 at
+#     M = 48, 4096 x 4096 15.4 / 16.4; K <= 2048 keeps 2: 2048 x 4096 11.3 against 11.6);
+#     K 4097..14336 with N < 14336 nearest 3 per SM (14336 x 4096 33.2 / 42.1, 7168 x 4096
+#     21.4 / 27.0, 7168 x 2112 16.2 / 17.1); 18432 x 7168 keeps the whole-wave pick (66.9
+#     against 76.8 with the target).
+#   - M 65..128, K > 4096 with N < 7168: 4 slices instead of 2 (14336 x 4096 43.3 / 51.2 at
+#     M = 96, 45.2 / 51.7 at 128; 7168 x 4096 27.3 / 29.6, 29.0 / 30.2); K <= 4096 and
+#     N >= 7168 keep 2 (4 slices: 4096 x 6144 33.5 against 26.5, 18432 x 7168 100.0 / 92.8).
+#   Llama-8B FP8 decode on one H200, previous rows against these (M = 1 and 17..64 rows;
+#   decode-table-h200-2026-11-26.txt, means of 2 runs): batch 1 291.2 against 284.1 tokens/s,
+#   32 7180 / 7203, 48 9675 / 8848, 64 12529 / 11440.
 # sm_80 runs the same rows, compile-checked only; sm_86/sm_89 (99 KB of shared memory a
 # block) drop the 8-warp tiles.
 def _wide(bn: int, bm: int, bk: int, stages: int, split: int, warps: int = 4) -> Fp8GemmConfig:
@@ -164,18 +185,41 @@ def _wide(bn: int, bm: int, bk: int, stages: int, split: int, warps: int = 4) ->
               num_stages=stages, scale_on_acc=False)  # fmt: skip
 
 
+def _near(config: Fp8GemmConfig, per_sm: float) -> Fp8GemmConfig:
+    """config with the automatic K split nearest ``per_sm`` programs per SM (<= 8 slices)."""
+    return dataclasses.replace(config, split_k=0, max_split_k=8, target_ctas_per_sm=per_sm)
+
+
 _K_PERM = (
+    ConfigRow(
+        1,
+        _C(
+            kind="gemv",
+            block_m=1,
+            block_n=64,
+            num_warps=4,
+            num_stages=1,
+            max_split_k=16,
+            target_ctas_per_sm=8.0,
+        ),
+        min_n=14336,
+    ),  # fmt: skip
     *_SM90[:3],
-    ConfigRow(32, _wide(128, 32, 128, 4, 1), min_n=14336),
+    ConfigRow(32, _wide(128, 32, 128, 4, 1), max_k=4096, min_n=14336),
+    ConfigRow(32, _near(_wide(128, 32, 128, 4, 1), 3.0), min_n=14336),
     _SM90[3],
     ConfigRow(32, _wide(64, 32, 128, 4, 0), min_n=7168),
-    _SM90[4],
+    ConfigRow(32, _near(_MM_M32, 4.0)),
     ConfigRow(64, _wide(128, 64, 128, 3, 1), max_k=4096, min_n=14336),
-    ConfigRow(64, _wide(64, 64, 128, 3, 2), max_k=4096),
+    ConfigRow(64, _wide(64, 64, 128, 3, 2), max_k=2048),
+    ConfigRow(64, _wide(64, 64, 128, 3, 4), max_k=4096),
     ConfigRow(64, _wide(64, 64, 128, 3, 2), min_n=14336),
+    ConfigRow(64, _near(_wide(64, 64, 128, 3, 0), 3.0), max_k=14336),
     ConfigRow(64, _wide(64, 64, 128, 3, 0)),
     ConfigRow(128, _wide(128, 128, 128, 3, 1, warps=8), max_k=4096, min_n=14336),
-    ConfigRow(128, _wide(64, 128, 128, 3, 2), min_n=4096),
+    ConfigRow(128, _wide(64, 128, 128, 3, 2), max_k=4096, min_n=4096),
+    ConfigRow(128, _wide(64, 128, 128, 3, 2), min_n=7168),
+    ConfigRow(128, _wide(64, 128, 128, 3, 4), min_n=4096),
     ConfigRow(256, _wide(128, 256, 64, 3, 1, warps=8), max_k=4096, min_n=14336),
     ConfigRow(256, _wide(128, 128, 128, 3, 1, warps=8), min_n=6144),
     ConfigRow(256, _wide(128, 128, 128, 3, 2, warps=8), min_n=4096),

@@ -194,6 +194,29 @@ def test_split_k_pick_with_a_target_per_sm():
         Fp8GemmConfig(target_ctas_per_sm=-1.0)
 
 
+@pytest.mark.parametrize("arch", [(8, 0), (8, 6), (9, 0)])
+def test_k_perm_table_splits(arch):
+    """The K-permuted table's split choices (configs.py, second pass), row by row."""
+    from chitu_nvidia.configs import soft_fp8_config
+
+    def split(m, k, n):
+        c = soft_fp8_config(arch, m, k, n, True)
+        return c.kind, c.split_k, c.target_ctas_per_sm, c.num_warps
+
+    assert split(1, 4096, 28672) == ("gemv", 0, 8.0, 4)  # N >= 14336
+    assert split(1, 4096, 6144) == ("gemv", 0, 0.0, 8)
+    assert split(32, 7168, 18432) == ("wide", 0, 3.0, 4)  # K > 4096, N >= 14336
+    assert split(32, 4096, 28672) == ("wide", 1, 0.0, 4)
+    assert split(32, 7168, 2112) == ("mm", 0, 4.0, 4)
+    assert split(64, 2048, 4096)[:2] == ("wide", 2)
+    assert split(64, 4096, 6144)[:2] == ("wide", 4)
+    assert split(64, 14336, 4096)[:3] == ("wide", 0, 3.0)
+    assert split(64, 18432, 7168)[:3] == ("wide", 0, 0.0)
+    assert split(128, 4096, 6144)[:2] == ("wide", 2)
+    assert split(128, 18432, 7168)[:2] == ("wide", 2)
+    assert split(128, 14336, 4096)[:2] == ("wide", 4)
+
+
 def test_plugin_binds_and_its_fused_moe_reads_its_own_handles():
     """The weight group (prepare_weight, linear, fused_moe) must bind together."""
     import torch
