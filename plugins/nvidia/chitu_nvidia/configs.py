@@ -165,8 +165,14 @@ SOFT_FP8_TABLES: dict[tuple[int, int], tuple[ConfigRow, ...]] = {
 #     (4096 x 128256 136.2 against 158.5 us, 7168 x 18432 43.0 / 48.8, 4096 x 14336 22.2 /
 #     24.6, 4096 x 28672 40.2 / 42.8, 7168 x 36864 74.4 / 78.3; smaller N lose 2-4% with it).
 #   - M 17..32, K > 4096, N >= 14336: the wide tile with the split nearest 3 per SM
-#     (7168 x 18432 55.3 / 62.7 at M = 24, 56.5 / 62.7 at M = 32; lm head 265.9 / 271.0);
-#     the remaining mm shapes with K > 4096 nearest 4 per SM (7168 x 2112 13.9 / 14.8).
+#     (7168 x 18432 55.3 / 62.7 at M = 24, 56.5 / 62.7 at M = 32; lm head 265.9 / 271.0).
+#     Tiles at M = 32, against the mm kernel (sweep-m32-64-tiles-h200-2026-11-26.jsonl):
+#     N 4096..6143 with K > 4096, and N >= 6144 with K <= 4096: the wide 64 x 32 x 128 tile
+#     nearest 3 per SM (14336 x 4096 27.3 against 31.4, 7168 x 4096 18.0 / 19.5, 4096 x 6144
+#     15.7 / 16.9); the other shapes below N = 7168: the swap-AB GEMV 32 x 32 nearest 4 per
+#     SM (4096 x 3072 11.7 / 13.1, 2048 x 4096 9.9 / 10.3, 7168 x 2112 12.9 / 13.9, 4096 x
+#     4096 13.5 / 13.6). 18432 x 7168 keeps the wide 64 x 32 tile's whole-wave pick (54.1;
+#     60.8 with the target).
 #   - M 33..64: K 2049..4096 with N < 14336 4 slices instead of 2 (4096 x 6144 18.4 / 22.2 at
 #     M = 48, 4096 x 4096 15.4 / 16.4; K <= 2048 keeps 2: 2048 x 4096 11.3 against 11.6);
 #     K 4097..14336 with N < 14336 nearest 3 per SM (14336 x 4096 33.2 / 42.1, 7168 x 4096
@@ -183,6 +189,9 @@ SOFT_FP8_TABLES: dict[tuple[int, int], tuple[ConfigRow, ...]] = {
 def _wide(bn: int, bm: int, bk: int, stages: int, split: int, warps: int = 4) -> Fp8GemmConfig:
     return _C(kind="wide", block_n=bn, block_m=bm, block_k=bk, split_k=split, num_warps=warps,
               num_stages=stages, scale_on_acc=False)  # fmt: skip
+
+
+_GEMV_M32 = _C(kind="gemv", block_m=32, block_n=32, num_warps=4, num_stages=3)
 
 
 def _near(config: Fp8GemmConfig, per_sm: float) -> Fp8GemmConfig:
@@ -207,9 +216,11 @@ _K_PERM = (
     *_SM90[:3],
     ConfigRow(32, _wide(128, 32, 128, 4, 1), max_k=4096, min_n=14336),
     ConfigRow(32, _near(_wide(128, 32, 128, 4, 1), 3.0), min_n=14336),
-    _SM90[3],
+    ConfigRow(32, _near(_wide(64, 32, 128, 4, 0), 3.0), max_k=4096, min_n=6144),
+    ConfigRow(32, _near(_GEMV_M32, 4.0), max_k=4096),
     ConfigRow(32, _wide(64, 32, 128, 4, 0), min_n=7168),
-    ConfigRow(32, _near(_MM_M32, 4.0)),
+    ConfigRow(32, _near(_wide(64, 32, 128, 4, 0), 3.0), min_n=4096),
+    ConfigRow(32, _near(_GEMV_M32, 4.0)),
     ConfigRow(64, _wide(128, 64, 128, 3, 1), max_k=4096, min_n=14336),
     ConfigRow(64, _wide(64, 64, 128, 3, 2), max_k=2048),
     ConfigRow(64, _wide(64, 64, 128, 3, 4), max_k=4096),
