@@ -192,6 +192,8 @@ def _wide(bn: int, bm: int, bk: int, stages: int, split: int, warps: int = 4) ->
 
 
 _GEMV_M32 = _C(kind="gemv", block_m=32, block_n=32, num_warps=4, num_stages=3)
+_GEMV_M1_WIDE_N = _C(kind="gemv", block_m=1, block_n=64, num_warps=4, num_stages=1,
+                     target_ctas_per_sm=8.0)  # fmt: skip
 
 
 def _near(config: Fp8GemmConfig, per_sm: float) -> Fp8GemmConfig:
@@ -200,19 +202,7 @@ def _near(config: Fp8GemmConfig, per_sm: float) -> Fp8GemmConfig:
 
 
 _K_PERM = (
-    ConfigRow(
-        1,
-        _C(
-            kind="gemv",
-            block_m=1,
-            block_n=64,
-            num_warps=4,
-            num_stages=1,
-            max_split_k=16,
-            target_ctas_per_sm=8.0,
-        ),
-        min_n=14336,
-    ),  # fmt: skip
+    ConfigRow(1, _GEMV_M1_WIDE_N, min_n=14336),
     *_SM90[:3],
     ConfigRow(32, _wide(128, 32, 128, 4, 1), max_k=4096, min_n=14336),
     ConfigRow(32, _near(_wide(128, 32, 128, 4, 1), 3.0), min_n=14336),
