@@ -36,8 +36,8 @@ import triton.language as tl
 from triton.testing import do_bench
 
 from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm, permute_k, scales_foldable
-from chitu_core.kernels.packed_weight import has_nan_codes
-from chitu_core.quant import dequantize_block_fp8, quantize_block_fp8
+from chitu_core.kernels.packed_weight import PackedWeight, has_nan_codes, pack_weight
+from chitu_core.quant import FORMAT_FP8_BLOCK128, dequantize_block_fp8, quantize_block_fp8
 
 SHAPES = [  # (K, N): DeepSeek-V3, then Llama-8B
     (7168, 18432), (18432, 7168), (7168, 2112), (1536, 24576), (7168, 129280),
@@ -157,6 +157,28 @@ def make_weight(n, k):
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     wq, s = quantize_block_fp8(w)
     return wq, s
+
+
+def packed_weight_copies(n: int, k: int, k_perm: bool = True):
+    """A random block-FP8 ``[n, k]`` weight packed as the NVIDIA plugin packs it, in enough
+    copies that one CUDA-graph replay over them streams > 3x the L2 size: ``(its exact value
+    [n, k] fp32, [PackedWeight, ...])``."""
+    wq, s = make_weight(n, k)
+    packs = [
+        pack_weight((wq if i == 0 else wq.clone()).view(torch.float8_e4m3fn), s,
+                    FORMAT_FP8_BLOCK128, k_perm=k_perm)
+        for i in range(copies_for(wq.numel()))
+    ]  # fmt: skip
+    return dequantize_block_fp8(wq, s, torch.float32), packs
+
+
+def packed_gemm(x: torch.Tensor, w: PackedWeight, cfg: Fp8GemmConfig, num_sms: int) -> torch.Tensor:
+    """``fp8_gemm`` of x [M, K] bf16 with a block-FP8 PackedWeight under ``cfg``, with the
+    arguments the plugin's linear passes."""
+    return fp8_gemm(
+        x, w.weight, w.scale, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True,
+        nan_codes=w.has_nan_codes, scales_fold=w.scales_fold, k_perm=w.k_perm,
+    )  # fmt: skip
 
 
 def time_config(x, wq, s, cfg, num_sms) -> float:

@@ -13,12 +13,8 @@ import time
 
 import torch
 import triton
-from bench_ops import bench_us, copies_for, make_weight
+from bench_ops import bench_us, packed_gemm, packed_weight_copies
 from chitu_nvidia.configs import soft_fp8_config as new_cfg
-
-from chitu_core.kernels.fp8_gemm import fp8_gemm
-from chitu_core.kernels.packed_weight import pack_weight
-from chitu_core.quant import FORMAT_FP8_BLOCK128, dequantize_block_fp8
 
 SHAPES = [(4096, 3072), (2048, 4096), (4096, 14336), (7168, 4096), (4096, 6144), (4096, 4096),
           (4096, 28672), (14336, 4096), (1536, 24576), (7168, 18432), (18432, 7168), (7168, 2112),
@@ -34,14 +30,8 @@ def load_prev(path):
 
 
 def ab_shape(k, n, ms, prev, sms, rows, t0):
-    wq, s = make_weight(n, k)
-    w32 = dequantize_block_fp8(wq, s, torch.float32)
-    nc = copies_for(wq.numel())
-    packs = [
-        pack_weight((wq if i == 0 else wq.clone()).view(torch.float8_e4m3fn), s,
-                    FORMAT_FP8_BLOCK128, k_perm=True)
-        for i in range(nc)
-    ]  # fmt: skip
+    w32, packs = packed_weight_copies(n, k)
+    nc = len(packs)
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ w32.T
@@ -51,9 +41,7 @@ def ab_shape(k, n, ms, prev, sms, rows, t0):
         for tag, c in (("new", cn), ("old", co)):
 
             def run(p, c=c, x=x):
-                return fp8_gemm(x, p.weight, p.scale, None, channel=False, config=c, num_sms=sms,
-                                use_ptx=True, nan_codes=p.has_nan_codes,
-                                scales_fold=p.scales_fold, k_perm=True)  # fmt: skip
+                return packed_gemm(x, p, c, sms)
 
             r[f"err_{tag}"] = ((run(packs[0]).float() - ref).norm() / ref.norm()).item()
             if tag == "old" and r["same"]:

@@ -10,26 +10,16 @@ import sys
 import time
 
 import torch
-from bench_ops import bench_us, copies_for, make_weight
+from bench_ops import bench_us, packed_gemm, packed_weight_copies
 from chitu_nvidia.configs import soft_fp8_config
-
-from chitu_core.kernels.fp8_gemm import fp8_gemm
-from chitu_core.kernels.packed_weight import pack_weight
-from chitu_core.quant import FORMAT_FP8_BLOCK128, dequantize_block_fp8
 
 SHAPES = [(4096, 3072), (2048, 4096), (4096, 14336), (4096, 6144), (4096, 4096), (4096, 28672),
           (1536, 24576), (7168, 4096), (14336, 4096), (7168, 18432), (18432, 7168), (7168, 2112)]  # fmt: skip
 
 
 def sweep_shape(k, n, sms, out, t0):
-    wq, s = make_weight(n, k)
-    w32 = dequantize_block_fp8(wq, s, torch.float32)
-    nc = copies_for(wq.numel())
-    packs = [
-        pack_weight((wq if i == 0 else wq.clone()).view(torch.float8_e4m3fn), s,
-                    FORMAT_FP8_BLOCK128, k_perm=True)
-        for i in range(nc)
-    ]  # fmt: skip
+    w32, packs = packed_weight_copies(n, k)
+    nc = len(packs)
     for m in (2, 4, 8, 16):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ w32.T
@@ -41,9 +31,7 @@ def sweep_shape(k, n, sms, out, t0):
         for name, c in cands:
 
             def run(p, c=c, x=x):
-                return fp8_gemm(x, p.weight, p.scale, None, channel=False, config=c, num_sms=sms,
-                                use_ptx=True, nan_codes=p.has_nan_codes,
-                                scales_fold=p.scales_fold, k_perm=True)  # fmt: skip
+                return packed_gemm(x, p, c, sms)
 
             err = ((run(packs[0]).float() - ref).norm() / ref.norm()).item()
             us = bench_us(lambda i, run=run: lambda: run(packs[i]), nc)
