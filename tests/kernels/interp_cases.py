@@ -189,6 +189,10 @@ def case_gemm_shapes() -> None:
         Fp8GemmConfig(
             kind="wide", block_n=16, block_m=16, split_k=1, scale_on_acc=False, fused_reduce=False
         ),
+        # the split nearest a program count per SM (the NVIDIA M 2..64 rows)
+        Fp8GemmConfig(
+            kind="mm", block_n=32, block_m=16, block_k=64, max_split_k=8, target_ctas_per_sm=2.0
+        ),  # fmt: skip
     ]
     gemv_cfgs = [
         Fp8GemmConfig(kind="gemv", block_n=32, block_m=1, split_k=2, prefetch=True),
@@ -197,6 +201,7 @@ def case_gemm_shapes() -> None:
         Fp8GemmConfig(kind="gemv", block_n=16, block_m=64, split_k=0, prefetch=True),
         Fp8GemmConfig(kind="gemv", block_n=32, block_m=32, split_k=2),  # the M 17..32 tile
         Fp8GemmConfig(kind="gemv", block_n=256, block_m=1, split_k=2),  # rows span 2 scale rows
+        Fp8GemmConfig(kind="gemv", block_n=16, block_m=1, num_warps=4, target_ctas_per_sm=8.0),
     ]
     for m, n, k in shapes:
         w = torch.randn(n, k) * 0.05
