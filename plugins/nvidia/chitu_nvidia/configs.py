@@ -181,6 +181,13 @@ SOFT_FP8_TABLES: dict[tuple[int, int], tuple[ConfigRow, ...]] = {
 #   - M 65..128, K > 4096 with N < 7168: 4 slices instead of 2 (14336 x 4096 43.3 / 51.2 at
 #     M = 96, 45.2 / 51.7 at 128; 7168 x 4096 27.3 / 29.6, 29.0 / 30.2); K <= 4096 and
 #     N >= 7168 keep 2 (4 slices: 4096 x 6144 33.5 against 26.5, 18432 x 7168 100.0 / 92.8).
+#   DeepSeek-V3 shapes, this table against the one before these passes (same run,
+#   gemm-ds-shapes-table-ab-h200-2026-11-26.txt: 47 changed cases 2880.6 us against 3064.8)
+#   showed two losses, which keep their previous configs: K <= 1024 at M = 1 (kv_b 512 x
+#   32768: 7.6 us with the 8-warp whole-wave GEMV, 10.0 with the wide-N row) and K <= 2048
+#   with N >= 6144 at M 17..32 (2048 x 7168: 13.9 with the mm tile, 15.8 with the wide
+#   tile). Still slower: M 2..4 on 16384 x 7168 (2-3%), 7168 x 36864 (1-3%), 18432 x 7168
+#   (5-6%).
 #   Llama-8B FP8 decode on one H200, previous rows against these (M = 1 and 17..64 rows;
 #   decode-table-h200-2026-11-26.txt, means of 2 runs): batch 1 291.2 against 284.1 tokens/s,
 #   32 7180 / 7203, 48 9675 / 8848, 64 12529 / 11440.
@@ -202,10 +209,12 @@ def _near(config: Fp8GemmConfig, per_sm: float) -> Fp8GemmConfig:
 
 
 _K_PERM = (
+    ConfigRow(1, _SM90[0].config, max_k=1024),
     ConfigRow(1, _GEMV_M1_WIDE_N, min_n=14336),
     *_SM90[:3],
     ConfigRow(32, _wide(128, 32, 128, 4, 1), max_k=4096, min_n=14336),
     ConfigRow(32, _near(_wide(128, 32, 128, 4, 1), 3.0), min_n=14336),
+    ConfigRow(32, _MM_M32, max_k=2048, min_n=6144),
     ConfigRow(32, _near(_wide(64, 32, 128, 4, 0), 3.0), max_k=4096, min_n=6144),
     ConfigRow(32, _near(_GEMV_M32, 4.0), max_k=4096),
     ConfigRow(32, _wide(64, 32, 128, 4, 0), min_n=7168),

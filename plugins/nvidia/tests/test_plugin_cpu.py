@@ -205,11 +205,13 @@ def test_k_perm_table_splits(arch):
 
     assert split(1, 4096, 28672) == ("gemv", 0, 8.0, 4)  # N >= 14336
     assert split(1, 4096, 6144) == ("gemv", 0, 0.0, 8)
+    assert split(1, 512, 32768) == ("gemv", 0, 0.0, 8)  # K <= 1024: the whole-wave GEMV
     assert split(32, 7168, 18432) == ("wide", 0, 3.0, 4)  # K > 4096, N >= 14336
     assert split(32, 4096, 28672) == ("wide", 1, 0.0, 4)
     assert split(32, 7168, 2112) == ("gemv", 0, 4.0, 4)  # N < 4096: the swap-AB GEMV
     assert split(32, 4096, 3072) == ("gemv", 0, 4.0, 4)
     assert split(32, 4096, 6144) == ("wide", 0, 3.0, 4)  # K <= 4096, N >= 6144
+    assert split(32, 2048, 7168) == ("mm", 0, 0.0, 4)  # K <= 2048 keeps the mm tile
     assert split(32, 14336, 4096) == ("wide", 0, 3.0, 4)  # K > 4096, N >= 4096
     assert split(32, 18432, 7168) == ("wide", 0, 0.0, 4)  # N >= 7168: the whole-wave pick
     assert split(64, 2048, 4096)[:2] == ("wide", 2)
