@@ -40,6 +40,7 @@ FLOPs: 2*M*N*K.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -758,7 +759,9 @@ def pick_split_k(
     fewer slices on ties.
     """
     target = target_ctas_per_sm * num_sms
-    best, best_key = 1, None
+    # the score to beat (higher is better) and by how much a later, larger split must beat it
+    best_key, margin = (-math.inf, 0.0) if target else (0.0, 0.02)
+    best = 1
     for split in range(1, max(1, max_split) + 1):
         per = triton.cdiv(k_tiles, split)
         if per < 2 and split > 1:
@@ -767,14 +770,12 @@ def pick_split_k(
         ctas = num_tiles * eff_split
         if target:
             key = -abs(ctas - target)
-            better = best_key is None or key > best_key
         else:
             waves = triton.cdiv(ctas, num_sms)
             key = ctas / (waves * num_sms)
             if ctas < 4 * num_sms:  # too few CTAs in flight to hide memory latency
                 key *= 0.5 + 0.5 * ctas / (4 * num_sms)
-            better = key > (0.0 if best_key is None else best_key) + 0.02
-        if better:
+        if key > best_key + margin:
             best, best_key = eff_split, key
     return best
 
