@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm, permute_k, scales_foldable
-from chitu_core.kernels.packed_weight import PackedWeight, has_nan_codes, pack_weight
+from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm
+from chitu_core.kernels.packed_weight import PackedWeight, pack_weight
 from chitu_core.quant import FORMAT_FP8_BLOCK128, dequantize_block_fp8, quantize_block_fp8
 
 SHAPES = [  # (K, N): DeepSeek-V3, then Llama-8B
@@ -159,17 +159,21 @@ def make_weight(n, k):
     return wq, s
 
 
+def pack_copies(wqs: list, s: torch.Tensor, k_perm: bool) -> list[PackedWeight]:
+    """Copies of one block-FP8 weight (uint8 codes ``[N, K]``, scales ``s``) packed as the
+    NVIDIA plugin's ``prepare_weight`` packs them (K-permuted with ``k_perm``)."""
+    return [
+        pack_weight(w.view(torch.float8_e4m3fn), s, FORMAT_FP8_BLOCK128, k_perm=k_perm) for w in wqs
+    ]
+
+
 def packed_weight_copies(n: int, k: int, k_perm: bool = True):
     """A random block-FP8 ``[n, k]`` weight packed as the NVIDIA plugin packs it, in enough
     copies that one CUDA-graph replay over them streams > 3x the L2 size: ``(its exact value
     [n, k] fp32, [PackedWeight, ...])``."""
     wq, s = make_weight(n, k)
-    packs = [
-        pack_weight((wq if i == 0 else wq.clone()).view(torch.float8_e4m3fn), s,
-                    FORMAT_FP8_BLOCK128, k_perm=k_perm)
-        for i in range(copies_for(wq.numel()))
-    ]  # fmt: skip
-    return dequantize_block_fp8(wq, s, torch.float32), packs
+    wqs = [wq] + [wq.clone() for _ in range(copies_for(wq.numel()) - 1)]
+    return dequantize_block_fp8(wq, s, torch.float32), pack_copies(wqs, s, k_perm)
 
 
 def packed_gemm(x: torch.Tensor, w: PackedWeight, cfg: Fp8GemmConfig, num_sms: int) -> torch.Tensor:
@@ -184,18 +188,9 @@ def packed_gemm(x: torch.Tensor, w: PackedWeight, cfg: Fp8GemmConfig, num_sms: i
 def time_config(x, wq, s, cfg, num_sms) -> float:
     """Median us of one soft-FP8 config; inf if it does not build (e.g. out of shared memory)."""
     try:
-        nan_codes = has_nan_codes(wq.view(torch.uint8))  # as prepare_weight records it
-        fold = scales_foldable(s)
-        wq = permute_k(wq.view(torch.uint8)) if K_PERM else wq
         wqs = [wq] + [wq.clone() for _ in range(copies_for(wq.numel()) - 1)]
-
-        def call(i):
-            return lambda: fp8_gemm(
-                x, wqs[i], s, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True,
-                nan_codes=nan_codes, scales_fold=fold, k_perm=K_PERM,
-            )  # fmt: skip
-
-        return bench_us(call, len(wqs))
+        packs = pack_copies(wqs, s, K_PERM)
+        return bench_us(lambda i: lambda: packed_gemm(x, packs[i], cfg, num_sms), len(packs))
     except Exception as e:  # noqa: BLE001
         print(f"  skip {cfg}: {type(e).__name__}")
         return float("inf")
@@ -241,18 +236,13 @@ def measure(k, n, m, wq, s, w_bf16, w_f32, cap, num_sms, configs) -> dict:
     wqs = [wq] + [wq.clone() for _ in range(copies - 1)]
     wbs = [w_bf16] + [w_bf16.clone() for _ in range(copies - 1)]
 
-    nan_codes = has_nan_codes(wq.view(torch.uint8))  # as prepare_weight records it
-    fold = scales_foldable(s)
-    wps = [permute_k(w.view(torch.uint8)) for w in wqs] if K_PERM else wqs
+    packs = pack_copies(wqs, s, K_PERM)  # K order (wqs) stays for native and naive
 
     def soft(i):
-        return lambda: fp8_gemm(
-            x, wps[i], s, None, channel=False, config=cfg, num_sms=num_sms, use_ptx=True,
-            nan_codes=nan_codes, scales_fold=fold, k_perm=K_PERM,
-        )  # fmt: skip
+        return lambda: packed_gemm(x, packs[i], cfg, num_sms)
 
     row = {"K": k, "N": n, "M": m, "soft_config": dataclasses.asdict(cfg), "weight_copies": copies,
-           "nan_codes": nan_codes, "k_perm": K_PERM}  # fmt: skip
+           "nan_codes": packs[0].has_nan_codes, "k_perm": K_PERM}  # fmt: skip
     row["soft_fp8_us"] = bench_us(soft, copies)
     row["max_rel_err"] = err(soft(0)())
     row["native_fp8_us"] = None
