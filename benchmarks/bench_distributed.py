@@ -35,14 +35,17 @@ for the slower rank to reach the same collective.
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,16 +56,63 @@ from chitu_core.engine.llm_engine import EngineConfig, LLMEngine
 from chitu_core.engine.sampling import SamplingParams
 
 
-def decode_times_ms(
-    engine: LLMEngine, batch: int, prompt_len: int, new_tokens: int
-) -> tuple[float, float, list[list[int]]]:
+@dataclass
+class DecodeRun:
+    """One ``decode_times_ms`` run: the figures and what the decode phase's steps did."""
+
+    prefill_ms: float
+    ms_per_token: float  # decode phase wall / tokens it returned
+    tokens: list[list[int]]  # each sequence's tokens, in request order
+    step_ms: list[float] = field(default_factory=list)  # wall of each decode-phase step()
+    gc_ms: float = 0.0  # of which Python's garbage collector ran
+    gc_collections: int = 0
+
+    def step_summary(self) -> dict:
+        """Median / p90 / max decode-step wall (ms) and the slowest step's index."""
+        if not self.step_ms:
+            return {}
+        ordered = sorted(self.step_ms)
+        slowest = max(range(len(self.step_ms)), key=self.step_ms.__getitem__)
+        return {
+            "median_step_ms": statistics.median(ordered),
+            "p90_step_ms": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+            "max_step_ms": ordered[-1],
+            "slowest_step": slowest,
+            "steps": len(ordered),
+            "gc_ms": self.gc_ms,
+            "gc_collections": self.gc_collections,
+        }
+
+
+class _GcClock:
+    """Time spent in Python's garbage collector while in the ``with`` block."""
+
+    def __init__(self) -> None:
+        self.ms, self.collections, self._start = 0.0, 0, 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.ms += (time.perf_counter() - self._start) * 1e3
+            self.collections += 1
+
+    def __enter__(self) -> _GcClock:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        gc.callbacks.remove(self._callback)
+
+
+def decode_times_ms(engine: LLMEngine, batch: int, prompt_len: int, new_tokens: int) -> DecodeRun:
     """Prefill ``batch`` random prompts of ``prompt_len`` tokens, then decode greedily.
 
-    Returns ``(prefill ms, decode ms per generated token, each sequence's tokens)``:
-    the prefill phase lasts until every sequence has its first token; the decode
+    The prefill phase lasts until every sequence has its first token; the decode
     phase counts the tokens the steps after it return (with PP a step moves one
-    sequence group, so steps are not counted, tokens are). The prompts are the same
-    on every call with the same arguments.
+    sequence group, so steps are not counted, tokens are), and records each step's
+    wall time and the garbage collector's share of the phase. The prompts are the
+    same on every call with the same arguments.
     """
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
@@ -77,14 +127,26 @@ def decode_times_ms(
         for out in engine.step():
             outputs[out.seq_id].append(out.token_id)
     prefill_ms = (time.perf_counter() - start) * 1e3
-    tokens, start = 0, time.perf_counter()
-    while engine.has_unfinished():
-        step = engine.step()
-        tokens += len(step)
-        for out in step:
-            outputs[out.seq_id].append(out.token_id)
-    ms = (time.perf_counter() - start) * 1e3 / max(tokens, 1)
-    return prefill_ms, ms, [outputs[seq_id] for seq_id in ids]
+    tokens, step_ms = 0, []
+    with _GcClock() as gc_clock:
+        start = last = time.perf_counter()
+        while engine.has_unfinished():
+            step = engine.step()
+            now = time.perf_counter()
+            step_ms.append((now - last) * 1e3)
+            last = now
+            tokens += len(step)
+            for out in step:
+                outputs[out.seq_id].append(out.token_id)
+        ms = (time.perf_counter() - start) * 1e3 / max(tokens, 1)
+    return DecodeRun(
+        prefill_ms,
+        ms,
+        [outputs[seq_id] for seq_id in ids],
+        step_ms,
+        gc_clock.ms,
+        gc_clock.collections,
+    )
 
 
 # -- profile of a few decode steps --------------------------------------------------------
@@ -96,7 +158,7 @@ KERNEL_CATEGORIES = (
     (
         "gemm",
         (
-            "gemm", "gemv", "fp8_mm", "splitk_reduce", "dequant_kernel", "moe_gate_up",
+            "gemm", "gemv", "fp8_mm", "fp8_wide", "splitk_reduce", "dequant_kernel", "moe_gate_up",
             "moe_down", "nvjet", "cutlass", "cublas", "xmma", "matmul", "sm90_", "sm80_",
         ),
     ),
@@ -188,8 +250,9 @@ def format_profile(layout: str, batch: int, p: dict) -> list[str]:
     us = p["us_per_step"]
     total = p["device_us_per_step"]
     lines = [
-        f"profile {layout} batch {batch}, rank 0, {p['steps']} decode steps"
-        f" ({p['mode']}; decode graphs captured: {p['decode_graphs'] or 'no'}):"
+        f"profile {layout} batch {batch}, rank 0, {p['steps']} decode steps launched in"
+        f" {p.get('step_calls', p['steps'])} step() calls ({p['mode']}; decode graphs captured:"
+        f" {p['decode_graphs'] or 'no'}):"
     ]
     if not total:
         lines.append("  no device kernels in the trace (a CPU run): see the trace for host ops")
@@ -230,12 +293,17 @@ def format_profile(layout: str, batch: int, p: dict) -> list[str]:
 
 
 def profile_decode(engine: LLMEngine, batch: int, prompt_len: int, steps: int, trace: Path) -> dict:
-    """Rank 0: ``steps`` decode steps of ``batch`` fresh sequences under torch.profiler
-    (after their prefill and two untraced decode steps); the trace goes to ``trace``
-    (gzipped) and the summary is returned."""
+    """Rank 0: ``steps`` calls of ``engine.step()`` on ``batch`` fresh decoding sequences under
+    torch.profiler (after their prefill and two untraced decode steps); the trace goes to
+    ``trace`` (gzipped) and the summary is returned.
+
+    The window starts with nothing queued on the device and ends when the device is idle,
+    so it holds exactly the forward steps launched in it: with queued-ahead steps one more
+    than the calls. Per-step figures divide by that count (``device_steps``).
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    params = SamplingParams(max_tokens=steps + 3, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)
     gen = torch.Generator().manual_seed(1)
     vocab = engine.model_config["vocab_size"]
     for _ in range(batch):
@@ -245,19 +313,33 @@ def profile_decode(engine: LLMEngine, batch: int, prompt_len: int, steps: int, t
     started: set[int] = set()
     while len(started) < batch:
         started |= {out.seq_id for out in engine.step()}
-    for _ in range(2):
-        engine.step()
+    engine.step()
+    overlap, engine.overlap_steps = engine.overlap_steps, False
+    engine.step()  # returns the step queued ahead, if any, and queues none
+    engine.overlap_steps = overlap
     on_device = engine.device.type != "cpu"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     engine.ops.synchronize(engine.device)
+    executor, launched = engine.executor, 0
+    execute = executor.execute
+
+    def counted(*args, **kwargs):
+        nonlocal launched
+        launched += 1
+        return execute(*args, **kwargs)
+
+    executor.execute = counted
     done = 0
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        while done < steps and engine.has_unfinished():
-            engine.step()
-            done += 1
-        engine.ops.synchronize(engine.device)
-        wall_s = time.perf_counter() - start
+    try:
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            while done < steps and engine.has_unfinished():
+                engine.step()
+                done += 1
+            engine.ops.synchronize(engine.device)
+            wall_s = time.perf_counter() - start
+    finally:
+        del executor.execute  # the class's method again
     while engine.has_unfinished():
         engine.step()
     trace.parent.mkdir(parents=True, exist_ok=True)
@@ -267,10 +349,12 @@ def profile_decode(engine: LLMEngine, batch: int, prompt_len: int, steps: int, t
         shutil.copyfileobj(src, dst)
     events = json.loads(raw.read_text()).get("traceEvents", [])
     raw.unlink()
-    summary = summarize_trace(events, done, len(engine.runner.kv_caches))
+    device_steps = max(launched, 1)
+    summary = summarize_trace(events, device_steps, len(engine.runner.kv_caches))
     graphs = engine.runner.graphs
     summary |= {
-        "wall_ms_per_step": wall_s * 1e3 / max(done, 1),
+        "step_calls": done,
+        "wall_ms_per_step": wall_s * 1e3 / device_steps,
         "decode_graphs": graphs.buckets if graphs is not None else None,
         "mode": "eager (--enforce-eager)"
         if engine.config.enforce_eager
@@ -307,13 +391,10 @@ def run_layout(args: argparse.Namespace) -> int:
                 decode_times_ms(engine, batch, args.prompt_len, 4)
                 # Baseline first, same engine: every decode step read back before the next.
                 engine.overlap_steps = False
-                _, ms_serial, serial_tokens = decode_times_ms(
-                    engine, batch, args.prompt_len, args.new_tokens
-                )
+                serial = decode_times_ms(engine, batch, args.prompt_len, args.new_tokens)
                 engine.overlap_steps = config.overlap_steps
-                prefill, ms, tokens = decode_times_ms(
-                    engine, batch, args.prompt_len, args.new_tokens
-                )
+                run = decode_times_ms(engine, batch, args.prompt_len, args.new_tokens)
+                prefill, ms = run.prefill_ms, run.ms_per_token
                 result = {
                     "tp": args.tp,
                     "pp": args.pp,
@@ -325,9 +406,10 @@ def run_layout(args: argparse.Namespace) -> int:
                 result |= {"ms_per_token": ms, "ms_per_batch_step": ms * batch}
                 result |= {"tokens_per_s": 1e3 / ms, "threads_per_rank": torch.get_num_threads()}
                 result |= {"overlap_steps": config.overlap_steps}
-                result["tokens_per_s_no_overlap"] = 1e3 / ms_serial
+                result["tokens_per_s_no_overlap"] = 1e3 / serial.ms_per_token
+                result |= run.step_summary()
                 # Greedy on the same prompts: the two runs must give the same tokens.
-                result["same_tokens_as_serial"] = tokens == serial_tokens
+                result["same_tokens_as_serial"] = run.tokens == serial.tokens
                 result["decode_graphs"] = graphs.buckets if graphs is not None else None
                 results.append(result)
             if args.profile_dir:
@@ -421,6 +503,14 @@ def main() -> int:
                     ),
                     flush=True,
                 )
+                if "median_step_ms" in result:
+                    print(
+                        f"  decode steps: median {result['median_step_ms']:.2f} ms, p90 "
+                        f"{result['p90_step_ms']:.2f}, max {result['max_step_ms']:.2f} (step "
+                        f"{result['slowest_step']} of {result['steps']}); garbage collector "
+                        f"{result['gc_ms']:.1f} ms in {result['gc_collections']} collections",
+                        flush=True,
+                    )
                 if "profile_error" in result:
                     print(f"profile {layout}: failed: {result['profile_error']}", flush=True)
                 if "profile" in result:
