@@ -114,6 +114,9 @@ tp2)
     log "writing the Llama-3-8B-shaped FP8 model on GPU 0"
     CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -c "$write" /tmp/ll8 llama >/tmp/ll8-write.log 2>&1 \
         || { log "writing Llama failed"; tail -3 /tmp/ll8-write.log | tee -a "$OUT/summary.txt"; }
+    log "peer-store all-reduce tests (2 GPUs)"
+    timeout "$(tmo 120)" python3 -m pytest -q -p no:cacheprovider plugins/nvidia/tests/test_gpu_all_reduce.py \
+        2>&1 | tail -3 | tee -a "$OUT/summary.txt"
     # Step logits: 1 GPU decodes greedily (its tokens become the forced sequence); TP=2 and
     # PP=2 (torchrun, NCCL) are teacher-forced on it, so all three see identical inputs.
     mkdir -p /tmp/lg

@@ -10,9 +10,11 @@ import torch
 from chitu_core.backend_info import BackendInfo
 from chitu_core.hookspecs import hookimpl
 from chitu_core.kernels.packed_weight import pack_weight
+from chitu_core.ops import collectives as _generic_collectives
 from chitu_nvidia import attention as _attention
 from chitu_nvidia import linear as _linear
 from chitu_nvidia import moe as _moe
+from chitu_nvidia import p2p_all_reduce as _p2p
 from chitu_nvidia import small_ops as _small
 from chitu_nvidia.graphs import capture_cuda_graph
 
@@ -73,6 +75,45 @@ def chitu_synchronize(device: torch.device) -> None:
 @hookimpl
 def chitu_empty_cache(device: torch.device) -> None:
     torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+@hookimpl
+def chitu_new_group(ranks: list[int], timeout_s: float) -> Any:
+    """A torch process group; groups of 2..8 GPUs also get the peer-store all-reduce."""
+    group = _generic_collectives.new_group(ranks, timeout_s)
+    _p2p.enable_for(group, ranks, timeout_s)
+    return group
+
+
+@hookimpl
+def chitu_all_reduce(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """Decode-sized tensors: one peer-store kernel (``p2p_all_reduce``); larger: NCCL."""
+    return _p2p.all_reduce(tensor, group)
+
+
+# The group handle is torch's ProcessGroup, as in the generic ops: the other collectives
+# are those (the contract has a backend that implements new_group implement them all).
+@hookimpl
+def chitu_all_gather(tensor: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
+    return _generic_collectives.all_gather(tensor, group, dim)
+
+
+@hookimpl
+def chitu_reduce_scatter(tensor: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
+    return _generic_collectives.reduce_scatter(tensor, group, dim)
+
+
+@hookimpl
+def chitu_send(tensor: torch.Tensor, dst: int, group: Any) -> None:
+    _generic_collectives.send(tensor, dst, group)
+
+
+@hookimpl
+def chitu_recv(tensor: torch.Tensor, src: int, group: Any) -> torch.Tensor:
+    return _generic_collectives.recv(tensor, src, group)
 
 
 @hookimpl
