@@ -46,8 +46,8 @@ logger = logging.getLogger(__name__)
 MAX_BYTES = 1 << 20  # decode batch 64 x hidden 7168 bf16 is 896 KB; prefill goes to NCCL
 MAX_GROUP_SIZE = 8
 BLOCK_BYTES = 4096  # a program's slice: 256 KB -> 64 programs
-MAX_PROGRAMS = MAX_BYTES // 2 // (BLOCK_BYTES // 4)  # fp16/bf16 elements of 2 bytes: 256
-FLAGS_BYTES = 64 << 10  # int32 flags [MAX_PROGRAMS, MAX_GROUP_SIZE] (16 KB), padded
+MAX_PROGRAMS = MAX_BYTES // BLOCK_BYTES  # 256: a program takes BLOCK_BYTES of any dtype
+FLAGS_BYTES = 64 << 10  # int32 flags [MAX_PROGRAMS, MAX_GROUP_SIZE] (8 KB), padded
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ENV_SWITCH = "CHITU_NVIDIA_P2P_ALL_REDUCE"
 

@@ -285,3 +285,59 @@ def test_fp32_attention_takes_the_generic_ops():
     assert torch.equal(
         attention.paged_attention_decode(*args), generic.paged_attention_decode(*args)
     )
+
+
+@needs_compiler
+@pytest.mark.parametrize("arch", [80, 86, 90], ids=lambda a: f"sm_{a}")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_peer_store_all_reduce_kernel_compiles(arch, dtype):
+    """The TP all-reduce kernel (system-scope release/acquire, globaltimer, trap) builds a
+    cubin for Ampere and Hopper, with the peer stores vectorized (16-byte stores: the
+    peers are addressed from an aligned pointer, not cast from integers)."""
+    import triton
+    from chitu_nvidia import p2p_all_reduce as p2p
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    elt_bytes = 2 if dtype == "bf16" else 4
+    sig = {"x_ptr": f"*{dtype}", "buf_ptr": f"*{dtype}", "flags_ptr": "*i32",
+           "deltas_ptr": "*i64", "counters_ptr": "*i32", "rank": "i32", "numel": "i32",
+           "timeout_ns": "i64"}  # fmt: skip
+    const = {"WORLD": 2, "BLOCK": p2p.BLOCK_BYTES // elt_bytes, "ELT_BYTES": elt_bytes,
+             "SLOT_BYTES": p2p.MAX_BYTES, "FLAGS_BYTES": p2p.FLAGS_BYTES,
+             "MAX_WORLD": p2p.MAX_GROUP_SIZE}  # fmt: skip
+    sig.update(dict.fromkeys(const, "constexpr"))
+    # What the launcher specializes for 16-byte aligned pointers and sizes divisible by 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6)}
+    kernel = triton.compile(
+        ASTSource(p2p.push_all_reduce_kernel, sig, const, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": 4},
+    )
+    ptx = kernel.asm["ptx"]
+    assert "cubin" in kernel.asm
+    assert "atom.global.sys.release.exch.b32" in ptx and "acquire" in ptx
+    assert "fence.acq_rel.sys" in ptx and "%globaltimer" in ptx and "trap;" in ptx
+    assert "st.global.v4.b32" in ptx
+
+
+def test_peer_store_all_reduce_routing():
+    """Which tensors the peer-store path takes: contiguous bf16/fp16/fp32 on its device,
+    1 byte up to MAX_BYTES; everything else (prefill sizes, int tensors, views) goes to
+    NCCL. The answer depends only on the shape and dtype, the same on every TP rank."""
+    from chitu_nvidia import p2p_all_reduce as p2p
+
+    path = object.__new__(p2p.PushAllReduce)  # no symmetric memory needed to route
+    path.device = torch.device("cpu")
+    rows = p2p.MAX_BYTES // (4096 * 2)
+    assert path.takes(torch.zeros(rows, 4096, dtype=torch.bfloat16))
+    assert not path.takes(torch.zeros(rows + 1, 4096, dtype=torch.bfloat16))
+    assert path.takes(torch.zeros(1, 4096, dtype=torch.float16))
+    assert path.takes(torch.zeros(rows // 2, 4096, dtype=torch.float32))
+    assert not path.takes(torch.zeros(rows // 2 + 1, 4096, dtype=torch.float32))
+    assert not path.takes(torch.zeros(8, 4096, dtype=torch.int32))
+    assert not path.takes(torch.zeros(0, 4096, dtype=torch.bfloat16))
+    assert not path.takes(torch.zeros(4096, 8, dtype=torch.bfloat16).t())  # not contiguous
+    # One program slice is BLOCK_BYTES; the largest tensor needs at most MAX_PROGRAMS.
+    assert p2p.MAX_BYTES // p2p.BLOCK_BYTES == p2p.MAX_PROGRAMS
+    assert p2p.MAX_PROGRAMS * p2p.MAX_GROUP_SIZE * 4 <= p2p.FLAGS_BYTES
