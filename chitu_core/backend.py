@@ -47,9 +47,22 @@ OP_NAMES: tuple[str, ...] = tuple(
 
 # Ops that consume the opaque handle of ``prepare_weight`` (see hookspecs' module docstring).
 WEIGHT_HANDLE_OPS = ("linear", "fused_moe")
-COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "send", "recv")
+COLLECTIVE_OPS = (
+    "all_reduce",
+    "all_reduce_add_rms_norm",
+    "all_gather",
+    "reduce_scatter",
+    "send",
+    "recv",
+)
 # An op that makes an opaque handle -> the ops that consume it: bound (and demoted) together.
 HANDLE_GROUPS = {"prepare_weight": WEIGHT_HANDLE_OPS, "new_group": COLLECTIVE_OPS}
+# Optional ops whose fallback is the composition of other ops of the same backend (the
+# generic function, called with the backend's bound ops as keyword arguments): a
+# backend may implement their handle's producer without them.
+COMPOSED_OPS: dict[str, tuple[str, ...]] = {
+    "all_reduce_add_rms_norm": ("all_reduce", "add_rms_norm"),
+}
 
 
 @dataclass
@@ -264,7 +277,7 @@ def bind_ops(backend: InstalledBackend, demote: Iterable[str] = ()) -> Ops:
             demoted |= group & native
     native -= demoted
     for producer, consumers in HANDLE_GROUPS.items():
-        missing = [op for op in consumers if op not in native]
+        missing = [op for op in consumers if op not in native and op not in COMPOSED_OPS]
         if producer in native and missing:
             raise PluginLoadError(
                 f"backend {backend.name!r} implements {producer} but not {missing}: "
@@ -278,6 +291,12 @@ def bind_ops(backend: InstalledBackend, demote: Iterable[str] = ()) -> Ops:
             functions[op] = _plain_function(hook, spec_args)
         else:
             functions[op] = GENERIC_OPS[op]
+    for op, parts in COMPOSED_OPS.items():
+        # The generic composition, over this backend's own ops where it has any.
+        if op not in native and any(functions[part] is not GENERIC_OPS[part] for part in parts):
+            functions[op] = functools.partial(
+                GENERIC_OPS[op], **{part: functions[part] for part in parts}
+            )
     if "device" not in native:
         # The generic hook cannot know which device type the backend computes on.
         functions["device"] = functools.partial(device_of_type, backend.info.device_type)

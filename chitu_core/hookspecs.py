@@ -436,6 +436,23 @@ def chitu_all_reduce(tensor: torch.Tensor, group: Any) -> torch.Tensor:
 
 
 @hookspec(firstresult=True)
+def chitu_all_reduce_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chitu_all_reduce`` of ``x`` over ``group``, then ``chitu_add_rms_norm`` of the sum
+    with ``residual``: what a tensor-parallel decoder layer runs after each row-parallel
+    block, twice a layer.
+
+    ``x [M, D]`` (this rank's partial sums) and ``residual [M, D]`` in the compute dtype,
+    ``weight [D]``. Returns ``(normed, summed)`` as ``chitu_add_rms_norm`` returns them for
+    the all-reduced ``x``; ``x`` itself may be overwritten. Every rank of the group must
+    get the same bits (the ranks go on from them as one model). Optional: a backend
+    without it gets its own ``all_reduce`` followed by its own ``add_rms_norm``; one
+    kernel can exchange, add and normalise in a single launch. Tolerance: accumulate.
+    """
+
+
+@hookspec(firstresult=True)
 def chitu_all_gather(tensor: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along ``dim``, in group-rank order.
 

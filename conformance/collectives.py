@@ -63,6 +63,9 @@ COLLECTIVE_CASES: tuple[CollectiveCase, ...] = (
     CollectiveCase("all_reduce", "T=7,H=7168", (7, 7168)),
     CollectiveCase("all_reduce", "fp32,T=3,E=256", (3, 256), fp32=True),
     CollectiveCase("all_reduce", "empty", (0, 64)),
+    CollectiveCase("all_reduce_add_rms_norm", "T=7,H=7168", (7, 7168)),
+    CollectiveCase("all_reduce_add_rms_norm", "T=32,H=4096", (32, 4096)),
+    CollectiveCase("all_reduce_add_rms_norm", "fp32,T=3,H=256", (3, 256), fp32=True),
     CollectiveCase("all_gather", "dim=0,T=5,V=300", (5, 300), 0),
     CollectiveCase("all_gather", "dim=1,T=5,V=300", (5, 300), 1),
     CollectiveCase("reduce_scatter", "dim=0,T=8,H=96", (8, 96), 0),
@@ -72,10 +75,29 @@ COLLECTIVE_CASES: tuple[CollectiveCase, ...] = (
 )
 
 
-def _expected(case: CollectiveCase, rank: int, dtype: torch.dtype) -> torch.Tensor | None:
+# Ops whose result every rank must hold bit for bit (the TP ranks go on from it as one).
+SAME_ON_EVERY_RANK = frozenset({"all_reduce", "all_reduce_add_rms_norm"})
+NORM_EPS = 1e-6
+
+
+def _norm_inputs(case: CollectiveCase, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual ``[T, H]`` and weight ``[H]`` of a fused case: the same on every rank."""
+    gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()) + 1000)
+    residual = torch.randn(*case.shape, generator=gen)
+    weight = 1.0 + 0.1 * torch.randn(case.shape[-1], generator=gen)
+    dt = torch.float32 if case.fp32 else dtype
+    return residual.to(dt), weight.to(dt)
+
+
+def _expected(case: CollectiveCase, rank: int, dtype: torch.dtype) -> Any:
     parts = [case.rank_input(r, dtype) for r in range(WORLD_SIZE)]
     if case.op == "all_reduce":
         return sum(p.double() for p in parts)
+    if case.op == "all_reduce_add_rms_norm":
+        residual, weight = _norm_inputs(case, dtype)
+        summed = residual.double() + sum(p.double() for p in parts)
+        inv = torch.rsqrt(summed.pow(2).mean(dim=-1, keepdim=True) + NORM_EPS)
+        return summed * inv * weight.double(), summed
     if case.op == "all_gather":
         return torch.cat(parts, dim=case.dim)
     if case.op == "reduce_scatter":
@@ -87,6 +109,9 @@ def _run(case: CollectiveCase, ops: Any, generic: Any, rank: int, group: Any, de
     x = case.rank_input(rank, dtype).to(device)
     if case.op == "all_reduce":
         return ops.all_reduce(x, group)
+    if case.op == "all_reduce_add_rms_norm":
+        residual, weight = (t.to(device) for t in _norm_inputs(case, dtype))
+        return ops.all_reduce_add_rms_norm(x, residual, weight, NORM_EPS, group)
     if case.op in ("all_gather", "reduce_scatter"):
         return getattr(ops, case.op)(x, group, case.dim)
     sender, receiver = (ops, generic) if case.op == "send" else (generic, ops)
@@ -97,9 +122,20 @@ def _run(case: CollectiveCase, ops: Any, generic: Any, rank: int, group: Any, de
 
 
 def _check(case: CollectiveCase, out, expected, dtype: torch.dtype) -> dict[str, Any]:
+    """One rank's result against the fp64 expectation (each output of a tuple in turn;
+    the worst one is reported), plus a digest of its bits for the cross-rank check."""
+    if isinstance(expected, tuple):
+        if not isinstance(out, tuple | list) or len(out) != len(expected):
+            return {"status": FAIL, "message": f"expected {len(expected)} outputs"}
+        rows = [_check(case, o, e, dtype) for o, e in zip(out, expected, strict=True)]
+        worst = max(rows, key=lambda r: (r["status"] != PASS, r.get("rel_fro", 0.0)))
+        return worst | {"digest": "/".join(r.get("digest", "") for r in rows)}
     row: dict[str, Any] = {"status": PASS, "message": ""}
     if expected is None:
         return row
+    if case.op in SAME_ON_EVERY_RANK:
+        host = out.detach().cpu().contiguous()
+        row["digest"] = f"{zlib.crc32(host.view(torch.uint8).numpy().tobytes()):08x}"
     if tuple(out.shape) != tuple(expected.shape):
         row.update(
             status=FAIL, message=f"shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
@@ -176,6 +212,10 @@ def _merge(case: CollectiveCase, per_rank: list[dict[str, Any]], native: bool) -
             problems.append(f"rank {rank}: {row['message']}")
             if severity[row["status"]] > severity[result.status]:
                 result.status = row["status"]
+    digests = {row["digest"] for row in per_rank if "digest" in row}
+    if len(digests) > 1:
+        problems.append("the ranks hold different bits")
+        result.status = ERROR if result.status == ERROR else FAIL
     if problems:
         result.message = f"{case.id} (world of {WORLD_SIZE}): " + "; ".join(problems)
     return result

@@ -231,7 +231,7 @@ def test_group_handle_ops_bind_and_demote_together():
         def chitu_all_reduce(self, tensor, group):
             return tensor
 
-    from chitu_core.backend import COLLECTIVE_OPS, InstalledBackend, native_op_names
+    from chitu_core.backend import COLLECTIVE_OPS, COMPOSED_OPS, InstalledBackend, native_op_names
 
     pm = _register(Plugin(), "x")
     backend = InstalledBackend(
@@ -249,4 +249,57 @@ def test_group_handle_ops_bind_and_demote_together():
     ops = bind_ops(backend, demote=["all_reduce"])
     assert ops.new_group is GENERIC_OPS["new_group"]
     assert {"new_group", "all_reduce"} <= ops.demoted
+    # (the fused op too: it composes all_reduce and add_rms_norm, both generic here)
     assert all(getattr(ops, op) is GENERIC_OPS[op] for op in COLLECTIVE_OPS)
+    assert set(COMPOSED_OPS) <= set(COLLECTIVE_OPS)
+
+
+def test_composed_op_uses_the_backends_own_ops():
+    """A backend with its own new_group/all_reduce/add_rms_norm but no fused
+    all_reduce_add_rms_norm binds (the fused op is optional) and gets the composition of
+    its OWN two ops: they read its group handle, and the result is their result."""
+    calls = []
+
+    class Plugin:
+        @hookspecs.hookimpl
+        def chitu_backend_info(self):
+            return BackendInfo(name="y", device_type="cpu", dist_backend="gloo")
+
+        @hookspecs.hookimpl
+        def chitu_check_available(self):
+            return None
+
+        @hookspecs.hookimpl
+        def chitu_new_group(self, ranks, timeout_s):
+            return ("my-group", ranks)
+
+        @hookspecs.hookimpl
+        def chitu_all_reduce(self, tensor, group):
+            assert group[0] == "my-group"
+            calls.append("all_reduce")
+            return tensor * 2  # a world of two equal ranks
+
+        @hookspecs.hookimpl
+        def chitu_add_rms_norm(self, x, residual, weight, eps):
+            calls.append("add_rms_norm")
+            return GENERIC_OPS["add_rms_norm"](x, residual, weight, eps)
+
+    for op in ("all_gather", "reduce_scatter", "send", "recv"):
+        setattr(Plugin, f"chitu_{op}", hookspecs.hookimpl(lambda self, *a: None))
+    from chitu_core.backend import InstalledBackend, native_op_names
+
+    pm = _register(Plugin(), "y")
+    backend = InstalledBackend(
+        "y", "d", "0", info=pm.hook.chitu_backend_info(), native_ops=native_op_names(pm),
+        plugin_manager=pm,
+    )  # fmt: skip
+    ops = bind_ops(backend)
+    assert "all_reduce_add_rms_norm" not in ops.native
+    x, residual, weight = torch.randn(3, 8), torch.randn(3, 8), torch.rand(8) + 0.5
+    normed, summed = ops.all_reduce_add_rms_norm(
+        x.clone(), residual, weight, 1e-6, ops.new_group([0, 1], 5.0)
+    )
+    assert calls == ["all_reduce", "add_rms_norm"]
+    torch.testing.assert_close(summed, residual + 2 * x)
+    ref = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+    torch.testing.assert_close(normed, ref)

@@ -75,6 +75,11 @@ class ModelParallel:
     pp_rank: int = 0
     all_reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     all_gather_fn: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    # (x, residual, weight, eps) -> (normed, summed): the backend's all_reduce_add_rms_norm
+    # over the TP group; None composes all_reduce_fn with the caller's add_rms_norm.
+    all_reduce_add_rms_norm_fn: (
+        Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, ...]] | None
+    ) = None
 
     def __post_init__(self) -> None:
         if self.tp_size < 1 or self.pp_size < 1:
@@ -146,6 +151,23 @@ class ModelParallel:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum the partial outputs of a row-parallel block over TP (identity at TP=1)."""
         return x if self.all_reduce_fn is None else self.all_reduce_fn(x)
+
+    def all_reduce_add_rms_norm(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``add_rms_norm(all_reduce(x), residual, weight, eps)`` -> ``(normed, summed)``
+        ``[T, D]`` each: at TP=1 ``add_rms_norm`` alone, else the bound fused op (one call
+        where the backend implements it), else the composition."""
+        if self.all_reduce_fn is None:
+            return add_rms_norm(x, residual, weight, eps)
+        if self.all_reduce_add_rms_norm_fn is None:
+            return add_rms_norm(self.all_reduce_fn(x), residual, weight, eps)
+        return self.all_reduce_add_rms_norm_fn(x, residual, weight, eps)
 
     def embed(self, ids: torch.Tensor, table: torch.Tensor, shard: Shard | None) -> torch.Tensor:
         """Vocab-parallel embedding: ids ``[T]`` int64, table ``[Vr, D]`` (rows ``shard``) -> ``[T, D]``.

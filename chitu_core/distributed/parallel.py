@@ -117,6 +117,9 @@ class ParallelState:
             pp_rank=layout.pp_rank,
             all_reduce_fn=lambda x: ops.all_reduce(x, group),
             all_gather_fn=lambda x, dim: ops.all_gather(x, group, dim),
+            all_reduce_add_rms_norm_fn=lambda x, residual, weight, eps: ops.all_reduce_add_rms_norm(
+                x, residual, weight, eps, group
+            ),
         )
 
     # -- world-wide agreement ----------------------------------------------------------

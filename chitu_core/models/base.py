@@ -117,20 +117,25 @@ def decoder_layers(
 
     Per layer: ``x += all_reduce(attention(layer, rms_norm(x), cache))``, then
     ``x += all_reduce(mlp(layer, rms_norm(x)))`` (``layer.input_norm``,
-    ``layer.post_attention_norm``). Each residual add is fused with the norm that reads
-    the sum (``ops.add_rms_norm``); the last layer's MLP output is added plainly.
+    ``layer.post_attention_norm``). Each all-reduce and residual add is fused with the
+    norm that reads the sum (``ModelParallel.all_reduce_add_rms_norm``: ``ops.add_rms_norm``
+    at TP=1, one backend op over the TP group); the last layer's MLP output is all-reduced
+    and added plainly.
     """
     ops, eps, parallel = model.ops, model.cfg.rms_norm_eps, model.parallel
-    pending = None  # the last sublayer's output, not yet added to x
+
+    def reduce_add_norm(partial, residual, weight):
+        return parallel.all_reduce_add_rms_norm(partial, residual, weight, eps, ops.add_rms_norm)
+
+    pending = None  # the last sublayer's partial output, not yet reduced and added to x
     for layer, cache in zip(model.layers, kv_caches, strict=True):
         if pending is None:
             h = ops.rms_norm(x, layer.input_norm, eps)
         else:
-            h, x = ops.add_rms_norm(pending, x, layer.input_norm, eps)
-        attn = parallel.all_reduce(attention(layer, h, cache))
-        h, x = ops.add_rms_norm(attn, x, layer.post_attention_norm, eps)
-        pending = parallel.all_reduce(mlp(layer, h))
-    return x if pending is None else x + pending
+            h, x = reduce_add_norm(pending, x, layer.input_norm)
+        h, x = reduce_add_norm(attention(layer, h, cache), x, layer.post_attention_norm)
+        pending = mlp(layer, h)
+    return x if pending is None else x + parallel.all_reduce(pending)
 
 
 def last_token_logits(model: Any, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

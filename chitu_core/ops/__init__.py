@@ -39,6 +39,7 @@ GENERIC_OPS: dict[str, Callable[..., Any]] = {
     # collectives
     "new_group": collectives.new_group,
     "all_reduce": collectives.all_reduce,
+    "all_reduce_add_rms_norm": collectives.all_reduce_add_rms_norm,
     "all_gather": collectives.all_gather,
     "reduce_scatter": collectives.reduce_scatter,
     "send": collectives.send,

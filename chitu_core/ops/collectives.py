@@ -8,11 +8,14 @@ detour.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from chitu_core.ops import small
 
 
 def new_group(ranks: list[int], timeout_s: float) -> Any:
@@ -24,6 +27,23 @@ def all_reduce(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     """See ``chitu_core.hookspecs.chitu_all_reduce``. In place; returns ``tensor``."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def all_reduce_add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    group: Any,
+    *,
+    all_reduce: Callable[[torch.Tensor, Any], torch.Tensor] = all_reduce,
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = small.add_rms_norm,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See ``chitu_core.hookspecs.chitu_all_reduce_add_rms_norm``: ``all_reduce`` then
+    ``add_rms_norm``. A backend without the fused hook gets this composed of its own two
+    ops (``chitu_core.backend.bind_ops`` passes them), so it reads the backend's group
+    handles and keeps the backend's numerics."""
+    return add_rms_norm(all_reduce(x, group), residual, weight, eps)
 
 
 def all_gather(tensor: torch.Tensor, group: Any, dim: int) -> torch.Tensor:

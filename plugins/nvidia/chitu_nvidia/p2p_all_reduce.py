@@ -7,22 +7,23 @@ graph NCCL's ring kernel takes 7.6 us (median) and its launch leaves another
 
 How: every rank of the group owns one buffer in PyTorch symmetric memory, mapped
 into the address space of every other rank of the group (NVLink or PCIe peer
-access; NVLink multicast is not used). Program ``i`` of ``push_all_reduce_kernel``
-takes elements ``[i * BLOCK, (i + 1) * BLOCK)`` of the flattened tensor and
+access; NVLink multicast is not used). Each program of a call takes a slice of the
+flattened tensor (``push_all_reduce_kernel``: 4 KB; the fused
+``push_all_reduce_add_rms_norm_kernel``: one row) and
 
 1. stores its slice into slot ``(parity, rank)`` of every peer's buffer;
-2. fences (``fence.acq_rel.sys``), then writes ``epoch`` into flag ``(i, rank)`` of
-   every peer's buffer (release, system scope);
-3. waits until flag ``(i, r)`` of its own buffer reaches ``epoch`` for every peer
-   ``r`` (acquire), then sums the slices in rank order in fp32 (its own from
-   registers), so every rank computes the same bits, and writes the sum in place.
+2. fences (``fence.acq_rel.sys``), then writes ``epoch`` into flag ``(program, rank)``
+   of every peer's buffer (release, system scope);
+3. waits until flag ``(program, r)`` of its own buffer reaches ``epoch`` for every
+   peer ``r`` (acquire), then sums the slices in rank order in fp32 (its own from
+   registers), so every rank computes the same bits.
 
-``epoch``: each program keeps a count of its calls in this rank's device memory
-(graph replays advance it on the device). Every rank of a TP group makes the same
-all-reduce calls with the same shapes, so the counts agree across ranks. Two slots
-by epoch parity: a rank can be one call ahead of a peer that is still reading the
-previous call's slot, never two (it cannot finish call k+1 before the peer has
-signalled k+1, which the peer does only after its call k kernel has ended).
+``epoch`` is the number of calls on the group so far, kept in device memory and
+advanced by the last program of each call (graph replays advance it on the device).
+Every rank of a TP group makes the same calls, so the counts agree across ranks.
+Two slots by epoch parity: a rank can be one call ahead of a peer that is still
+reading the previous call's slot, never two (it cannot finish call k+1 before the
+peer has signalled k+1, which the peer does only after its call k kernel has ended).
 
 Like NCCL, a call waits for every rank of the group to make it. A peer later than the
 group's timeout aborts the kernel (``trap``): the rank's next CUDA call raises, which
@@ -47,6 +48,7 @@ MAX_BYTES = 1 << 20  # decode batch 64 x hidden 7168 bf16 is 896 KB; prefill goe
 MAX_GROUP_SIZE = 8
 BLOCK_BYTES = 4096  # a program's slice: 256 KB -> 64 programs
 MAX_PROGRAMS = MAX_BYTES // BLOCK_BYTES  # 256: a program takes BLOCK_BYTES of any dtype
+MAX_ROW = 16384  # the fused kernel holds a row in registers (hidden 7168 -> 8192 lanes)
 FLAGS_BYTES = 64 << 10  # int32 flags [MAX_PROGRAMS, MAX_GROUP_SIZE] (8 KB), padded
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ENV_SWITCH = "CHITU_NVIDIA_P2P_ALL_REDUCE"
@@ -77,36 +79,31 @@ def _trap(x):
 
 
 @triton.jit
-def push_all_reduce_kernel(
-    x_ptr,  # [numel] bf16/fp16/fp32, this rank's part; the sum is written here
-    buf_ptr,  # this rank's symmetric buffer, viewed as x's dtype
-    flags_ptr,  # the same buffer viewed as int32 (the flags come first)
-    deltas_ptr,  # int64 [WORLD]: rank r's buffer address minus this rank's, in bytes
-    counters_ptr,  # int32 [MAX_PROGRAMS]: calls made so far by each program id (this rank)
+def _exchange(
+    x,  # this program's slice, elements at offs of the flattened tensor
+    offs,
+    mask,
+    epoch,
+    buf_ptr,
+    flags_ptr,
+    deltas_ptr,
     rank,
-    numel,
-    timeout_ns,  # int64: a peer this late aborts the kernel
+    timeout_ns,
     WORLD: tl.constexpr,
-    BLOCK: tl.constexpr,
     ELT_BYTES: tl.constexpr,
-    SLOT_BYTES: tl.constexpr,  # MAX_BYTES
+    SLOT_BYTES: tl.constexpr,
     FLAGS_BYTES: tl.constexpr,
     MAX_WORLD: tl.constexpr,
 ):
-    """Sum ``x`` over the WORLD ranks in place (module doc). Bytes: ``numel`` elements
-    read and written locally, stored to each of the ``WORLD - 1`` peers and read back
-    from the local buffer once per peer.
+    """Steps 1-3 of the module doc for one program: push ``x`` to every peer, signal,
+    wait for every peer's slice and return the fp32 sum in rank order.
 
     Peers are addressed as offsets from this rank's buffer pointer (not as integers cast
     to pointers) so that the compiler keeps their alignment and vectorizes the stores."""
     pid = tl.program_id(0)
-    offs = tl.max_contiguous(tl.multiple_of(pid * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
-    mask = offs < numel
-    epoch = tl.load(counters_ptr + pid) + 1
     # slot (parity, r) starts at element slot0 + r * SLOT of every rank's buffer
     SLOT: tl.constexpr = SLOT_BYTES // ELT_BYTES
     slot0 = FLAGS_BYTES // ELT_BYTES + (epoch % 2) * WORLD * SLOT
-    x = tl.load(x_ptr + offs, mask=mask)
     for r in tl.static_range(WORLD):
         if r != rank:
             peer = tl.multiple_of(tl.load(deltas_ptr + r) // ELT_BYTES, 16)  # page-aligned
@@ -119,7 +116,7 @@ def push_all_reduce_kernel(
         if r != rank:
             peer_flags = flags_ptr + tl.load(deltas_ptr + r) // 4
             tl.atomic_xchg(peer_flags + flag_id + rank, e, sem="release", scope="sys")
-    acc = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros_like(x).to(tl.float32)
     for r in tl.static_range(WORLD):
         if r == rank:
             acc += x.to(tl.float32)
@@ -133,8 +130,94 @@ def push_all_reduce_kernel(
             src = buf_ptr + slot0 + r * SLOT + seen * 0  # (ordered after the wait)
             part = tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg")
             acc += part.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _end_call(state_ptr, epoch):
+    """The last program of the call to finish makes ``epoch`` the group's call count
+    (every program read the previous count before it arrived here)."""
+    ticket = tl.atomic_add(state_ptr + 1, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) - 1:
+        tl.store(state_ptr, epoch)
+        tl.store(state_ptr + 1, 0)
+
+
+@triton.jit
+def push_all_reduce_kernel(
+    x_ptr,  # [numel] bf16/fp16/fp32, this rank's part; the sum is written here
+    buf_ptr,  # this rank's symmetric buffer, viewed as x's dtype
+    flags_ptr,  # the same buffer viewed as int32 (the flags come first)
+    deltas_ptr,  # int64 [WORLD]: rank r's buffer address minus this rank's, in bytes
+    state_ptr,  # int32 [2]: calls made so far on this group, programs done in this call
+    rank,
+    numel,
+    timeout_ns,  # int64: a peer this late aborts the kernel
+    WORLD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ELT_BYTES: tl.constexpr,
+    SLOT_BYTES: tl.constexpr,  # MAX_BYTES
+    FLAGS_BYTES: tl.constexpr,
+    MAX_WORLD: tl.constexpr,
+):
+    """Sum ``x`` over the WORLD ranks in place, BLOCK elements a program (module doc).
+    Bytes: ``numel`` elements read and written locally, stored to each of the
+    ``WORLD - 1`` peers and read back from the local buffer once per peer."""
+    pid = tl.program_id(0)
+    offs = tl.max_contiguous(tl.multiple_of(pid * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
+    mask = offs < numel
+    epoch = tl.load(state_ptr) + 1
+    x = tl.load(x_ptr + offs, mask=mask)
+    acc = _exchange(x, offs, mask, epoch, buf_ptr, flags_ptr, deltas_ptr, rank, timeout_ns,
+                    WORLD, ELT_BYTES, SLOT_BYTES, FLAGS_BYTES, MAX_WORLD)  # fmt: skip
     tl.store(x_ptr + offs, acc.to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(counters_ptr + pid, epoch)
+    _end_call(state_ptr, epoch)
+
+
+@triton.jit
+def push_all_reduce_add_rms_norm_kernel(
+    x_ptr,  # [T, D] this rank's partial sums (contiguous)
+    res_ptr,  # [T, D] the residual stream
+    w_ptr,  # [D] the norm's weight
+    out_ptr,  # [T, D] normed
+    sum_ptr,  # [T, D] summed = residual + all-reduced x
+    buf_ptr,
+    flags_ptr,
+    deltas_ptr,
+    state_ptr,
+    rank,
+    D,
+    eps,
+    timeout_ns,
+    WORLD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ELT_BYTES: tl.constexpr,
+    SLOT_BYTES: tl.constexpr,
+    FLAGS_BYTES: tl.constexpr,
+    MAX_WORLD: tl.constexpr,
+):
+    """One row a program: the all-reduce of ``push_all_reduce_kernel`` (rounded to the
+    compute dtype, as the all-reduce alone returns it), then ``add_rms_norm``'s rounding
+    steps exactly: ``summed = dtype(residual + s)``, ``normed = dtype(dtype(summed *
+    rsqrt(mean(summed^2) + eps)) * w)``. Bytes: 3 reads and 2 writes of ``T D`` elements
+    locally plus the exchange."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    offs = row * D + cols
+    epoch = tl.load(state_ptr) + 1
+    elt = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    acc = _exchange(x, offs, mask, epoch, buf_ptr, flags_ptr, deltas_ptr, rank, timeout_ns,
+                    WORLD, ELT_BYTES, SLOT_BYTES, FLAGS_BYTES, MAX_WORLD)  # fmt: skip
+    s = acc.to(elt).to(tl.float32)
+    summed = (s + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(elt)
+    tl.store(sum_ptr + offs, summed, mask=mask)
+    sf = summed.to(tl.float32)
+    inv = tl.math.rsqrt(tl.sum(sf * sf, axis=0) / D + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, ((sf * inv).to(elt).to(tl.float32) * w).to(elt), mask=mask)
+    _end_call(state_ptr, epoch)
 
 
 class PushAllReduce:
@@ -157,7 +240,7 @@ class PushAllReduce:
             [base - mine for base in handle.buffer_ptrs], dtype=torch.int64, device=device
         )
         self.views = {dtype: self.buffer.view(dtype) for dtype in DTYPES + (torch.int32,)}
-        self.counters = torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=device)
+        self.state = torch.zeros(2, dtype=torch.int32, device=device)  # epoch, arrivals
         self.device = device
 
     def takes(self, tensor: torch.Tensor) -> bool:
@@ -177,11 +260,46 @@ class PushAllReduce:
         grid = (triton.cdiv(tensor.numel(), block),)
         push_all_reduce_kernel[grid](
             tensor, self.views[tensor.dtype], self.views[torch.int32], self.deltas,
-            self.counters, self.rank, tensor.numel(), self.timeout_ns, WORLD=self.world, BLOCK=block,
+            self.state, self.rank, tensor.numel(), self.timeout_ns, WORLD=self.world, BLOCK=block,
             ELT_BYTES=tensor.element_size(), SLOT_BYTES=MAX_BYTES, FLAGS_BYTES=FLAGS_BYTES,
             MAX_WORLD=MAX_GROUP_SIZE, num_warps=4,
         )  # fmt: skip
         return tensor
+
+    def takes_rows(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether the fused kernel serves ``x [T, D]``: ``takes(x)``, at most
+        ``MAX_PROGRAMS`` rows of at most ``MAX_ROW`` elements, a contiguous residual of x's
+        shape and dtype, and a ``[D]`` weight on the same device."""
+        return (
+            self.takes(x)
+            and x.dim() == 2
+            and x.shape[0] <= MAX_PROGRAMS
+            and x.shape[1] <= MAX_ROW
+            and residual.shape == x.shape
+            and residual.dtype == x.dtype
+            and residual.is_contiguous()
+            and residual.device == x.device
+            and weight.shape == (x.shape[1],)
+            and weight.device == x.device
+            and weight.dtype in DTYPES
+        )
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(normed, summed)`` of the all-reduced ``x`` and ``residual`` in one kernel
+        (``takes_rows`` must hold); ``x`` is left as it was."""
+        rows, d = x.shape
+        normed, summed = torch.empty_like(x), torch.empty_like(x)
+        block_d = triton.next_power_of_2(d)
+        push_all_reduce_add_rms_norm_kernel[(rows,)](
+            x, residual, weight.contiguous(), normed, summed, self.views[x.dtype],
+            self.views[torch.int32], self.deltas, self.state, self.rank, d, float(eps),
+            self.timeout_ns, WORLD=self.world, BLOCK_D=block_d, ELT_BYTES=x.element_size(),
+            SLOT_BYTES=MAX_BYTES, FLAGS_BYTES=FLAGS_BYTES, MAX_WORLD=MAX_GROUP_SIZE,
+            num_warps=8 if block_d >= 4096 else 4,
+        )  # fmt: skip
+        return normed, summed
 
 
 _by_group: dict[str, PushAllReduce] = {}
@@ -226,3 +344,17 @@ def all_reduce(tensor: torch.Tensor, group: Any) -> torch.Tensor:
         return path(tensor)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def all_reduce_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See ``chitu_core.hookspecs.chitu_all_reduce_add_rms_norm``: one kernel where the
+    group has the peer-store path and the rows fit it; else ``all_reduce`` then the
+    plugin's ``add_rms_norm`` (the same rounding steps, so the same bits at 2 ranks)."""
+    path = _by_group.get(getattr(group, "group_name", None))
+    if path is not None and path.takes_rows(x, residual, weight):
+        return path.add_rms_norm(x, residual, weight, eps)
+    from chitu_nvidia.small_ops import add_rms_norm
+
+    return add_rms_norm(all_reduce(x, group), residual, weight, eps)

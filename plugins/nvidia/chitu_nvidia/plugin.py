@@ -94,6 +94,14 @@ def chitu_all_reduce(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     return _p2p.all_reduce(tensor, group)
 
 
+@hookimpl
+def chitu_all_reduce_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode-sized rows: the exchange, the residual add and the norm in one kernel."""
+    return _p2p.all_reduce_add_rms_norm(x, residual, weight, eps, group)
+
+
 # The group handle is torch's ProcessGroup, as in the generic ops: the other collectives
 # are those (the contract has a backend that implements new_group implement them all).
 @hookimpl

@@ -1,6 +1,7 @@
 """The NVIDIA plugin's peer-store all-reduce (``p2p_all_reduce``) on two GPUs (two
 processes, NCCL): exact sums eagerly and inside CUDA graphs, many calls in flight at
-once, the routing between it and NCCL, and a late peer ending in an error, not a hang."""
+once, the routing between it and NCCL, the fused all-reduce + add + RMSNorm against the
+unfused pair bit for bit, and a late peer ending in an error, not a hang."""
 
 from __future__ import annotations
 
@@ -97,6 +98,65 @@ def _check_case(rank, group, rows, cols, dtype, failures) -> None:
         failures.append(f"rank {rank}: {rows}x{cols} {dtype} routed wrongly (takes={takes})")
 
 
+# Fused cases (rows, hidden, dtype): one kernel, and past its limits the composition.
+FUSED_CASES = [
+    (1, 4096, torch.bfloat16),
+    (32, 4096, torch.bfloat16),
+    (64, 7168, torch.bfloat16),
+    (13, 5120, torch.float32),
+    (300, 2048, torch.bfloat16),  # more rows than MAX_PROGRAMS: all_reduce + add_rms_norm
+]
+
+
+def _check_fused(rank, group, rows, hidden, dtype, failures) -> None:
+    """all_reduce_add_rms_norm against all_reduce then add_rms_norm on the same inputs:
+    the same bits (2 ranks: either sum of two parts rounds once), eagerly with plain
+    all-reduces interleaved (they share the call count and the slots) and in a graph."""
+    from chitu_nvidia import p2p_all_reduce as p2p
+    from chitu_nvidia.small_ops import add_rms_norm
+
+    calls = 12
+    data = _inputs(rows, hidden, dtype, calls, seed=7 * rows + hidden)
+    gen = torch.Generator(device="cuda").manual_seed(hidden)
+    residual = torch.randn(rows, hidden, generator=gen, device="cuda").to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen, device="cuda")).to(dtype)
+    expected = []
+    for k in range(calls):  # the reference: NCCL's exact sum, then the plugin's norm
+        expected.append(add_rms_norm(data[k].sum(dim=0), residual, weight, 1e-6))
+    results, plain = [], []
+    for k in range(calls):
+        part = data[k, rank].clone()
+        results.append(p2p.all_reduce_add_rms_norm(part, residual, weight, 1e-6, group))
+        small = data[k, rank, :1].clone()  # a plain call between fused ones
+        plain.append(p2p.all_reduce(small, group))
+    torch.cuda.synchronize()
+    for k in range(calls):
+        for name, got, want in zip(("normed", "summed"), results[k], expected[k], strict=True):
+            if not torch.equal(got, want):
+                failures.append(
+                    f"rank {rank} fused {rows}x{hidden} {dtype} call {k}: {name} differs"
+                )
+        if not torch.equal(plain[k], data[k, :, :1].sum(dim=0)):
+            failures.append(f"rank {rank} plain call {k} after fused {rows}x{hidden}: wrong sum")
+    static = data[0, rank].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        p2p.all_reduce_add_rms_norm(static.clone(), residual, weight, 1e-6, group)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = p2p.all_reduce_add_rms_norm(static, residual, weight, 1e-6, group)
+    for replay in range(4):
+        static.copy_(data[replay, rank])
+        graph.replay()
+        torch.cuda.synchronize()
+        if not (
+            torch.equal(out[0], expected[replay][0]) and torch.equal(out[1], expected[replay][1])
+        ):
+            failures.append(f"rank {rank} fused graph {rows}x{hidden} {dtype} replay {replay}")
+
+
 def _sums_worker(rank: int, port: int, failures) -> None:
     dist = _init(rank, port)
     try:
@@ -113,11 +173,16 @@ def _sums_worker(rank: int, port: int, failures) -> None:
                 _check_case(rank, group, *case, failures)
             except Exception as exc:  # report every case, not only the first to raise
                 failures.append(f"rank {rank} {case}: {type(exc).__name__}: {exc}")
+        for case in FUSED_CASES:
+            try:
+                _check_fused(rank, group, *case, failures)
+            except Exception as exc:
+                failures.append(f"rank {rank} fused {case}: {type(exc).__name__}: {exc}")
     finally:
         dist.destroy_process_group()
 
 
-def test_peer_store_all_reduce_sums_exactly_eager_and_in_graphs():
+def test_peer_store_all_reduce_and_fused_norm_exact_eager_and_in_graphs():
     failures = mp.Manager().list()
     mp.spawn(_sums_worker, args=(_port(), failures), nprocs=2, join=True)
     assert not list(failures), list(failures)

@@ -290,8 +290,9 @@ def test_fp32_attention_takes_the_generic_ops():
 @needs_compiler
 @pytest.mark.parametrize("arch", [80, 86, 90], ids=lambda a: f"sm_{a}")
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_peer_store_all_reduce_kernel_compiles(arch, dtype):
-    """The TP all-reduce kernel (system-scope release/acquire, globaltimer, trap) builds a
+@pytest.mark.parametrize("fused", [False, True], ids=["all_reduce", "add_rms_norm"])
+def test_peer_store_all_reduce_kernels_compile(arch, dtype, fused):
+    """The TP all-reduce kernels (system-scope release/acquire, globaltimer, trap) build a
     cubin for Ampere and Hopper, with the peer stores vectorized (16-byte stores: the
     peers are addressed from an aligned pointer, not cast from integers)."""
     import triton
@@ -300,22 +301,32 @@ def test_peer_store_all_reduce_kernel_compiles(arch, dtype):
     from triton.compiler import ASTSource
 
     elt_bytes = 2 if dtype == "bf16" else 4
-    sig = {"x_ptr": f"*{dtype}", "buf_ptr": f"*{dtype}", "flags_ptr": "*i32",
-           "deltas_ptr": "*i64", "counters_ptr": "*i32", "rank": "i32", "numel": "i32",
-           "timeout_ns": "i64"}  # fmt: skip
-    const = {"WORLD": 2, "BLOCK": p2p.BLOCK_BYTES // elt_bytes, "ELT_BYTES": elt_bytes,
-             "SLOT_BYTES": p2p.MAX_BYTES, "FLAGS_BYTES": p2p.FLAGS_BYTES,
-             "MAX_WORLD": p2p.MAX_GROUP_SIZE}  # fmt: skip
+    tail = {"buf_ptr": f"*{dtype}", "flags_ptr": "*i32", "deltas_ptr": "*i64",
+            "state_ptr": "*i32", "rank": "i32"}  # fmt: skip
+    const = {"WORLD": 2, "ELT_BYTES": elt_bytes, "SLOT_BYTES": p2p.MAX_BYTES,
+             "FLAGS_BYTES": p2p.FLAGS_BYTES, "MAX_WORLD": p2p.MAX_GROUP_SIZE}  # fmt: skip
+    if fused:
+        kernel = p2p.push_all_reduce_add_rms_norm_kernel
+        sig = {"x_ptr": f"*{dtype}", "res_ptr": f"*{dtype}", "w_ptr": f"*{dtype}",
+               "out_ptr": f"*{dtype}", "sum_ptr": f"*{dtype}", **tail, "D": "i32",
+               "eps": "fp32", "timeout_ns": "i64"}  # fmt: skip
+        const["BLOCK_D"] = 4096
+        aligned = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10)
+    else:
+        kernel = p2p.push_all_reduce_kernel
+        sig = {"x_ptr": f"*{dtype}", **tail, "numel": "i32", "timeout_ns": "i64"}
+        const["BLOCK"] = p2p.BLOCK_BYTES // elt_bytes
+        aligned = (0, 1, 2, 3, 4, 6)
     sig.update(dict.fromkeys(const, "constexpr"))
     # What the launcher specializes for 16-byte aligned pointers and sizes divisible by 16.
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6)}
-    kernel = triton.compile(
-        ASTSource(p2p.push_all_reduce_kernel, sig, const, attrs),
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    compiled = triton.compile(
+        ASTSource(kernel, sig, const, attrs),
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": 4},
+        options={"num_warps": 8 if fused else 4},
     )
-    ptx = kernel.asm["ptx"]
-    assert "cubin" in kernel.asm
+    ptx = compiled.asm["ptx"]
+    assert "cubin" in compiled.asm
     assert "atom.global.sys.release.exch.b32" in ptx and "acquire" in ptx
     assert "fence.acq_rel.sys" in ptx and "%globaltimer" in ptx and "trap;" in ptx
     assert "st.global.v4.b32" in ptx
