@@ -1,7 +1,7 @@
 """The NVIDIA plugin's peer-store all-reduce (``p2p_all_reduce``) on two GPUs (two
 processes, NCCL): exact sums eagerly and inside CUDA graphs, many calls in flight at
 once, the routing between it and NCCL, the fused all-reduce + add + RMSNorm against the
-unfused pair bit for bit, and a late peer ending in an error, not a hang."""
+unfused pair, and a late peer ending in an error, not a hang."""
 
 from __future__ import annotations
 
@@ -108,10 +108,21 @@ FUSED_CASES = [
 ]
 
 
+def _same_on_both_ranks(t: torch.Tensor, group) -> bool:
+    """Whether both ranks hold the same bits in ``t`` (what TP needs of a collective)."""
+    import torch.distributed as dist
+
+    both = torch.empty((2, *t.shape), dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(both, t.contiguous(), group=group)
+    return torch.equal(both[0], both[1])
+
+
 def _check_fused(rank, group, rows, hidden, dtype, failures) -> None:
     """all_reduce_add_rms_norm against all_reduce then add_rms_norm on the same inputs:
-    the same bits (2 ranks: either sum of two parts rounds once), eagerly with plain
-    all-reduces interleaved (they share the call count and the slots) and in a graph."""
+    ``summed`` bit for bit (two parts round once either way), ``normed`` within a few
+    roundings (the plugin's norm kernel sums the squares in another order), and both the
+    same bits on the two ranks; eagerly with plain all-reduces interleaved (they share the
+    call count and the slots) and in a graph."""
     from chitu_nvidia import p2p_all_reduce as p2p
     from chitu_nvidia.small_ops import add_rms_norm
 
@@ -120,9 +131,20 @@ def _check_fused(rank, group, rows, hidden, dtype, failures) -> None:
     gen = torch.Generator(device="cuda").manual_seed(hidden)
     residual = torch.randn(rows, hidden, generator=gen, device="cuda").to(dtype)
     weight = (1 + 0.1 * torch.randn(hidden, generator=gen, device="cuda")).to(dtype)
-    expected = []
-    for k in range(calls):  # the reference: NCCL's exact sum, then the plugin's norm
-        expected.append(add_rms_norm(data[k].sum(dim=0), residual, weight, 1e-6))
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
+    expected = [add_rms_norm(data[k].sum(dim=0), residual, weight, 1e-6) for k in range(calls)]
+    tag = f"rank {rank} fused {rows}x{hidden} {str(dtype)[6:]}"
+
+    def check(normed, summed, k, where):
+        if not torch.equal(summed, expected[k][1]):
+            failures.append(f"{tag} {where}: summed differs from the unfused sum")
+        try:
+            torch.testing.assert_close(normed, expected[k][0], **tol)
+        except AssertionError as exc:
+            failures.append(f"{tag} {where}: normed: {str(exc).splitlines()[1:3]}")
+        if not (_same_on_both_ranks(normed, group) and _same_on_both_ranks(summed, group)):
+            failures.append(f"{tag} {where}: the ranks hold different bits")
+
     results, plain = [], []
     for k in range(calls):
         part = data[k, rank].clone()
@@ -131,13 +153,9 @@ def _check_fused(rank, group, rows, hidden, dtype, failures) -> None:
         plain.append(p2p.all_reduce(small, group))
     torch.cuda.synchronize()
     for k in range(calls):
-        for name, got, want in zip(("normed", "summed"), results[k], expected[k], strict=True):
-            if not torch.equal(got, want):
-                failures.append(
-                    f"rank {rank} fused {rows}x{hidden} {dtype} call {k}: {name} differs"
-                )
+        check(*results[k], k, f"eager call {k}")
         if not torch.equal(plain[k], data[k, :, :1].sum(dim=0)):
-            failures.append(f"rank {rank} plain call {k} after fused {rows}x{hidden}: wrong sum")
+            failures.append(f"{tag}: the plain call after fused call {k} summed wrongly")
     static = data[0, rank].clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -151,10 +169,7 @@ def _check_fused(rank, group, rows, hidden, dtype, failures) -> None:
         static.copy_(data[replay, rank])
         graph.replay()
         torch.cuda.synchronize()
-        if not (
-            torch.equal(out[0], expected[replay][0]) and torch.equal(out[1], expected[replay][1])
-        ):
-            failures.append(f"rank {rank} fused graph {rows}x{hidden} {dtype} replay {replay}")
+        check(*out, replay, f"graph replay {replay}")
 
 
 def _sums_worker(rank: int, port: int, failures) -> None:
