@@ -18,8 +18,10 @@ flattened tensor (``push_all_reduce_kernel``: 4 KB; the fused
    peer ``r`` (acquire), then sums the slices in rank order in fp32 (its own from
    registers), so every rank computes the same bits.
 
-``epoch`` is the number of calls on the group so far, kept in device memory and
-advanced by the last program of each call (graph replays advance it on the device).
+``epoch`` is the number of calls on the group so far (int64: it never wraps, so a
+flag left behind by a program id unused for a long time still reads as old), kept in
+device memory and advanced by the last program of each call (graph replays advance it
+on the device).
 Every rank of a TP group makes the same calls, so the counts agree across ranks.
 Two slots by epoch parity: a rank can be one call ahead of a peer that is still
 reading the previous call's slot, never two (it cannot finish call k+1 before the
@@ -27,8 +29,8 @@ peer has signalled k+1, which the peer does only after its call k kernel has end
 
 Like NCCL, a call waits for every rank of the group to make it. A peer later than the
 group's timeout aborts the kernel (``trap``): the rank's next CUDA call raises, which
-the engine treats as a fatal distributed error, as it does NCCL's timeout. ``CHITU_NVIDIA_P2P_ALL_REDUCE=0`` turns the
-whole path off (NCCL only).
+the engine treats as a fatal distributed error, as it does NCCL's timeout.
+``CHITU_NVIDIA_P2P_ALL_REDUCE=0`` turns the whole path off (NCCL only).
 """
 
 from __future__ import annotations
@@ -49,33 +51,33 @@ MAX_GROUP_SIZE = 8
 BLOCK_BYTES = 4096  # a program's slice: 256 KB -> 64 programs
 MAX_PROGRAMS = MAX_BYTES // BLOCK_BYTES  # 256: a program takes BLOCK_BYTES of any dtype
 MAX_ROW = 16384  # the fused kernel holds a row in registers (hidden 7168 -> 8192 lanes)
-FLAGS_BYTES = 64 << 10  # int32 flags [MAX_PROGRAMS, MAX_GROUP_SIZE] (8 KB), padded
+FLAGS_BYTES = 64 << 10  # int64 flags [MAX_PROGRAMS, MAX_GROUP_SIZE] (16 KB), padded
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ENV_SWITCH = "CHITU_NVIDIA_P2P_ALL_REDUCE"
 
 
 @triton.jit
 def _fence_sys(x):
-    """``fence.acq_rel.sys`` in every thread; returns x so callers can order on it."""
+    """``fence.acq_rel.sys`` in every thread; returns x (int64) so callers can order on it."""
     return tl.inline_asm_elementwise(
-        "fence.acq_rel.sys;\n mov.b32 $0, $1;", "=r,r", [x],
-        dtype=tl.int32, is_pure=False, pack=1,
+        "fence.acq_rel.sys;\n mov.b64 $0, $1;", "=l,l", [x],
+        dtype=tl.int64, is_pure=False, pack=1,
     )  # fmt: skip
 
 
 @triton.jit
 def _now_ns(x):
-    """The GPU's global nanosecond timer (``x``: any int32 scalar, for the shape)."""
+    """The GPU's global nanosecond timer (``x``: any int64 scalar, for the shape)."""
     return tl.inline_asm_elementwise(
-        "mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=tl.int64, is_pure=False, pack=1
+        "mov.u64 $0, %globaltimer;", "=l,l", [x], dtype=tl.int64, is_pure=False, pack=1
     )
 
 
 @triton.jit
 def _trap(x):
     """Abort the kernel (a sticky CUDA error that the host sees at its next call)."""
-    return tl.inline_asm_elementwise("trap;\n mov.b32 $0, $1;", "=r,r", [x],
-                                     dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+    return tl.inline_asm_elementwise("trap;\n mov.b64 $0, $1;", "=l,l", [x],
+                                     dtype=tl.int64, is_pure=False, pack=1)  # fmt: skip
 
 
 @triton.jit
@@ -114,7 +116,7 @@ def _exchange(
     flag_id = pid * MAX_WORLD
     for r in tl.static_range(WORLD):
         if r != rank:
-            peer_flags = flags_ptr + tl.load(deltas_ptr + r) // 4
+            peer_flags = flags_ptr + tl.load(deltas_ptr + r) // 8
             tl.atomic_xchg(peer_flags + flag_id + rank, e, sem="release", scope="sys")
     acc = tl.zeros_like(x).to(tl.float32)
     for r in tl.static_range(WORLD):
@@ -147,9 +149,9 @@ def _end_call(state_ptr, epoch):
 def push_all_reduce_kernel(
     x_ptr,  # [numel] bf16/fp16/fp32, this rank's part; the sum is written here
     buf_ptr,  # this rank's symmetric buffer, viewed as x's dtype
-    flags_ptr,  # the same buffer viewed as int32 (the flags come first)
+    flags_ptr,  # the same buffer viewed as int64 (the flags come first)
     deltas_ptr,  # int64 [WORLD]: rank r's buffer address minus this rank's, in bytes
-    state_ptr,  # int32 [2]: calls made so far on this group, programs done in this call
+    state_ptr,  # int64 [2]: calls made so far on this group, programs done in this call
     rank,
     numel,
     timeout_ns,  # int64: a peer this late aborts the kernel
@@ -239,8 +241,8 @@ class PushAllReduce:
         self.deltas = torch.tensor(
             [base - mine for base in handle.buffer_ptrs], dtype=torch.int64, device=device
         )
-        self.views = {dtype: self.buffer.view(dtype) for dtype in DTYPES + (torch.int32,)}
-        self.state = torch.zeros(2, dtype=torch.int32, device=device)  # epoch, arrivals
+        self.views = {dtype: self.buffer.view(dtype) for dtype in DTYPES + (torch.int64,)}
+        self.state = torch.zeros(2, dtype=torch.int64, device=device)  # epoch, arrivals
         self.device = device
 
     def takes(self, tensor: torch.Tensor) -> bool:
@@ -259,7 +261,7 @@ class PushAllReduce:
         block = BLOCK_BYTES // tensor.element_size()
         grid = (triton.cdiv(tensor.numel(), block),)
         push_all_reduce_kernel[grid](
-            tensor, self.views[tensor.dtype], self.views[torch.int32], self.deltas,
+            tensor, self.views[tensor.dtype], self.views[torch.int64], self.deltas,
             self.state, self.rank, tensor.numel(), self.timeout_ns, WORLD=self.world, BLOCK=block,
             ELT_BYTES=tensor.element_size(), SLOT_BYTES=MAX_BYTES, FLAGS_BYTES=FLAGS_BYTES,
             MAX_WORLD=MAX_GROUP_SIZE, num_warps=4,
@@ -294,7 +296,7 @@ class PushAllReduce:
         block_d = triton.next_power_of_2(d)
         push_all_reduce_add_rms_norm_kernel[(rows,)](
             x, residual, weight.contiguous(), normed, summed, self.views[x.dtype],
-            self.views[torch.int32], self.deltas, self.state, self.rank, d, float(eps),
+            self.views[torch.int64], self.deltas, self.state, self.rank, d, float(eps),
             self.timeout_ns, WORLD=self.world, BLOCK_D=block_d, ELT_BYTES=x.element_size(),
             SLOT_BYTES=MAX_BYTES, FLAGS_BYTES=FLAGS_BYTES, MAX_WORLD=MAX_GROUP_SIZE,
             num_warps=8 if block_d >= 4096 else 4,
