@@ -3,10 +3,13 @@
 A decode step has one query per sequence, so a grid of (batch, head tile)
 programs alone leaves most SMs idle at small batch and wastes a tail wave at
 large batch. The context is therefore cut into ``num_splits`` contiguous
-ranges of ``tokens_per_split`` positions (a multiple of ``block_n``). The table
-width ``max_blocks * block_size`` bounds every context, so the split count is
-chosen on the host without reading ``context_lens``; a program whose range
-starts past its sequence's end exits at once and writes nothing.
+ranges. The split count is chosen on the host from the table width
+``max_blocks * block_size`` (which bounds every context) without reading
+``context_lens``; on the device each sequence's OWN length is spread over the
+splits in whole ``block_n`` tiles (``split_range``), so a 160-token context in a
+decode graph captured for 8192 positions still keeps every split busy (ranges of
+the table width put it all in split 0). A program whose range is empty (a context
+shorter than ``num_splits`` tiles) exits at once and writes nothing.
 
 Each split writes, per query head, its softmax-normalised partial output
 ``o_s`` (fp32) and its log-sum-exp ``lse_s`` (base 2, in the scaled-score
@@ -42,7 +45,8 @@ class DecodeAttnConfig:
         cache loads).
     target_ctas_per_sm: the split count aims at about this many programs per SM
         (fewer, larger programs when their partials cost more than the tail wave).
-    min_tokens_per_split: never split a context into ranges shorter than this.
+    min_tokens_per_split: the split count is at most the table width over this (on the
+        device a short context may still get shorter ranges: see ``split_range``).
     max_splits: upper bound on the split count.
     """
 
@@ -150,6 +154,19 @@ def online_softmax_step(qk, m_i, l_i):
 
 
 @triton.jit
+def split_range(ctx_len, pid_s, num_splits, BLOCK_N: tl.constexpr):
+    """``(start, end)`` of split ``pid_s`` of ``num_splits`` over a sequence of ``ctx_len``
+    positions: the sequence's OWN length in whole ``BLOCK_N`` tiles, spread over the splits
+    (``start >= end`` for a split with nothing to do). Decode graphs launch with the table
+    width of ``max_model_len``, far above most contexts; ranges of that width left a
+    short context in split 0 alone, one program walking all of it."""
+    tiles = tl.cdiv(ctx_len, BLOCK_N)
+    per = tl.maximum(tl.cdiv(tiles, num_splits), 1) * BLOCK_N
+    start = pid_s * per
+    return start, tl.minimum(start + per, ctx_len)
+
+
+@triton.jit
 def store_decode_output(acc, m_i, l_i, b, heads, row_mask, offs_v, v_mask, pid_s, num_heads,
                         out_ptr, stride_ob, stride_oh, o_ws_ptr, lse_ws_ptr,
                         DV: tl.constexpr, IS_SPLIT: tl.constexpr):  # fmt: skip
@@ -176,19 +193,20 @@ def attn_splitk_reduce_kernel(
     out_ptr,  # [B, H, DV] output dtype
     num_heads,
     num_splits,
-    tokens_per_split,
     max_len,
     stride_ob,
     stride_oh,
     DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # the decode kernel's: splits hold whole tiles (split_range)
 ):
     """One program per (head, sequence): combine the splits that hold tokens."""
     h = tl.program_id(0)
     b = tl.program_id(1)
     ctx_len = tl.minimum(tl.load(context_lens_ptr + b), max_len)
-    num_valid = tl.minimum(tl.cdiv(ctx_len, tokens_per_split), num_splits)
+    per = tl.maximum(tl.cdiv(tl.cdiv(ctx_len, BLOCK_N), num_splits), 1) * BLOCK_N
+    num_valid = tl.minimum(tl.cdiv(ctx_len, per), num_splits)
     row = b * num_heads + h
     offs_s = tl.arange(0, BLOCK_S)
     lse = tl.load(
@@ -215,16 +233,17 @@ def combine_splits(
     lse_ws: torch.Tensor,
     context_lens: torch.Tensor,
     out: torch.Tensor,
-    tokens_per_split: int,
+    block_n: int,
     max_len: int,
 ) -> torch.Tensor:
-    """Reduce ``o_ws [B, H, S, Dv]`` / ``lse_ws [B, H, S]`` (fp32) into ``out [B, H, Dv]``."""
+    """Reduce ``o_ws [B, H, S, Dv]`` / ``lse_ws [B, H, S]`` (fp32) into ``out [B, H, Dv]``
+    (``block_n``: the decode kernel's tile, which fixes each sequence's split ranges)."""
     batch, num_heads, num_splits, dv = o_ws.shape
     block_dv = triton.next_power_of_2(dv)
     attn_splitk_reduce_kernel[(num_heads, batch)](
-        o_ws, lse_ws, context_lens, out, num_heads, num_splits, tokens_per_split, max_len,
+        o_ws, lse_ws, context_lens, out, num_heads, num_splits, max_len,
         out.stride(0), out.stride(1),
-        DV=dv, BLOCK_DV=block_dv, BLOCK_S=triton.next_power_of_2(num_splits),
+        DV=dv, BLOCK_DV=block_dv, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_N=block_n,
         num_warps=4 if block_dv >= 512 else 2,
     )  # fmt: skip
     return out
@@ -239,7 +258,7 @@ class SplitPlan:
     """
 
     num_splits: int
-    tokens_per_split: int
+    block_n: int  # each sequence's own length is spread over the splits in these tiles
     max_len: int
     o_ws: torch.Tensor
     lse_ws: torch.Tensor
@@ -251,9 +270,7 @@ class SplitPlan:
     def finish(self, context_lens: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """After the decode kernel: combine the splits into ``out`` (a no-op unsplit)."""
         if self.is_split:
-            combine_splits(
-                self.o_ws, self.lse_ws, context_lens, out, self.tokens_per_split, self.max_len
-            )
+            combine_splits(self.o_ws, self.lse_ws, context_lens, out, self.block_n, self.max_len)
         return out
 
 
@@ -271,7 +288,7 @@ def plan_splits(
     if num_splits is None:
         sms = num_sms if num_sms is not None else device_num_sms(out.device)
         num_splits = pick_num_splits(num_programs, max_len, sms, config)
-    num_splits, tokens_per_split = split_geometry(max_len, num_splits, config.block_n)
+    num_splits, _ = split_geometry(max_len, num_splits, config.block_n)
     o_ws = lse_ws = out
     if num_splits > 1:
         batch, num_heads, dv = out.shape
@@ -279,4 +296,4 @@ def plan_splits(
             (batch, num_heads, num_splits, dv), dtype=torch.float32, device=out.device
         )
         lse_ws = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=out.device)
-    return SplitPlan(num_splits, tokens_per_split, max_len, o_ws, lse_ws)
+    return SplitPlan(num_splits, config.block_n, max_len, o_ws, lse_ws)

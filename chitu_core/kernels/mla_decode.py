@@ -43,6 +43,7 @@ from chitu_core.kernels.attn_reduce import (
     check_paged_args,
     online_softmax_step,
     plan_splits,
+    split_range,
     store_decode_output,
 )
 
@@ -71,7 +72,6 @@ def mla_decode_kernel(
     lse_ws_ptr,  # [B, H, S] fp32 (IS_SPLIT)
     num_heads,
     max_len,  # max_blocks * BLOCK_SIZE
-    tokens_per_split,
     qk_scale,  # softmax scale * log2(e)
     stride_qlb,
     stride_qlh,
@@ -99,11 +99,12 @@ def mla_decode_kernel(
     h_mask = heads < num_heads
 
     ctx_len = tl.minimum(tl.load(context_lens_ptr + b), max_len)
-    start = pid_s * tokens_per_split
     if IS_SPLIT:
-        if start >= ctx_len:  # nothing of this sequence here; the reduce skips the split
+        start, end = split_range(ctx_len, pid_s, tl.num_programs(1), BLOCK_N)
+        if start >= end:  # nothing of this sequence here; the reduce skips the split
             return
-    end = tl.minimum(start + tokens_per_split, ctx_len)
+    else:
+        start, end = 0, ctx_len
 
     offs_r = tl.arange(0, BLOCK_R)
     offs_p = tl.arange(0, BLOCK_P)
@@ -215,7 +216,7 @@ def mla_decode(
     plan = plan_splits(out, max_len, batch * num_h_tiles, num_splits, config, num_sms)
     mla_decode_kernel[(num_h_tiles, plan.num_splits, batch)](
         q_latent, q_rope, latent_cache, block_tables, context_lens, out, plan.o_ws, plan.lse_ws,
-        num_heads, max_len, plan.tokens_per_split, scale * LOG2E,
+        num_heads, max_len, scale * LOG2E,
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
         latent_cache.stride(0), latent_cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),

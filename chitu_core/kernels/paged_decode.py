@@ -34,6 +34,7 @@ from chitu_core.kernels.attn_reduce import (
     check_paged_args,
     online_softmax_step,
     plan_splits,
+    split_range,
     store_decode_output,
 )
 
@@ -62,7 +63,6 @@ def paged_decode_kernel(
     group_size,
     num_g_tiles,
     max_len,  # max_blocks * BLOCK_SIZE
-    tokens_per_split,
     qk_scale,  # softmax scale * log2(e)
     stride_qb,
     stride_qh,
@@ -94,11 +94,12 @@ def paged_decode_kernel(
     heads = kv_head * group_size + offs_g  # [BLOCK_G] query heads of this kv head
 
     ctx_len = tl.minimum(tl.load(context_lens_ptr + b), max_len)
-    start = pid_s * tokens_per_split
     if IS_SPLIT:
-        if start >= ctx_len:  # nothing of this sequence here; the reduce skips the split
+        start, end = split_range(ctx_len, pid_s, tl.num_programs(1), BLOCK_N)
+        if start >= end:  # nothing of this sequence here; the reduce skips the split
             return
-    end = tl.minimum(start + tokens_per_split, ctx_len)
+    else:
+        start, end = 0, ctx_len
 
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -209,7 +210,7 @@ def paged_attention_decode(
     )
     paged_decode_kernel[(num_kv_heads * num_g_tiles, plan.num_splits, batch)](
         q, key_cache, value_cache, block_tables, context_lens, out, plan.o_ws, plan.lse_ws,
-        num_heads, group, num_g_tiles, max_len, plan.tokens_per_split, scale * LOG2E,
+        num_heads, group, num_g_tiles, max_len, scale * LOG2E,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),

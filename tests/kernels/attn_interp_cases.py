@@ -97,8 +97,8 @@ def check_gqa(ctx_lens, block_size, num_kv_heads, group, head_dim, dtype, *,
 
 
 def check_mla(ctx_lens, block_size, num_heads, rank, rope_dim, dtype, *,
-              splits=(None, 1, 3), config=SMALL) -> None:  # fmt: skip
-    tables, lens, num_blocks, owned = make_tables(ctx_lens, block_size)
+              splits=(None, 1, 3), config=SMALL, extra_blocks=2) -> None:  # fmt: skip
+    tables, lens, num_blocks, owned = make_tables(ctx_lens, block_size, extra_blocks)
     cache = nan_cache(num_blocks, block_size, 1, rank + rope_dim, owned, torch.float32)
     cache[..., :rank] *= 0.5  # latents and rope keys of different scales
     cache = cache.to(dtype)
@@ -159,6 +159,28 @@ def case_gqa_table_full_and_strided() -> None:
                                      ctx.to(DEVICE), 0.3, num_splits=splits, config=SMALL,
                                      num_sms=4)  # fmt: skip
         assert_close(out, ref, mag, torch.float32, f"full table splits={splits}")
+
+
+def case_wide_table_short_contexts() -> None:
+    """Tables far wider than the contexts, as in a decode graph captured for max_model_len:
+    each sequence's own length is spread over the splits (a 1-token context, one shorter
+    than a split count's worth of tiles, and one spanning many tiles), GQA and MLA."""
+    torch.manual_seed(6)
+    cfg = DecodeAttnConfig(block_h=16, block_n=16, min_tokens_per_split=16, max_splits=16)
+    lens = [1, 20, 47, 150]
+    for dtype in (torch.float32, torch.bfloat16):
+        tables, ctx, num_blocks, owned = make_tables(lens, 8, extra_blocks=60)  # width 79 x 8
+        k = nan_cache(num_blocks, 8, 2, 32, owned, dtype)
+        v = nan_cache(num_blocks, 8, 2, 32, owned, dtype)
+        q = torch.randn(len(lens), 8, 32).to(dtype)
+        ref = ref_decode(q.double(), k, v, tables, ctx, 0.2)
+        mag = ref_decode(q.double(), k, v.abs(), tables, ctx, 0.2)
+        for splits in (None, 3, 8, 16):
+            out = paged_attention_decode(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE),
+                                         tables.to(DEVICE), ctx.to(DEVICE), 0.2,
+                                         num_splits=splits, config=cfg, num_sms=4)  # fmt: skip
+            assert_close(out, ref, mag, dtype, f"wide table {dtype} splits={splits}")
+    check_mla(lens, 8, 16, 64, 16, torch.float32, splits=(None, 5, 16), config=cfg, extra_blocks=60)
 
 
 def case_mla_small() -> None:

@@ -24,7 +24,8 @@ from chitu_core.kernels.attn_reduce import (  # noqa: E402
 from chitu_core.kernels.mla_decode import MLA_DECODE_CONFIG, mla_decode_kernel  # noqa: E402
 from chitu_core.kernels.paged_decode import GQA_DECODE_CONFIG, paged_decode_kernel  # noqa: E402
 
-CASES = ["gqa_fp32", "gqa_bf16", "gqa_odd_shapes", "gqa_table_full_and_strided", "mla_small",
+CASES = ["gqa_fp32", "gqa_bf16", "gqa_odd_shapes", "gqa_table_full_and_strided",
+         "wide_table_short_contexts", "mla_small",
          "mla_deepseek_dims", "edges"]  # fmt: skip
 
 
@@ -82,14 +83,14 @@ def _source(kernel, ptr_types, ints, constexprs):
     sig = dict(zip(names[: len(ptr_types)], ptr_types, strict=True))
     sig.update({n: ("fp32" if n == "qk_scale" else "i32") for n in ints})
     aligned = list(names[: len(ptr_types)]) + [n for n in ints if n.startswith("stride_")]
-    aligned += [n for n in ("max_len", "tokens_per_split") if n in ints]
+    aligned += [n for n in ("max_len",) if n in ints]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     sig.update(dict.fromkeys(constexprs, "constexpr"))
     return ASTSource(kernel, sig, constexprs, attrs)
 
 
 def _gqa_source(dtype: str, head_dim: int, block_size: int, is_split: bool, cfg):
-    ints = ["num_heads", "group_size", "num_g_tiles", "max_len", "tokens_per_split",
+    ints = ["num_heads", "group_size", "num_g_tiles", "max_len",
             "qk_scale", "stride_qb", "stride_qh", "stride_kb", "stride_kt", "stride_kh",
             "stride_vb", "stride_vt", "stride_vh", "stride_btb", "stride_ob", "stride_oh"]  # fmt: skip
     ptrs = [dtype] * 3 + ["*i32", "*i32", dtype, "*fp32", "*fp32"]
@@ -100,7 +101,7 @@ def _gqa_source(dtype: str, head_dim: int, block_size: int, is_split: bool, cfg)
 
 
 def _mla_source(block_size: int, is_split: bool, cfg, rank=512, rope_dim=64):
-    ints = ["num_heads", "max_len", "tokens_per_split", "qk_scale", "stride_qlb", "stride_qlh",
+    ints = ["num_heads", "max_len", "qk_scale", "stride_qlb", "stride_qlh",
             "stride_qrb", "stride_qrh", "stride_cb", "stride_ct", "stride_btb", "stride_ob",
             "stride_oh"]  # fmt: skip
     c = dict(R=rank, P=rope_dim, BLOCK_R=rank, BLOCK_P=rope_dim, BLOCK_H=cfg.block_h,
@@ -112,8 +113,8 @@ def _reduce_source(dv: int):
     names = attn_splitk_reduce_kernel.arg_names
     sig = {"o_ws_ptr": "*fp32", "lse_ws_ptr": "*fp32", "context_lens_ptr": "*i32",
            "out_ptr": "*bf16"}  # fmt: skip
-    sig.update({n: "i32" for n in names[4:10]})
-    c = {"DV": dv, "BLOCK_DV": dv, "BLOCK_S": 16}
+    sig.update({n: "i32" for n in names[4:9]})
+    c = {"DV": dv, "BLOCK_DV": dv, "BLOCK_S": 16, "BLOCK_N": 64}
     sig.update(dict.fromkeys(c, "constexpr"))
     return ASTSource(attn_splitk_reduce_kernel, sig, c)
 
