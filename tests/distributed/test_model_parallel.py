@@ -234,3 +234,44 @@ def test_qwen2_biases_and_tied_embeddings_split(tmp_path: Path, ops) -> None:
     for logits in simulate_tp(4, rank):
         assert logits.shape == expected.shape
         assert (logits - expected).abs().max().item() < LOGIT_ATOL
+
+
+def test_all_reduce_add_rms_norm_routing() -> None:
+    """TP=1: add_rms_norm alone; TP > 1 without a fused op: all_reduce, then add_rms_norm
+    of the sum; with the backend's fused op bound: that op alone, once."""
+    from chitu_core.ops import GENERIC_OPS
+
+    x, residual, weight = torch.randn(3, 8), torch.randn(3, 8), torch.rand(8) + 0.5
+    calls: list[str] = []
+
+    def add_rms_norm(a, r, w, eps):
+        calls.append("add_rms_norm")
+        return GENERIC_OPS["add_rms_norm"](a, r, w, eps)
+
+    def all_reduce(t):
+        calls.append("all_reduce")
+        return t.mul_(2)  # two ranks holding the same partial
+
+    def fused(a, r, w, eps):
+        calls.append("fused")
+        return "normed", "summed"
+
+    _, summed = ModelParallel().all_reduce_add_rms_norm(
+        x.clone(), residual, weight, 1e-6, add_rms_norm
+    )
+    assert calls == ["add_rms_norm"]
+    torch.testing.assert_close(summed, x + residual)
+    calls.clear()
+    composed = ModelParallel(2, 0, all_reduce_fn=all_reduce, all_gather_fn=id)
+    _, summed = composed.all_reduce_add_rms_norm(x.clone(), residual, weight, 1e-6, add_rms_norm)
+    assert calls == ["all_reduce", "add_rms_norm"]
+    torch.testing.assert_close(summed, 2 * x + residual)
+    calls.clear()
+    bound = ModelParallel(
+        2, 0, all_reduce_fn=all_reduce, all_gather_fn=id, all_reduce_add_rms_norm_fn=fused
+    )
+    assert bound.all_reduce_add_rms_norm(x, residual, weight, 1e-6, add_rms_norm) == (
+        "normed",
+        "summed",
+    )
+    assert calls == ["fused"]
