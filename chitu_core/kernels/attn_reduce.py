@@ -154,14 +154,20 @@ def online_softmax_step(qk, m_i, l_i):
 
 
 @triton.jit
+def split_tokens(ctx_len, num_splits, BLOCK_N: tl.constexpr):
+    """Positions per split of a sequence of ``ctx_len`` positions: its OWN length in whole
+    ``BLOCK_N`` tiles, spread over the ``num_splits`` splits (at least one tile). Decode
+    graphs launch with the table width of ``max_model_len``, far above most contexts;
+    ranges of that width left a short context in split 0 alone, one program walking all
+    of it. The decode kernels (``split_range``) and the reduce share this rule."""
+    return tl.maximum(tl.cdiv(tl.cdiv(ctx_len, BLOCK_N), num_splits), 1) * BLOCK_N
+
+
+@triton.jit
 def split_range(ctx_len, pid_s, num_splits, BLOCK_N: tl.constexpr):
     """``(start, end)`` of split ``pid_s`` of ``num_splits`` over a sequence of ``ctx_len``
-    positions: the sequence's OWN length in whole ``BLOCK_N`` tiles, spread over the splits
-    (``start >= end`` for a split with nothing to do). Decode graphs launch with the table
-    width of ``max_model_len``, far above most contexts; ranges of that width left a
-    short context in split 0 alone, one program walking all of it."""
-    tiles = tl.cdiv(ctx_len, BLOCK_N)
-    per = tl.maximum(tl.cdiv(tiles, num_splits), 1) * BLOCK_N
+    positions (``split_tokens`` each; ``start >= end`` for a split with nothing to do)."""
+    per = split_tokens(ctx_len, num_splits, BLOCK_N)
     start = pid_s * per
     return start, tl.minimum(start + per, ctx_len)
 
@@ -199,13 +205,13 @@ def attn_splitk_reduce_kernel(
     DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # the decode kernel's: splits hold whole tiles (split_range)
+    BLOCK_N: tl.constexpr,  # the decode kernel's: splits hold whole tiles (split_tokens)
 ):
     """One program per (head, sequence): combine the splits that hold tokens."""
     h = tl.program_id(0)
     b = tl.program_id(1)
     ctx_len = tl.minimum(tl.load(context_lens_ptr + b), max_len)
-    per = tl.maximum(tl.cdiv(tl.cdiv(ctx_len, BLOCK_N), num_splits), 1) * BLOCK_N
+    per = split_tokens(ctx_len, num_splits, BLOCK_N)
     num_valid = tl.minimum(tl.cdiv(ctx_len, per), num_splits)
     row = b * num_heads + h
     offs_s = tl.arange(0, BLOCK_S)

@@ -44,6 +44,8 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from chitu_nvidia.small_ops import add_rms_norm
+
 logger = logging.getLogger(__name__)
 
 MAX_BYTES = 1 << 20  # decode batch 64 x hidden 7168 bf16 is 896 KB; prefill goes to NCCL
@@ -357,6 +359,4 @@ def all_reduce_add_rms_norm(
     path = _by_group.get(getattr(group, "group_name", None))
     if path is not None and path.takes_rows(x, residual, weight):
         return path.add_rms_norm(x, residual, weight, eps)
-    from chitu_nvidia.small_ops import add_rms_norm
-
     return add_rms_norm(all_reduce(x, group), residual, weight, eps)
