@@ -88,12 +88,12 @@ def pick_num_splits(num_programs: int, max_len: int, num_sms: int, config: Decod
     return max(1, min(want, by_len, config.max_splits))
 
 
-def split_geometry(max_len: int, num_splits: int, block_n: int) -> tuple[int, int]:
-    """``(num_splits, tokens_per_split)``: ranges of whole ``block_n`` tiles covering
-    ``max_len`` positions; the split count is lowered if the last ones would be empty."""
+def usable_splits(max_len: int, num_splits: int, block_n: int) -> int:
+    """``num_splits`` lowered so that cutting the ``max_len``-position table width into
+    ranges of whole ``block_n`` tiles leaves no split empty (each sequence's own length is
+    spread over the splits on the device, ``split_range``)."""
     tiles = max(1, triton.cdiv(max_len, block_n))
-    tiles_per_split = triton.cdiv(tiles, max(1, num_splits))
-    return triton.cdiv(tiles, tiles_per_split), tiles_per_split * block_n
+    return triton.cdiv(tiles, triton.cdiv(tiles, max(1, num_splits)))
 
 
 def check_paged_args(block_tables: torch.Tensor, context_lens: torch.Tensor, batch: int) -> None:
@@ -294,7 +294,7 @@ def plan_splits(
     if num_splits is None:
         sms = num_sms if num_sms is not None else device_num_sms(out.device)
         num_splits = pick_num_splits(num_programs, max_len, sms, config)
-    num_splits, _ = split_geometry(max_len, num_splits, config.block_n)
+    num_splits = usable_splits(max_len, num_splits, config.block_n)
     o_ws = lse_ws = out
     if num_splits > 1:
         batch, num_heads, dv = out.shape

@@ -19,7 +19,7 @@ from chitu_core.kernels.attn_reduce import (  # noqa: E402
     DecodeAttnConfig,
     attn_splitk_reduce_kernel,
     pick_num_splits,
-    split_geometry,
+    usable_splits,
 )
 from chitu_core.kernels.mla_decode import MLA_DECODE_CONFIG, mla_decode_kernel  # noqa: E402
 from chitu_core.kernels.paged_decode import GQA_DECODE_CONFIG, paged_decode_kernel  # noqa: E402
@@ -46,7 +46,7 @@ def test_split_policy():
     assert pick_num_splits(64 * 8, 4096, 132, cfg) == 4
     assert pick_num_splits(64 * 8, 4096, 132, GQA_DECODE_CONFIG) == 1
     assert pick_num_splits(32 * 8, 1024, 132, GQA_DECODE_CONFIG) == 2
-    assert split_geometry(4096, 4, 64) == (4, 1024)
+    assert usable_splits(4096, 4, 64) == 4
     # batch 1: bounded by the minimum range length
     assert pick_num_splits(8, 4096, 132, cfg) == 16
     # MLA at batch 64 nearly fills one wave: not split
@@ -56,8 +56,8 @@ def test_split_policy():
     assert pick_num_splits(1, 100, 132, cfg) == 1
     assert pick_num_splits(0, 0, 132, cfg) == 1
     # splits whose range would be empty are dropped: 5 tiles in 4 splits -> 3 of 2 tiles
-    assert split_geometry(5 * 64, 4, 64) == (3, 128)
-    assert split_geometry(0, 3, 64) == (1, 64)
+    assert usable_splits(5 * 64, 4, 64) == 3
+    assert usable_splits(0, 3, 64) == 1
 
 
 def test_config_validation():
