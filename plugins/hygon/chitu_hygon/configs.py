@@ -37,7 +37,7 @@ class ConfigRow:
 
 
 def _cfg(**fields) -> Fp8GemmConfig:
-    # fused_reduce needs a PTX fence: split-K partials are summed by the second kernel on HIP
+    # fused_reduce is NVIDIA-only: split-K partials are summed by the second kernel on HIP
     # (said explicitly so that the interpreter tests run the same path).
     return Fp8GemmConfig(fused_reduce=False, **fields)
 
