@@ -12,8 +12,8 @@ flattened tensor (``push_all_reduce_kernel``: 4 KB; the fused
 ``push_all_reduce_add_rms_norm_kernel``: one row) and
 
 1. stores its slice into slot ``(parity, rank)`` of every peer's buffer;
-2. fences (``fence.acq_rel.sys``), then writes ``epoch`` into flag ``(program, rank)``
-   of every peer's buffer (release, system scope);
+2. after a barrier of the program, writes ``epoch`` into flag ``(program, rank)`` of
+   every peer's buffer (one thread; release, system scope);
 3. waits until flag ``(program, r)`` of its own buffer reaches ``epoch`` for every
    peer ``r`` (acquire), then sums the slices in rank order in fp32 (its own from
    registers), so every rank computes the same bits.
@@ -56,15 +56,6 @@ MAX_ROW = 16384  # the fused kernel holds a row in registers (hidden 7168 -> 819
 FLAGS_BYTES = 64 << 10  # int64 flags [MAX_PROGRAMS, MAX_GROUP_SIZE] (16 KB), padded
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ENV_SWITCH = "CHITU_NVIDIA_P2P_ALL_REDUCE"
-
-
-@triton.jit
-def _fence_sys(x):
-    """``fence.acq_rel.sys`` in every thread; returns x (int64) so callers can order on it."""
-    return tl.inline_asm_elementwise(
-        "fence.acq_rel.sys;\n mov.b64 $0, $1;", "=l,l", [x],
-        dtype=tl.int64, is_pure=False, pack=1,
-    )  # fmt: skip
 
 
 @triton.jit
@@ -112,14 +103,16 @@ def _exchange(
         if r != rank:
             peer = tl.multiple_of(tl.load(deltas_ptr + r) // ELT_BYTES, 16)  # page-aligned
             tl.store(buf_ptr + peer + slot0 + rank * SLOT + offs, x, mask=mask)
-    # Every thread's peer stores are visible system-wide before any flag goes out.
-    e = _fence_sys(epoch)
+    # Every thread's peer stores, then a barrier, then thread 0's release at system scope
+    # (on sm_90 MEMBAR.SYS + the atomic): the stores are visible before the flag. A
+    # fence.acq_rel.sys in every thread before it was measured slower (fp8_gemm's split-K
+    # tail has the same pattern at GPU scope).
     tl.debug_barrier()
     flag_id = pid * MAX_WORLD
     for r in tl.static_range(WORLD):
         if r != rank:
             peer_flags = flags_ptr + tl.load(deltas_ptr + r) // 8
-            tl.atomic_xchg(peer_flags + flag_id + rank, e, sem="release", scope="sys")
+            tl.atomic_xchg(peer_flags + flag_id + rank, epoch, sem="release", scope="sys")
     acc = tl.zeros_like(x).to(tl.float32)
     for r in tl.static_range(WORLD):
         if r == rank:
