@@ -280,7 +280,8 @@ def _store_or_reduce(
     Triton hands to the other threads through shared memory and a barrier; the last
     program's loads (``.cg``, from L2) follow its acquire. No separate fence: on sm_90 the
     acq_rel atomic is itself MEMBAR.GPU + ATOMG + CCTL.IVALL, and a fence.acq_rel.gpu in
-    every thread before it cost 0.6-0.9 us a GEMM on an H200."""
+    every thread before it cost 0.5-1.2 us a GEMM on an H200
+    (benchmarks/results/splitk-tail-h200-2026-11-26.txt)."""
     if n_split == 1:
         if HAS_BIAS:
             acc += bias

@@ -104,9 +104,10 @@ def _exchange(
             peer = tl.multiple_of(tl.load(deltas_ptr + r) // ELT_BYTES, 16)  # page-aligned
             tl.store(buf_ptr + peer + slot0 + rank * SLOT + offs, x, mask=mask)
     # Every thread's peer stores, then a barrier, then thread 0's release at system scope
-    # (on sm_90 MEMBAR.SYS + the atomic): the stores are visible before the flag. A
-    # fence.acq_rel.sys in every thread before it was measured slower (fp8_gemm's split-K
-    # tail has the same pattern at GPU scope).
+    # (on sm_90 MEMBAR.ALL.SYS + the atomic): the stores are visible before the flag. With
+    # a fence.acq_rel.sys in every thread before it, Llama-8B TP=2 decode ran 5% slower
+    # (benchmarks/results/tp-h100x2-2026-11-26-p2p-release.txt); fp8_gemm's split-K tail
+    # has the same pattern at GPU scope.
     tl.debug_barrier()
     flag_id = pid * MAX_WORLD
     for r in tl.static_range(WORLD):
