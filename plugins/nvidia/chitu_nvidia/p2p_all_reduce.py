@@ -44,6 +44,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from chitu_core.ops import collectives as _generic_collectives
 from chitu_nvidia.small_ops import add_rms_norm
 
 logger = logging.getLogger(__name__)
@@ -340,8 +341,7 @@ def all_reduce(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     path = _by_group.get(getattr(group, "group_name", None))
     if path is not None and path.takes(tensor):
         return path(tensor)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    return tensor
+    return _generic_collectives.all_reduce(tensor, group)
 
 
 def all_reduce_add_rms_norm(
