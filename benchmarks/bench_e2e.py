@@ -8,15 +8,20 @@ importable)::
 Writes ``chitu demo-model --size real`` checkpoints (drawn on the GPU) into
 ``--workdir``: Llama-3-8B-shaped FP8 block-128 and its bf16 twin (same draws),
 or the 4-layer DeepSeek-V3-shaped FP8 model (its bf16 twin, 72 GB, only with
-``--bf16-twin``). Then, for each mode (``soft_fp8``: ``CHITU_FORCE_SOFT_FP8=1``,
-the Ampere path; ``native_fp8``: ``CHITU_NATIVE_FP8=1``, which only changes
-GEMMs of >= 128 tokens; ``bf16``: the twin; ``hf_bf16``: HF transformers
-``generate`` on the twin):
+``--bf16-twin``). Then, for each mode (``auto``, ``soft``, ``native``: the FP8
+checkpoint under ``--fp8-compute`` of that name; ``bf16``: the twin; ``hf_bf16``: HF
+transformers ``generate`` on the twin):
 
 * batch-1 decode tokens/s (128-token prompt, 128 new tokens, decode steps only)
   and the weight-bytes roofline tokens/s (bytes read per token / measured copy
   bandwidth);
-* CUDA graphs on vs off (soft FP8), batch 1..64 decode throughput (JSON + PNG);
+* decode tokens/s at every ``--batches`` size for every engine mode
+  (``decode_tok_s[mode][batch]``) and each FP8 mode over bf16 per batch
+  (``ratio_vs_bf16``); the engine's ``max_num_seqs`` comes from the memory plan
+  unless a batch needs more;
+* at the largest batch: host work per decode step (step wall time minus the time
+  the host waits for the device's tokens) and its share of the step;
+* CUDA graphs on vs off (first mode, batch 1), the batch curve of that mode (PNG);
 * weight GiB per dtype;
 * with ``--serving``: ``chitu serve`` on the FP8 model, ``benchmark_serving.py``
   at concurrency 1, 16 and 64.
@@ -31,7 +36,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -51,12 +55,8 @@ from chitu_core.engine.sampling import SamplingParams  # noqa: E402
 GIB = 1 << 30
 PROMPT_LEN = 128
 NEW_TOKENS = 128
-BATCHES = (1, 2, 4, 8, 16, 32, 64)
-MODE_ENV = {
-    "soft_fp8": {"CHITU_FORCE_SOFT_FP8": "1"},
-    "native_fp8": {"CHITU_NATIVE_FP8": "1"},
-    "bf16": {},
-}
+BATCHES = (1, 16, 64, 256)
+FP8_MODES = ("auto", "soft", "native")  # --fp8-compute values run on the FP8 checkpoint
 
 
 def log(msg: str) -> None:
@@ -74,21 +74,6 @@ def copy_bandwidth() -> float:
     from bench_ops import copy_bytes_per_s  # beside this script; needs triton
 
     return copy_bytes_per_s()
-
-
-@contextlib.contextmanager
-def env(values: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in ("CHITU_FORCE_SOFT_FP8", "CHITU_NATIVE_FP8")}
-    for k in saved:
-        os.environ.pop(k, None)
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None)
-            if v is not None:
-                os.environ[k] = v
 
 
 def release(*objs) -> None:
@@ -117,6 +102,48 @@ def decode_tok_s(engine: LLMEngine, batch: int, new_tokens: int = NEW_TOKENS) ->
     return tokens / (time.perf_counter() - start)
 
 
+def host_work(engine: LLMEngine, batch: int, new_tokens: int = 64) -> dict:
+    """Host work per decode step at ``batch``: each step's wall time minus the time the host
+    spends waiting for the device's tokens (``HostCopy.get``); what is left is scheduling,
+    batch upload, sampler set-up and the Python around them. With steps queued ahead
+    (``overlap_steps``) it hides behind the device's work as long as it is shorter."""
+    from chitu_core.engine import host_copy
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request([1 + (i + j) % 200 for j in range(PROMPT_LEN)], params)
+    while engine.scheduler.num_waiting:
+        engine.step()
+    engine.ops.synchronize(engine.device)
+    get, waited = host_copy.HostCopy.get, [0.0]
+
+    def timed_get(self):
+        start = time.perf_counter()
+        try:
+            return get(self)
+        finally:
+            waited[0] += time.perf_counter() - start
+
+    host_copy.HostCopy.get = timed_get
+    steps, walls = 0, []
+    try:
+        while engine.has_unfinished():
+            start = time.perf_counter()
+            engine.step()
+            walls.append(time.perf_counter() - start)
+            steps += 1
+    finally:
+        host_copy.HostCopy.get = get
+    engine.ops.synchronize(engine.device)
+    wall = sum(walls)
+    host = (wall - waited[0]) / steps
+    return {
+        "batch": batch, "steps": steps, "step_us": 1e6 * wall / steps,
+        "median_step_us": 1e6 * sorted(walls)[len(walls) // 2],
+        "host_us_per_step": 1e6 * host, "host_share": host * steps / wall,
+    }  # fmt: skip
+
+
 def bytes_per_token(engine: LLMEngine) -> int:
     """Weight bytes one decode token reads: all but the embedding table (one row of it) and,
     for MoE, only ``top_k`` of the routed experts; plus the KV cache of a mid-way context."""
@@ -142,50 +169,67 @@ def bytes_per_token(engine: LLMEngine) -> int:
 
 
 def run_engine_modes(args, models: dict[str, Path], bandwidth: float, out: dict) -> None:
+    first = next((m for m in models if m != "hf_bf16"), None)
     for mode, path in models.items():
         if mode == "hf_bf16":
             continue
-        with env(MODE_ENV[mode]):
-            log(f"{mode}: loading {path.name}")
-            start = time.perf_counter()
-            engine = LLMEngine(
-                EngineConfig(
-                    model=path, backend=args.backend, kv_cache_gb=args.kv_cache_gb,
-                    max_num_seqs=max(BATCHES), max_model_len=4096, show_progress=False,
-                )
-            )  # fmt: skip
-            graphs = engine.runner.graphs
-            out["startup_s"][mode] = time.perf_counter() - start
-            out["graph_capture"][mode] = (
-                {"seconds": graphs.capture_s, "gib": graphs.capture_bytes / GIB} if graphs else None
+        log(f"{mode}: loading {path.name}")
+        start = time.perf_counter()
+        engine = LLMEngine(
+            EngineConfig(
+                model=path, backend=args.backend, kv_cache_gb=args.kv_cache_gb,
+                max_num_seqs=args.max_num_seqs, max_model_len=4096, show_progress=False,
+                fp8_compute=mode if mode in FP8_MODES else "auto",
             )
-            out["weight_gib"][mode] = tensor_bytes(engine.model) / GIB
-            decode_tok_s(engine, 1, 8)  # warm-up (Triton/cuBLAS first calls)
-            tps = decode_tok_s(engine, 1)
-            out["decode_bs1_tok_s"][mode] = tps
-            per_token = bytes_per_token(engine)
-            out["roofline_bs1_tok_s"][mode] = bandwidth / per_token
-            log(
-                f"{mode}: batch 1 {tps:.1f} tok/s = {100 * tps * per_token / bandwidth:.1f}% of "
-                f"the {bandwidth / per_token:.1f} tok/s roofline ({per_token / GIB:.2f} GiB/token); "
-                f"weights {out['weight_gib'][mode]:.2f} GiB"
-            )
-            if mode == args.curve_mode:
-                curve = {}
-                for batch in args.batches:
-                    curve[batch] = decode_tok_s(engine, batch)
-                    log(f"{mode}: batch {batch:>2} {curve[batch]:8.1f} tok/s")
-                out["batch_curve_tok_s"] = {"mode": mode, **{str(b): v for b, v in curve.items()}}
-                if graphs is not None:
-                    engine.runner.graphs = None
-                    decode_tok_s(engine, 1, 8)
-                    eager = decode_tok_s(engine, 1)
-                    out["graphs_bs1_tok_s"] = {"on": tps, "off": eager, "speedup": tps / eager}
-                    log(f"{mode}: CUDA graphs off {eager:.1f} tok/s (on/off {tps / eager:.2f}x)")
-                    engine.runner.graphs = graphs
-            if args.profile and mode == args.curve_mode:
+        )  # fmt: skip
+        graphs = engine.runner.graphs
+        out["startup_s"][mode] = time.perf_counter() - start
+        out["max_num_seqs"][mode] = engine.max_num_seqs
+        out["compute_paths"][mode] = {op: p.description for op, p in engine.ops.paths.items()}
+        out["graph_capture"][mode] = (
+            {"seconds": graphs.capture_s, "gib": graphs.capture_bytes / GIB, "buckets": graphs.buckets}
+            if graphs
+            else None
+        )  # fmt: skip
+        log(f"{mode}: max_num_seqs {engine.max_num_seqs} ({engine.memory.max_num_seqs_reason}); "
+            f"graphs {out['graph_capture'][mode]}")  # fmt: skip
+        out["weight_gib"][mode] = tensor_bytes(engine.model) / GIB
+        decode_tok_s(engine, 1, 8)  # warm-up (Triton/cuBLAS first calls)
+        curve = {}
+        for batch in args.batches:
+            if batch > engine.max_num_seqs:
+                log(f"{mode}: batch {batch} > max_num_seqs {engine.max_num_seqs}: skipped")
+                continue
+            if batch > 1:
+                decode_tok_s(engine, batch, 4)  # first calls of this batch's GEMM configs
+            curve[str(batch)] = decode_tok_s(engine, batch)
+            log(f"{mode}: batch {batch:>3} {curve[str(batch)]:9.1f} tok/s")
+        out["decode_tok_s"][mode] = curve
+        tps = curve.get("1") or decode_tok_s(engine, 1)
+        out["decode_bs1_tok_s"][mode] = tps
+        per_token = bytes_per_token(engine)
+        out["roofline_bs1_tok_s"][mode] = bandwidth / per_token
+        log(
+            f"{mode}: batch 1 {tps:.1f} tok/s = {100 * tps * per_token / bandwidth:.1f}% of "
+            f"the {bandwidth / per_token:.1f} tok/s roofline ({per_token / GIB:.2f} GiB/token); "
+            f"weights {out['weight_gib'][mode]:.2f} GiB"
+        )
+        big = max(b for b in args.batches if b <= engine.max_num_seqs)
+        out["host_work"][mode] = host = host_work(engine, big)
+        log(f"{mode}: batch {big}: step {host['step_us']:.0f} us, host work "
+            f"{host['host_us_per_step']:.0f} us ({100 * host['host_share']:.1f}% of the step)")  # fmt: skip
+        if mode == first:
+            out["batch_curve_tok_s"] = {"mode": mode, **curve}
+            if graphs is not None:
+                engine.runner.graphs = None
+                decode_tok_s(engine, 1, 8)
+                eager = decode_tok_s(engine, 1)
+                out["graphs_bs1_tok_s"] = {"on": tps, "off": eager, "speedup": tps / eager}
+                log(f"{mode}: CUDA graphs off {eager:.1f} tok/s (on/off {tps / eager:.2f}x)")
+                engine.runner.graphs = graphs
+            if args.profile:
                 out["profile_top_ops"] = profile_decode(engine)
-            release(engine, graphs)
+        release(engine, graphs)
 
 
 def profile_decode(engine: LLMEngine, steps: int = 16) -> list[dict]:
@@ -320,25 +364,42 @@ def main() -> None:
     ap.add_argument("--backend", default="nvidia")
     ap.add_argument("--workdir", default="/tmp/chitu-e2e", help="where the checkpoints go")
     ap.add_argument("--out", default="e2e.json")
-    ap.add_argument("--modes", default="soft_fp8,native_fp8,bf16,hf_bf16")
-    ap.add_argument("--curve-mode", default="soft_fp8", help="mode of the batch curve and graphs")
+    ap.add_argument(
+        "--fp8-compute",
+        default="auto,soft",
+        help="comma list of --fp8-compute modes (auto, soft, native) run on the FP8 checkpoint",
+    )
+    ap.add_argument(
+        "--baselines", default="bf16", help="comma list of bf16 (the twin), hf_bf16, or none"
+    )
     ap.add_argument("--bf16-twin", action="store_true", help="also write DeepSeek's bf16 twin")
-    ap.add_argument("--kv-cache-gb", type=float, default=8.0)
+    ap.add_argument(
+        "--kv-cache-gb", type=float, help="KV cache GiB (default: the engine's memory plan)"
+    )
+    ap.add_argument(
+        "--max-num-seqs", type=int, help="default: the memory plan's (256 where it fits)"
+    )
     ap.add_argument("--serving", action="store_true")
     ap.add_argument("--profile", action="store_true", help="torch.profiler of batch-1 decode")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch curve sizes")
     args = ap.parse_args()
 
-    modes = args.modes.split(",")
+    fp8_modes = [m for m in args.fp8_compute.split(",") if m]
+    if set(fp8_modes) - set(FP8_MODES):
+        ap.error(f"--fp8-compute takes {', '.join(FP8_MODES)}, got {args.fp8_compute!r}")
+    modes = fp8_modes + [m for m in args.baselines.split(",") if m and m != "none"]
     args.batches = [int(b) for b in args.batches.split(",")]
     work = Path(args.workdir)
     bandwidth = copy_bandwidth()
     out = {
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__, "model": f"{args.arch} {args.size} (random weights)", "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__, "triton": _triton_version(), "command": " ".join(sys.argv),
+        "model": f"{args.arch} {args.size} (random weights)", "date": time.strftime("%Y-%m-%d"),
         "copy_bandwidth_bytes_per_s": bandwidth, "prompt_len": PROMPT_LEN,
-        "new_tokens": NEW_TOKENS, "decode_bs1_tok_s": {}, "roofline_bs1_tok_s": {},
+        "new_tokens": NEW_TOKENS, "batches": args.batches, "decode_tok_s": {},
+        "ratio_vs_bf16": {}, "host_work": {}, "max_num_seqs": {}, "compute_paths": {},
+        "decode_bs1_tok_s": {}, "roofline_bs1_tok_s": {},
         "weight_gib": {}, "startup_s": {}, "graph_capture": {}, "serving_tok_s": {},
         "serving_detail": {},
     }  # fmt: skip
@@ -355,7 +416,7 @@ def main() -> None:
             write_demo_model(path, args.arch, args.size, fp8=fp8, device=device)
             log(f"wrote {path} in {time.perf_counter() - start:.0f} s")
         for mode in modes:
-            if (mode in ("soft_fp8", "native_fp8")) == fp8:
+            if (mode in FP8_MODES) == fp8:
                 models[mode] = path
     try:
         run_engine_modes(args, models, bandwidth, out)
@@ -364,8 +425,14 @@ def main() -> None:
             out["decode_bs1_tok_s"]["hf_bf16"] = tps = hf_decode_tok_s(models["hf_bf16"])
             out["roofline_bs1_tok_s"]["hf_bf16"] = out["roofline_bs1_tok_s"].get("bf16")
             log(f"hf_bf16: batch 1 {tps:.1f} tok/s")
+        base = out["decode_tok_s"].get("bf16", {})
+        for mode in fp8_modes:
+            curve = out["decode_tok_s"].get(mode, {})
+            out["ratio_vs_bf16"][mode] = {b: curve[b] / base[b] for b in curve if b in base}
+            log(f"{mode} / bf16: " + ", ".join(
+                f"batch {b} {r:.2f}x" for b, r in out["ratio_vs_bf16"][mode].items()))  # fmt: skip
         d = out["decode_bs1_tok_s"]
-        fp8_mode = "soft_fp8" if "soft_fp8" in d else "native_fp8"
+        fp8_mode = next((m for m in fp8_modes if m in d), None)
         if "bf16" in d and fp8_mode in d:
             out["fp8_vs_bf16"] = d[fp8_mode] / d["bf16"]
         if "hf_bf16" in d and fp8_mode in d:
@@ -375,7 +442,7 @@ def main() -> None:
             out["weight_ratio_fp8_vs_bf16"] = w[fp8_mode] / w["bf16"]
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
         if args.serving and models:
-            serving(args, models.get("soft_fp8") or next(iter(models.values())), out)
+            serving(args, next(iter(models.values())), out)
     finally:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
         if "batch_curve_tok_s" in out:
@@ -383,8 +450,16 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     log("summary: " + json.dumps({k: out.get(k) for k in (
-        "decode_bs1_tok_s", "roofline_bs1_tok_s", "fp8_vs_bf16", "fp8_vs_hf_bf16",
+        "decode_tok_s", "ratio_vs_bf16", "host_work", "roofline_bs1_tok_s", "fp8_vs_hf_bf16",
         "weight_ratio_fp8_vs_bf16", "serving_tok_s", "serving_ratio_64_vs_1")}))  # fmt: skip
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 if __name__ == "__main__":

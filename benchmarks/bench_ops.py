@@ -8,9 +8,13 @@ For every (K, N) of BENCHMARKS.md and M in {1, 4, 16, 64, 256, 1024, 4096}
 times each path from CUDA-graph replays (no CPU launch overhead; each call
 reads its own weight copy, together over 3x L2, so weights come from HBM), checks each result
 against an fp32 reference of the exact dequantized weight, prints a table and
-writes JSON rows ``{K, N, M, soft_fp8_us, native_fp8_us, cublas_bf16_us,
-naive_us, roofline_us, read_stream_us, max_rel_err, ...}`` under a header (GPU, torch,
-triton). ``read_stream_us``: the time a kernel that only reads the weight (the decode
+writes JSON rows ``{K, N, M, soft_fp8_us, native_fp8_us, native_cublas_us, auto_us,
+auto_path, cublas_bf16_us, naive_us, roofline_us, read_stream_us, max_rel_err, ...}``
+under a header (GPU, torch, triton, the command). ``auto``: the plugin's ``linear`` on a
+weight prepared under ``--fp8-compute auto`` (the path ``fp8_dispatch`` picks for that
+shape and M); ``native``: the native W8A8 path as the plugin runs it (Triton kernel below
+``SCALED_MM_MIN_M``, cuBLAS block-scaled from there); ``native_cublas``: cuBLAS
+block-scaled ``_scaled_mm`` at every M (where the crossover could move). ``read_stream_us``: the time a kernel that only reads the weight (the decode
 GEMV's access pattern, no math) takes in the same harness: the practical ceiling of a
 weight-streaming kernel, next to the copy-bandwidth roofline.
 ``--tune`` first sweeps a few soft-FP8 configs per M regime and uses the winners.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 
 import torch
@@ -46,9 +51,9 @@ SHAPES = [  # (K, N): DeepSeek-V3, then Llama-8B
 MS = [1, 4, 16, 64, 256, 1024, 4096]
 HBM_BYTES_PER_S = 3.02e12  # H100 copy bandwidth (BENCHMARKS.md); re-measured at start
 BF16_FLOPS_PER_S = 989e12  # H100/H200 SXM dense bf16 peak
-# The soft path reads weights in the layout the plugin packs them in (K-permuted unless
-# CHITU_FP8_K_PERM=0; set in main) with that layout's config table.
-K_PERM = False
+# The soft path reads weights in the layout the plugin packs them in (K-permuted; K order
+# with --k-order, for A/B runs) with that layout's config table.
+K_PERM = True
 
 C = Fp8GemmConfig
 G = dict(kind="gemv")
@@ -245,17 +250,27 @@ def measure(k, n, m, wq, s, w_bf16, w_f32, cap, num_sms, configs) -> dict:
            "nan_codes": packs[0].has_nan_codes, "k_perm": K_PERM}  # fmt: skip
     row["soft_fp8_us"] = bench_us(soft, copies)
     row["max_rel_err"] = err(soft(0)())
-    row["native_fp8_us"] = None
+    row["native_fp8_us"] = row["native_cublas_us"] = None
     if cap >= (8, 9):
         from chitu_nvidia.native_fp8 import native_config, native_fp8_gemm
 
-        def native(i):
+        def native(i, use_scaled_mm=None):
+            p = packs[i]  # as the plugin runs it: x permuted to the weight's K order
             return lambda: native_fp8_gemm(
-                x, wqs[i].view(torch.float8_e4m3fn), s, None, native_config(m)
+                x, p.stored_fp8(), s, None, native_config(m), use_scaled_mm, k_perm=p.k_perm
             )
 
         row["native_fp8_us"] = bench_us(native, copies)
         row["native_rel_err"] = err(native(0)())
+        row["native_cublas_us"] = bench_us(lambda i: native(i, True), copies)
+        row["native_cublas_rel_err"] = err(native(0, True)())
+    from chitu_nvidia import fp8_dispatch, linear
+
+    from_m = fp8_dispatch.native_from_m("auto", cap, FORMAT_FP8_BLOCK128, n, k)
+    autos = [dataclasses.replace(p, native_from_m=from_m) for p in packs]
+    row["auto_path"] = "native" if m >= from_m else "soft"
+    row["auto_us"] = bench_us(lambda i: lambda: linear.linear(x, autos[i], None), copies)
+    row["auto_rel_err"] = err(linear.linear(x, autos[0], None))
     row["cublas_bf16_us"] = bench_us(lambda i: lambda: F.linear(x, wbs[i]), copies)
     row["cublas_rel_err"] = err(F.linear(x, w_bf16))
     row["naive_us"] = bench_us(
@@ -267,6 +282,7 @@ def measure(k, n, m, wq, s, w_bf16, w_f32, cap, num_sms, configs) -> dict:
         row["read_stream_us"] = read_stream_us(wqs)
         row["pct_read_stream"] = 100 * row["read_stream_us"] / row["soft_fp8_us"]
     row["speedup_vs_cublas"] = row["cublas_bf16_us"] / row["soft_fp8_us"]
+    row["auto_speedup_vs_cublas"] = row["cublas_bf16_us"] / row["auto_us"]
     return row
 
 
@@ -287,6 +303,9 @@ def main() -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--sections", default="gemm", help="any of gemm,moe,attention,prefill")
     ap.add_argument("--moe-attn-out", default="moe-attn.json")
+    ap.add_argument(
+        "--k-order", action="store_true", help="soft path on K-order weights (A/B of K-permuting)"
+    )
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     if sections - {"gemm", "moe", "attention", "prefill"}:
@@ -295,7 +314,7 @@ def main() -> None:
     from chitu_nvidia import configs, linear
 
     global HBM_BYTES_PER_S, K_PERM
-    K_PERM = linear.k_perm_enabled() and not linear.native_fp8_enabled()
+    K_PERM = not args.k_order
     HBM_BYTES_PER_S = copy_bytes_per_s()
     print(f"copy bandwidth {HBM_BYTES_PER_S / 1e12:.2f} TB/s", flush=True)
     props = torch.cuda.get_device_properties(0)
@@ -323,7 +342,7 @@ def main() -> None:
     def dump(rows_so_far):  # after every row, so a run cut short still leaves its rows
         write_json(args.out, rows_so_far, props, configs, cap, num_sms)
 
-    header = f"{'K':>6} {'N':>6} {'M':>5} | {'soft':>8} {'native':>8} {'cublas':>8} {'naive':>8} {'roof':>8} {'read':>8} | {'%roof':>5} {'%read':>5} {'xcublas':>7} {'err':>8}"  # noqa: E501
+    header = f"{'K':>6} {'N':>6} {'M':>5} | {'soft':>8} {'native':>8} {'nat-cub':>8} {'auto':>8} {'cublas':>8} {'naive':>8} {'roof':>8} {'read':>8} | {'%roof':>5} {'%read':>5} {'xcublas':>7} {'auto-x':>7} {'err':>8}"  # noqa: E501
     print(header, flush=True)
     for k, n in shapes:
         wq, s = make_weight(n, k)
@@ -333,11 +352,14 @@ def main() -> None:
             row = measure(k, n, m, wq, s, w_bf16, w_f32, cap, num_sms, configs)
             rows.append(row)
             nat_us = row["native_fp8_us"] or float("nan")
+            cub_us = row["native_cublas_us"] or float("nan")
             read_us = row.get("read_stream_us", float("nan"))
-            print(f"{k:>6} {n:>6} {m:>5} | {row['soft_fp8_us']:8.1f} {nat_us:8.1f} {row['cublas_bf16_us']:8.1f} "
+            print(f"{k:>6} {n:>6} {m:>5} | {row['soft_fp8_us']:8.1f} {nat_us:8.1f} {cub_us:8.1f} "
+                  f"{row['auto_us']:8.1f} {row['cublas_bf16_us']:8.1f} "
                   f"{row['naive_us']:8.1f} {row['roofline_us']:8.1f} {read_us:8.1f} | {row['pct_roofline']:5.1f} "
                   f"{row.get('pct_read_stream', float('nan')):5.1f} "
-                  f"{row['speedup_vs_cublas']:7.2f} {row['max_rel_err']:8.1e}", flush=True)  # fmt: skip
+                  f"{row['speedup_vs_cublas']:7.2f} {row['auto_speedup_vs_cublas']:7.2f} "
+                  f"{row['max_rel_err']:8.1e}", flush=True)  # fmt: skip
             dump(rows)
         torch.cuda.empty_cache()
     dump(rows)
@@ -382,6 +404,8 @@ def run_kernel_sections(sections: set[str], path: str, props) -> None:
 
 
 def write_json(path, rows, props, configs, cap, num_sms) -> None:
+    from chitu_nvidia import fp8_dispatch
+
     out = {
         "gpu": props.name,
         "compute_capability": f"{props.major}.{props.minor}",
@@ -389,6 +413,7 @@ def write_json(path, rows, props, configs, cap, num_sms) -> None:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
         "timing": "CUDA-graph replays over rotated weight copies (> 3x L2), do_bench median per call",
         "hbm_bytes_per_s": HBM_BYTES_PER_S,
         "roofline": f"max(bytes / {HBM_BYTES_PER_S:.3g} B/s, 2MNK / {BF16_FLOPS_PER_S:.3g} FLOP/s)",
@@ -401,6 +426,10 @@ def write_json(path, rows, props, configs, cap, num_sms) -> None:
             )
         },
         "soft_fp8_weight_layout": "K-permuted (permute_k)" if K_PERM else "K order",
+        "auto_native_from_m": {
+            str(arch): [dataclasses.asdict(r) for r in rows_]
+            for arch, rows_ in fp8_dispatch.NATIVE_FROM_M.items()
+        },
         "rows": rows,
     }
     with open(path, "w") as f:

@@ -7,6 +7,12 @@
 #   e2e-llama    bench_e2e.py on the Llama-3-8B-shaped model, with serving (needs the
 #                fastapi/uvicorn wheels in .gpu_wheels)
 #   e2e-deepseek bench_e2e.py on the 4-layer DeepSeek-V3-shaped FP8 model
+#   fp8-gemm     bench_ops gemm at M 1..256 with the auto column (soft, native, native via
+#                cuBLAS at every M, auto, cuBLAS bf16)
+#   fp8-check    GPU tests of the --fp8-compute paths and batch-256 graphs, then
+#                conformance --quick for --fp8-compute auto, soft and native
+#   fp8-e2e      bench_e2e.py Llama-8B-shaped: --fp8-compute auto,soft and the bf16 twin at
+#                batch 1, 16, 64, 256 (decode tok/s, ratios, host work per step at 256)
 #   tp2          (2 GPUs, <= 9 min) Llama-3-8B-shaped and 4-layer DeepSeek-V3-shaped FP8:
 #                step logits (tp_logits.py) of 1 GPU vs TP=2 vs PP=2 on identical inputs,
 #                compared; bench_distributed 1x1 / 2x1 / 1x2 at batch 1 and 32 on Llama with
@@ -89,6 +95,30 @@ e2e-deepseek)
     log "bench_e2e deepseek_v3 (real shapes, 4 layers, FP8 only)"
     timeout 570 python3 benchmarks/bench_e2e.py --arch deepseek_v3 --workdir /tmp/e2e \
         --out "$OUT/e2e.json" --modes soft_fp8 --batches 1,4,16,64 --profile 2>&1 \
+        | grep -v "it/s\]\|Warning" | tee -a "$OUT/summary.txt" | tail -60
+    ;;
+fp8-gemm)
+    log "bench_ops gemm, M 1..256, with the auto column"
+    PYTHONPATH=.:plugins/nvidia:benchmarks timeout 560 python3 benchmarks/bench_ops.py \
+        --ms ${GEMM_MS:-1,16,32,64,96,128,256} --out "$OUT/gemm.json" 2>&1 \
+        | grep -v -i "warn" | tee -a "$OUT/summary.txt" | tail -70
+    ;;
+fp8-check)
+    log "GPU tests: linear paths per --fp8-compute mode, batch-256 graphs"
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu plugins/nvidia/tests/test_gpu_linear.py \
+        plugins/nvidia/tests/test_gpu_engine_batch256.py 2>&1 | tail -15 | tee -a "$OUT/summary.txt"
+    for mode in auto soft native; do
+        log "conformance --quick --fp8-compute $mode"
+        timeout 120 python3 -m conformance.cli --backend nvidia --quick --fp8-compute $mode \
+            --out /tmp/conformance-$mode --cert-dir /tmp/certs 2>&1 | tail -8 | tee -a "$OUT/summary.txt"
+        cp /tmp/conformance-$mode/report.md "$OUT/conformance-$mode.md" 2>/dev/null
+    done
+    ls /tmp/certs | tee -a "$OUT/summary.txt"
+    ;;
+fp8-e2e)
+    log "bench_e2e llama (real size): --fp8-compute auto,soft and bf16 at batch 1, 16, 64, 256"
+    timeout 570 python3 benchmarks/bench_e2e.py --arch llama --workdir /tmp/e2e --out "$OUT/e2e.json" \
+        --fp8-compute ${E2E_MODES:-auto,soft} --baselines bf16 --batches 1,16,64,256 2>&1 \
         | grep -v "it/s\]\|Warning" | tee -a "$OUT/summary.txt" | tail -60
     ;;
 gemm)

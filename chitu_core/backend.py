@@ -22,7 +22,7 @@ from typing import Any
 import pluggy
 
 from chitu_core import hookspecs
-from chitu_core.backend_info import BackendInfo
+from chitu_core.backend_info import BackendInfo, BackendOptions, OpPath
 from chitu_core.errors import (
     BackendUnavailableError,
     PluginLoadError,
@@ -37,12 +37,16 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "chitu.backends"
 HOOK_PREFIX = "chitu_"
 REQUIRED_HOOKS = ("chitu_backend_info", "chitu_check_available")
+# Hooks called once when binding, never bound into ``Ops`` (see ``bind_ops``).
+LIFECYCLE_HOOKS = ("chitu_configure",)
 
 # Every op of the contract, in spec order: the hook names without their prefix.
 OP_NAMES: tuple[str, ...] = tuple(
     name[len(HOOK_PREFIX) :]
     for name, obj in vars(hookspecs).items()
-    if name.startswith(HOOK_PREFIX) and callable(obj) and name not in REQUIRED_HOOKS
+    if name.startswith(HOOK_PREFIX)
+    and callable(obj)
+    and name not in REQUIRED_HOOKS + LIFECYCLE_HOOKS
 )
 
 # Ops that consume the opaque handle of ``prepare_weight`` (see hookspecs' module docstring).
@@ -92,8 +96,10 @@ class Ops:
 
     Attributes are the op names of ``OP_NAMES`` (``ops.linear(x, w, bias)``...)
     plus ``info`` (the backend's ``BackendInfo``), ``native`` (op names the
-    backend implements) and ``demoted`` (native ops replaced by the generic one,
-    e.g. because they failed conformance).
+    backend implements), ``demoted`` (native ops replaced by the generic one,
+    e.g. because they failed conformance), ``options`` (the ``BackendOptions`` it
+    was configured with) and ``paths`` (``chitu_configure``'s answer for its native
+    ops: op name -> ``OpPath``).
     """
 
     def __init__(
@@ -102,10 +108,14 @@ class Ops:
         functions: dict[str, Callable[..., Any]],
         native: Iterable[str],
         demoted: Iterable[str] = (),
+        options: BackendOptions | None = None,
+        paths: dict[str, OpPath] | None = None,
     ) -> None:
         self.info = info
         self.native = frozenset(native)
         self.demoted = frozenset(demoted)
+        self.options = options or BackendOptions()
+        self.paths = dict(paths or {})
         for name in OP_NAMES:
             setattr(self, name, functions[name])
 
@@ -255,12 +265,37 @@ def _plain_function(hook: pluggy.HookCaller, spec_args: list[str]) -> Callable[.
     return call_subset
 
 
-def bind_ops(backend: InstalledBackend, demote: Iterable[str] = ()) -> Ops:
-    """Resolve every op of ``backend`` once into an ``Ops`` table.
+def configure(backend: InstalledBackend, options: BackendOptions) -> dict[str, OpPath]:
+    """Hand ``options`` to the backend's ``chitu_configure`` (if it has one); its answer.
+
+    Raises ``ValueError`` (the backend's) for a choice this device cannot honour.
+    """
+    if backend.plugin_manager is None:
+        raise PluginLoadError(f"backend {backend.name!r} is not loaded: {backend.load_error}")
+    hook = backend.plugin_manager.hook.chitu_configure
+    if not hook.get_hookimpls():
+        return {}
+    paths = hook(options=options) or {}
+    unknown = set(paths) - set(OP_NAMES)
+    if unknown or not all(isinstance(p, OpPath) for p in paths.values()):
+        raise PluginLoadError(
+            f"backend {backend.name!r}: chitu_configure must map op names to OpPath, got {paths!r}"
+        )
+    return paths
+
+
+def bind_ops(
+    backend: InstalledBackend,
+    demote: Iterable[str] = (),
+    options: BackendOptions | None = None,
+) -> Ops:
+    """Resolve every op of ``backend`` once into an ``Ops`` table, configured with ``options``.
 
     Ops in ``demote`` (and ops the backend lacks) get the generic implementation.
     Demoting ``prepare_weight`` (or ``new_group``) or one of its consumers demotes the
     whole group, because they share the backend's opaque weight (or group) handle.
+    ``options`` (default ``BackendOptions()``) go to ``chitu_configure`` first; the paths
+    it reports are kept for the ops that stay native.
     """
     if backend.plugin_manager is None or backend.info is None:
         raise PluginLoadError(f"backend {backend.name!r} is not loaded: {backend.load_error}")
@@ -300,17 +335,48 @@ def bind_ops(backend: InstalledBackend, demote: Iterable[str] = ()) -> Ops:
     if "device" not in native:
         # The generic hook cannot know which device type the backend computes on.
         functions["device"] = functools.partial(device_of_type, backend.info.device_type)
-    return Ops(backend.info, functions, native, demoted & set(backend.native_ops))
+    options = options or BackendOptions()
+    # A binding with every op generic (conformance's baseline) leaves the backend's
+    # configuration alone: one configuration per process, that of the served ops.
+    paths = configure(backend, options) if native else {}
+    paths = {op: p for op, p in paths.items() if op in native}
+    return Ops(backend.info, functions, native, demoted & set(backend.native_ops), options, paths)
 
 
-def load_backend(name: str = "auto", demote: Iterable[str] = ()) -> Ops:
+def describe_paths(ops: Ops) -> str:
+    """One line per op whose path depends on the options (the start-up log, ``chitu plugins``)."""
+    head = f"fp8 compute {ops.options.fp8_compute!r} on backend {ops.info.name!r}"
+    if not ops.paths:
+        return f"{head}: no op depends on it"
+    return head + ": " + "; ".join(f"{op}: {p.description}" for op, p in ops.paths.items())
+
+
+def compute_paths(fp8_compute: str = "auto") -> list[str]:
+    """``chitu plugins``: per available backend, the path of each op that depends on
+    ``--fp8-compute fp8_compute`` (or why the backend cannot take that mode here)."""
+    lines = []
+    options = BackendOptions(fp8_compute=fp8_compute)
+    for backend in discover_backends().values():
+        if not backend.is_available:
+            continue
+        try:
+            lines.append(describe_paths(bind_ops(backend, (), options)))
+        except ValueError as exc:
+            lines.append(f"fp8 compute {fp8_compute!r} on backend {backend.name!r}: {exc}")
+    return lines
+
+
+def load_backend(
+    name: str = "auto", demote: Iterable[str] = (), options: BackendOptions | None = None
+) -> Ops:
     """Discover, select and bind a backend in one call (what the engine does at start-up)."""
     backend = select_backend(name, discover_backends())
-    ops = bind_ops(backend, demote)
+    ops = bind_ops(backend, demote, options)
     logger.info(
         "backend %r: native ops: %s; generic: %s",
         backend.name,
         ", ".join(sorted(ops.native)) or "none",
         ", ".join(sorted(ops.fallback)) or "none",
     )
+    logger.info("%s", describe_paths(ops))
     return ops

@@ -43,3 +43,55 @@ class BackendInfo:
             raise ValueError(
                 f"compute_dtype must be bfloat16, float16 or float32, got {self.compute_dtype!r}"
             )
+
+
+# ``--fp8-compute``: how FP8 weights meet the activations (see ``BackendOptions``).
+FP8_COMPUTE_MODES = ("auto", "soft", "native")
+FP8_COMPUTE_HELP = (
+    "how FP8 weights are multiplied: 'soft' widens them to bf16 inside the GEMM (W8A16, "
+    "any GPU); 'native' quantizes activations to e4m3 in 1x128 groups and uses FP8 tensor "
+    "cores (W8A8, sm_89+); 'auto' (default) picks per GEMM shape and token count from the "
+    "backend's measured table"
+)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """User choices that change how a backend computes, handed to it once at bind time
+    (``chitu_configure``), never looked up per call.
+
+    Attributes:
+        fp8_compute: how an FP8-weight GEMM runs. ``"soft"``: weights widened to the
+            compute dtype inside the kernel, activations untouched (W8A16; the only path
+            on GPUs without FP8 arithmetic). ``"native"``: activations quantized to e4m3
+            with 1x128 group scales and multiplied on FP8 hardware (W8A8) wherever the
+            device has it. ``"auto"`` (default): per GEMM shape and token count, whichever
+            the backend's measured table says is faster.
+    """
+
+    fp8_compute: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.fp8_compute not in FP8_COMPUTE_MODES:
+            raise ValueError(
+                f"fp8_compute must be one of {', '.join(FP8_COMPUTE_MODES)}, "
+                f"got {self.fp8_compute!r}"
+            )
+
+
+@dataclass(frozen=True)
+class OpPath:
+    """How one op computes under the bound ``BackendOptions`` (``chitu_configure``'s answer).
+
+    Attributes:
+        description: one line for ``chitu plugins`` and the start-up log, e.g. ``"soft
+            W8A16 for M < 128 tokens, native W8A8 from 128"``.
+        fp8_activations: some calls quantize the activations to e4m3 with 1x128 group
+            scales: conformance then holds the op's FP8-weight cases (and the whole-model
+            check) to the ``fp8_act`` tolerance class of ``conformance/tolerances.py``
+            instead of the compute dtype's; an op that does so without declaring it
+            fails the stricter class.
+    """
+
+    description: str
+    fp8_activations: bool = False

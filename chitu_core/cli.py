@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 
-from chitu_core.backend import OP_NAMES, discover_backends
+from chitu_core.backend import OP_NAMES, compute_paths, discover_backends
 from chitu_core.errors import ChituError
 
 
@@ -96,6 +96,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for op in OP_NAMES:
             marks = "  ".join(f"{_mark(op, row):^8}" for row in loaded)
             print(f"{op:<{width}}  {marks}")
+    for line in compute_paths(args.fp8_compute):
+        print(line)
     return 0
 
 
@@ -117,6 +119,15 @@ def cmd_new_backend(args: argparse.Namespace) -> int:
     print("  chitu plugins")
     print(f"  chitu conformance --backend {args.name} --quick")
     return 0
+
+
+def add_fp8_compute_option(p: argparse.ArgumentParser) -> None:
+    """``--fp8-compute``: engine commands, ``plugins``, conformance and the benchmarks."""
+    from chitu_core.backend_info import FP8_COMPUTE_HELP, FP8_COMPUTE_MODES
+
+    p.add_argument(
+        "--fp8-compute", choices=FP8_COMPUTE_MODES, default="auto", help=FP8_COMPUTE_HELP
+    )
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -154,7 +165,13 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         help="read each decode step's tokens back before queuing the next step (by default the "
         "next decode step is queued first, so the device does not wait for the host)",
     )
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch")
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        help="sequences per batch (default: 256 where the KV cache holds 256 sequences of "
+        "1024 tokens, fewer but at least 64 otherwise; the start-up log says which)",
+    )
+    add_fp8_compute_option(p)
     p.add_argument("--max-model-len", type=int, help="context length (prompt + output)")
     p.add_argument(
         "--tp", type=int, default=1, help="tensor-parallel ranks per pipeline stage (default 1)"
@@ -189,6 +206,7 @@ def engine_config(args: argparse.Namespace, model: str):
         tp=args.tp,
         pp=args.pp,
         dist_timeout_s=args.dist_timeout,
+        fp8_compute=args.fp8_compute,
     )
 
 
@@ -261,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list installed backends and their native ops")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_fp8_compute_option(p)
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("demo", help="run an FP8 block-128 linear on a backend vs the CPU reference")

@@ -45,7 +45,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover - names for annotations only
     import torch
 
-    from chitu_core.backend_info import BackendInfo
+    from chitu_core.backend_info import BackendInfo, BackendOptions, OpPath
 
 hookspec = pluggy.HookspecMarker("chitu")
 hookimpl = pluggy.HookimplMarker("chitu")
@@ -75,6 +75,25 @@ def chitu_check_available() -> str | None:
     that tells the user what is missing (e.g. ``"no CUDA device: torch was
     built without CUDA"``, ``"torch_npu is not installed"``). Must not raise
     and must not allocate device memory.
+    """
+
+
+@hookspec(firstresult=True)
+def chitu_configure(options: BackendOptions) -> dict[str, OpPath] | None:
+    """Take the user's compute choices once, when the backend is bound. Optional.
+
+    ``options`` is a ``chitu_core.backend_info.BackendOptions`` (``--fp8-compute``...).
+    Called by ``bind_ops`` before any weight is prepared; the backend keeps what it
+    needs (e.g. folds the choice into the handles ``chitu_prepare_weight`` returns) so
+    that the hot path stays plain calls with no per-call lookups. Raises ``ValueError``
+    for a choice this device cannot honour (e.g. ``native`` FP8 on a GPU without FP8
+    arithmetic), with a message naming the alternatives.
+
+    Returns, per op name whose computation depends on ``options``, an ``OpPath``
+    saying which path it takes (shown by ``chitu plugins`` and the start-up log, and
+    read by conformance: an op with ``fp8_activations`` is checked in that tolerance
+    class). Ops it does not name compute as their spec says, activations unquantized.
+    Not an op: it is never bound into ``Ops``.
     """
 
 

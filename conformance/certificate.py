@@ -26,7 +26,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # Bump when the cases or tolerances change enough that old certificates prove too little.
-SUITE_VERSION = 1
+SUITE_VERSION = 2  # 2: the fp8_act class; the key holds the --fp8-compute mode
 CERT_DIR_ENV = "CHITU_CERT_DIR"
 
 
@@ -40,6 +40,7 @@ class CertificateKey:
     chitu_version: str
     torch_version: str
     device_name: str
+    fp8_compute: str = "auto"  # the compute path certified (``BackendOptions.fp8_compute``)
     suite_version: int = SUITE_VERSION
 
 
@@ -55,6 +56,8 @@ class Certificate:
     demote: list[str]
     models_passed: bool
     failures: list[str] = field(default_factory=list)
+    # op -> the path the backend declared for the certified mode (``OpPath.description``)
+    compute_paths: dict[str, str] = field(default_factory=dict)
     created: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
@@ -84,7 +87,8 @@ def cert_dir(path: str | Path | None = None) -> Path:
 def cert_path(key: CertificateKey, directory: str | Path | None = None) -> Path:
     """The file of ``key``'s backend on ``key``'s device."""
     device = re.sub(r"[^A-Za-z0-9._-]+", "_", key.device_name).strip("_") or "device"
-    return cert_dir(directory) / f"{key.backend}--{device}.json"
+    mode = "" if key.fp8_compute == "auto" else f"--fp8-{key.fp8_compute}"
+    return cert_dir(directory) / f"{key.backend}--{device}{mode}.json"
 
 
 def save(cert: Certificate, directory: str | Path | None = None) -> Path:
@@ -126,6 +130,7 @@ def from_result(result: Any) -> Certificate:
         chitu_version=info.chitu_version,
         torch_version=info.torch_version,
         device_name=info.device_name,
+        fp8_compute=info.fp8_compute,
     )
     return Certificate(
         key=key,
@@ -136,4 +141,5 @@ def from_result(result: Any) -> Certificate:
         demote=list(result.demote),
         models_passed=result.models_passed,
         failures=list(result.failures),
+        compute_paths=dict(info.compute_paths),
     )

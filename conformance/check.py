@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from chitu_core.quant import FORMAT_UNQUANTIZED, QuantizedWeight
 from conformance.case import Case, call_op, prepare_inputs, run_reference, sample_rows, select_rows
 from conformance.device import time_call
 from conformance.roofline import DeviceSpec, case_cost
@@ -42,6 +43,8 @@ class CaseResult:
     int_mismatch: int = 0
     bound_rel_fro: float = 0.0
     bound_max_abs_rel: float = 0.0
+    # "fp8_act" where the backend declared that this case's activations go to e4m3
+    tolerance_class: str = ""
     time_s: float | None = None
     generic_time_s: float | None = None
     roofline_s: float | None = None
@@ -82,6 +85,9 @@ class Runner:
     device: torch.device
     spec: DeviceSpec | None = None
     timing: bool = True
+    # Ops whose path quantizes activations to e4m3 (``OpPath.fp8_activations``, declared
+    # by the backend's ``chitu_configure``): their FP8-weight cases get the fp8_act class.
+    fp8_act_ops: frozenset[str] = frozenset()
 
     def sync(self) -> None:
         self.ops.synchronize(self.device)
@@ -94,9 +100,21 @@ def _expected_dtype(case: Case, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if case.op in FP32_OUTPUT_OPS else dtype
 
 
-def _compare_outputs(case: Case, result: CaseResult, outputs, expected, rows, r: Runner) -> None:
-    """Fill ``result``'s metrics from outputs vs expected; set FAIL with a message if out of bounds."""
+def has_fp8_weights(inputs) -> bool:
+    """Whether any weight input of a case is FP8 (what an FP8-activation path multiplies)."""
+    found = []
+    for value in inputs.values():
+        found += value if isinstance(value, (list, tuple)) else [value]
+    return any(isinstance(v, QuantizedWeight) and v.fmt != FORMAT_UNQUANTIZED for v in found)
+
+
+def _compare_outputs(
+    case: Case, result: CaseResult, outputs, expected, rows, r: Runner, fp8_act: bool = False
+) -> None:
+    """Fill ``result``'s metrics from outputs vs expected; set FAIL with a message if out of
+    bounds. ``fp8_act``: hold float outputs to the declared FP8-activation class."""
     problems = []
+    result.tolerance_class = "fp8_act" if fp8_act else str(r.dtype).removeprefix("torch.")
     if len(outputs) != len(expected):
         problems.append(f"returned {len(outputs)} outputs, expected {len(expected)}")
     for index, (out, ref) in enumerate(zip(outputs, expected, strict=False)):
@@ -116,7 +134,7 @@ def _compare_outputs(case: Case, result: CaseResult, outputs, expected, rows, r:
         want = _expected_dtype(case, r.dtype)
         if out.dtype != want:
             problems.append(f"{where} is {out.dtype}, the contract says {want}")
-        tol = tolerance_for(case.op, want)
+        tol = tolerance_for(case.op, want, fp8_act)
         report = compare(out, ref)
         result.rel_fro = max(result.rel_fro, report.rel_fro)
         result.max_abs_rel = max(result.max_abs_rel, report.max_abs_rel)
@@ -179,7 +197,8 @@ def _check_case(case: Case, r: Runner) -> CaseResult:
     rows = sample_rows(case, inputs)
     ref_inputs = inputs if rows is None else select_rows(case, inputs, rows)
     expected = run_reference(r.ref_ops, case, ref_inputs, r.dtype)
-    _compare_outputs(case, result, outputs, expected, rows, r)
+    fp8_act = case.op in r.fp8_act_ops and has_fp8_weights(inputs)
+    _compare_outputs(case, result, outputs, expected, rows, r, fp8_act)
     del outputs, expected
     if r.timing and case.is_timed and result.status == PASS:
         try:

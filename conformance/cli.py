@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from chitu_core.backend import OP_NAMES
+from chitu_core.backend_info import FP8_COMPUTE_HELP, FP8_COMPUTE_MODES
 from chitu_core.errors import ChituError
 
 MAX_PRINTED_FAILURES = 20
@@ -46,6 +47,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         timing=not args.no_timing,
         model_check=not args.no_model_check,
         progress=not args.no_progress,
+        fp8_compute=args.fp8_compute,
     )
     result = run_suite(config)
     out = args.out or Path("out") / "conformance" / result.info.backend
@@ -57,7 +59,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     verdict = "PASS" if result.passed else "FAIL"
     print(
         f"{verdict}: backend {info.backend} {info.plugin_version} on {info.device_name}, "
-        f"{info.mode}, {info.dtype}: {len(result.cases)} cases, {len(result.models)} models "
+        f"{info.mode}, {info.dtype}, --fp8-compute {info.fp8_compute}: {len(result.cases)} cases, {len(result.models)} models "
         f"in {info.elapsed_s:.0f} s"
     )
     if not result.passed:
@@ -106,6 +108,12 @@ def add_conformance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-timing", action="store_true", help="numerics only")
     p.add_argument("--no-model-check", action="store_true", help="skip the whole-model check")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--fp8-compute",
+        choices=FP8_COMPUTE_MODES,
+        default="auto",
+        help=FP8_COMPUTE_HELP + "; the certificate is per mode",
+    )
     p.set_defaults(func=cmd_conformance)
 
 

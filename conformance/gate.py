@@ -37,8 +37,9 @@ def _device(installed: InstalledBackend):
     return torch.device("cpu") if kind == "cpu" else torch.device(kind, 0)
 
 
-def current_key(installed: InstalledBackend) -> CertificateKey:
-    """The certificate key of ``installed`` on this machine's first device of its type."""
+def current_key(installed: InstalledBackend, fp8_compute: str = "auto") -> CertificateKey:
+    """The certificate key of ``installed`` on this machine's first device of its type,
+    for the ``--fp8-compute`` mode it is to serve with."""
     import torch
 
     import chitu_core
@@ -50,6 +51,7 @@ def current_key(installed: InstalledBackend) -> CertificateKey:
         chitu_version=chitu_core.__version__,
         torch_version=torch.__version__,
         device_name=device_name(_device(installed)),
+        fp8_compute=fp8_compute,
     )
 
 
@@ -66,6 +68,7 @@ def ensure_certified(
     quick: bool = True,
     cert_dir: str | Path | None = None,
     progress: bool = True,
+    fp8_compute: str = "auto",
 ) -> tuple[str, ...]:
     """Certify ``backend_name`` here if needed; return the ops to demote (see the module docstring).
 
@@ -85,7 +88,7 @@ def ensure_certified(
             installed.version,
         )
         return ()
-    key = current_key(installed)
+    key = current_key(installed, fp8_compute)
     cert = load_valid(key, cert_dir)
     if cert is not None and cert.covers(checked_ops(installed, quick)):
         logger.info(
@@ -106,7 +109,14 @@ def ensure_certified(
         key.device_name,
         "quick" if quick else "full",
     )
-    config = SuiteConfig(installed.name, quick, native_only=True, timing=False, progress=progress)
+    config = SuiteConfig(
+        installed.name,
+        quick,
+        native_only=True,
+        timing=False,
+        progress=progress,
+        fp8_compute=fp8_compute,
+    )
     result = run_suite(config)
     cert = from_result(result)
     if cert.key != key:
@@ -128,7 +138,7 @@ def ensure_certified(
 
 
 def cached_demotions(
-    backend_name: str, cert_dir: str | Path | None = None
+    backend_name: str, cert_dir: str | Path | None = None, fp8_compute: str = "auto"
 ) -> tuple[str, ...] | None:
     """The demotions of ``backend_name``'s valid certificate on this device, without running
     anything: ``()`` for a backend that needs no certificate, None when there is no valid
@@ -138,5 +148,5 @@ def cached_demotions(
         return None
     if not backend.info.needs_certificate:
         return ()
-    cert = load_valid(current_key(backend), cert_dir)
+    cert = load_valid(current_key(backend, fp8_compute), cert_dir)
     return None if cert is None else tuple(cert.demote)

@@ -78,6 +78,8 @@ class Trace:
     logits: list[list[torch.Tensor]]
     # (topk_weights, topk_ids, near_tie [T] bool) of every moe_route call, in call order
     routes: list[Route] = field(default_factory=list)
+    # the backend declared a path that quantizes activations to e4m3 (``OpPath``)
+    fp8_activations: bool = False
 
 
 def demo_model(arch: str) -> Path:
@@ -117,6 +119,7 @@ def run_model(
     demote: tuple[str, ...],
     dtype: str | None,
     replay_routes: list[Route] | None = None,
+    fp8_compute: str = "auto",
 ) -> Trace:
     """Greedy-generate ``PROMPTS`` on ``backend`` (with ``demote``) and capture every step's
     logits and routing. With ``replay_routes`` (the oracle's), its near-tied rows replace
@@ -132,6 +135,7 @@ def run_model(
         show_progress=False,
         demote_ops=tuple(demote),
         enforce_eager=replay_routes is not None,
+        fp8_compute=fp8_compute,
     )
     engine = LLMEngine(config)
     routes: list[Route] = []
@@ -166,7 +170,8 @@ def run_model(
     params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, ignore_eos=True)
     completions = engine.generate([list(p) for p in PROMPTS], params)
     ids = sorted(logits)
-    return Trace([c.token_ids for c in completions], [logits[i] for i in ids], routes)
+    fp8_act = any(p.fp8_activations for p in engine.ops.paths.values())
+    return Trace([c.token_ids for c in completions], [logits[i] for i in ids], routes, fp8_act)
 
 
 def reference_trace(arch: str) -> Trace:
@@ -177,8 +182,9 @@ def reference_trace(arch: str) -> Trace:
 
 
 def compare_traces(arch: str, got: Trace, ref: Trace, dtype: torch.dtype) -> ModelResult:
-    """Logits within ``model_tolerance`` and tokens equal up to the first near-tie."""
-    tol = model_tolerance(dtype)
+    """Logits within ``model_tolerance`` (the fp8_act class where the run declared an
+    FP8-activation path) and tokens equal up to the first near-tie."""
+    tol = model_tolerance(dtype, got.fp8_activations)
     result = ModelResult(arch, passed=True, bound_rel_fro=tol.rel_fro)
     got_rows, ref_rows, problems = [], [], []
     for seq, (tokens, ref_tokens) in enumerate(zip(got.tokens, ref.tokens, strict=True)):
@@ -213,8 +219,11 @@ def compare_traces(arch: str, got: Trace, ref: Trace, dtype: torch.dtype) -> Mod
     return result
 
 
-def check_models(backend: str, demote: tuple[str, ...], dtype: torch.dtype) -> list[ModelResult]:
-    """The whole-model check of every demo architecture on ``backend`` at ``dtype``.
+def check_models(
+    backend: str, demote: tuple[str, ...], dtype: torch.dtype, fp8_compute: str = "auto"
+) -> list[ModelResult]:
+    """The whole-model check of every demo architecture on ``backend`` at ``dtype`` with
+    ``--fp8-compute fp8_compute``.
 
     The oracle's own configuration (cpu_ref, fp32, nothing demoted) is the
     reference trace itself, so it is not run twice.
@@ -226,7 +235,11 @@ def check_models(backend: str, demote: tuple[str, ...], dtype: torch.dtype) -> l
         start = time.perf_counter()
         try:
             ref = reference_trace(arch)
-            got = ref if is_oracle else run_model(arch, backend, demote, dtype_name, ref.routes)
+            got = (
+                ref
+                if is_oracle
+                else run_model(arch, backend, demote, dtype_name, ref.routes, fp8_compute)
+            )
             result = compare_traces(arch, got, ref, dtype)
         except Exception as exc:  # a backend may fail inside the engine in any way
             result = ModelResult(arch, False, f"model[{arch}]: raised {type(exc).__name__}: {exc}")

@@ -97,6 +97,14 @@ def _header(result: SuiteResult) -> list[str]:
         f"started {info.started} on {info.host}",
         f"- Native ops: {', '.join(info.native_ops) or 'none (all generic)'}; "
         f"demoted for this run: {', '.join(info.demoted_ops) or 'none'}",
+        f"- Compute path certified: --fp8-compute {info.fp8_compute}"
+        + "".join(f"; {op}: {path}" for op, path in info.compute_paths.items())
+        + (
+            f". FP8-weight cases of {', '.join(info.fp8_act_ops)} (and the whole-model check) "
+            "are held to the fp8_act class (activations in e4m3, 1x128 groups)"
+            if info.fp8_act_ops
+            else ""
+        ),
     ]
     roof = info.roofline
     if roof:

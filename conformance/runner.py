@@ -31,6 +31,7 @@ from chitu_core.backend import (
     discover_backends,
     select_backend,
 )
+from chitu_core.backend_info import FP8_COMPUTE_MODES, BackendOptions
 from chitu_core.errors import UnknownBackendError
 from conformance.case import Case
 from conformance.cases import suite_cases
@@ -61,8 +62,14 @@ class SuiteConfig:
     timing: bool = True
     model_check: bool = True
     progress: bool = True
+    fp8_compute: str = "auto"  # the --fp8-compute mode certified (``BackendOptions``)
 
     def __post_init__(self) -> None:
+        if self.fp8_compute not in FP8_COMPUTE_MODES:
+            raise ValueError(
+                f"fp8_compute must be one of {', '.join(FP8_COMPUTE_MODES)}, "
+                f"got {self.fp8_compute!r}"
+            )
         unknown = set(self.ops or ()) | set(self.demote)
         unknown -= set(OP_NAMES)
         if unknown:
@@ -84,6 +91,10 @@ class RunInfo:
     mode: str
     native_ops: list[str]
     demoted_ops: list[str]
+    # The compute path certified: --fp8-compute, and per op the path the backend declared
+    fp8_compute: str = "auto"
+    compute_paths: dict[str, str] = field(default_factory=dict)
+    fp8_act_ops: list[str] = field(default_factory=list)
     host: str = field(default_factory=platform.node)
     started: str = ""
     elapsed_s: float = 0.0
@@ -172,7 +183,7 @@ class Plan:
     def model_results(self, failed_ops: Iterable[str] = ()) -> list[ModelResult]:
         """The whole-model check with the run's demotions plus ``failed_ops`` demoted."""
         demote = tuple(sorted(set(self.config.demote) | set(failed_ops)))
-        return check_models(self.installed.name, demote, self.runner.dtype)
+        return check_models(self.installed.name, demote, self.runner.dtype, self.config.fp8_compute)
 
     def info(self, started: str, elapsed_s: float) -> RunInfo:
         r, installed = self.runner, self.installed
@@ -188,6 +199,9 @@ class Plan:
             mode="quick" if self.config.quick else "full",
             native_ops=sorted(r.ops.native, key=OP_NAMES.index),
             demoted_ops=sorted(r.ops.demoted, key=OP_NAMES.index),
+            fp8_compute=self.config.fp8_compute,
+            compute_paths={op: p.description for op, p in r.ops.paths.items()},
+            fp8_act_ops=sorted(r.fp8_act_ops, key=OP_NAMES.index),
             started=started,
             elapsed_s=elapsed_s,
             roofline=asdict(r.spec) if r.spec is not None else {},
@@ -206,14 +220,15 @@ def plan_suite(config: SuiteConfig) -> Plan:
             "pip install -e plugins/cpu_ref"
         )
     installed = select_backend(config.backend, backends)
-    ops = bind_ops(installed, config.demote)
+    ops = bind_ops(installed, config.demote, BackendOptions(fp8_compute=config.fp8_compute))
     device = ops.device(0)
     dtype = getattr(torch, config.dtype or installed.info.compute_dtype)
     name = device_name(device)
     spec: DeviceSpec | None = device_spec(device, name) if config.timing else None
     reference = bind_ops(select_backend(REFERENCE, backends))
     generic = bind_ops(installed, OP_NAMES)
-    runner = Runner(ops, reference, generic, dtype, device, spec, config.timing)
+    fp8_act = frozenset(op for op, path in ops.paths.items() if path.fp8_activations)
+    runner = Runner(ops, reference, generic, dtype, device, spec, config.timing, fp8_act)
     selected = _selected_ops(config, ops.native)
     cases = [c for c in suite_cases(config.quick, device.type) if c.op in selected]
     has_collectives = bool(selected & set(COLLECTIVE_OPS))

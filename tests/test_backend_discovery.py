@@ -45,6 +45,7 @@ def test_every_spec_is_an_op_or_required():
     assert {"chitu_" + op for op in OP_NAMES} | {
         "chitu_backend_info",
         "chitu_check_available",
+        "chitu_configure",  # a lifecycle hook, called once at bind time
     } == specs
     assert set(GENERIC_OPS) == set(OP_NAMES), "every op needs a generic implementation"
 

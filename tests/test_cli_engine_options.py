@@ -19,8 +19,24 @@ def test_defaults_just_work():
     config = engine_config(_parse(), "/models/m")
     assert config.memory_utilization == 0.9
     assert config.max_num_batched_tokens == 2048
-    assert config.enforce_eager is False and config.max_num_seqs == 64
-    assert config.overlap_steps is True
+    # None: the memory plan picks up to 256 (engine/memory_plan.choose_max_num_seqs)
+    assert config.enforce_eager is False and config.max_num_seqs is None
+    assert config.overlap_steps is True and config.fp8_compute == "auto"
+
+
+@pytest.mark.parametrize("mode", ["auto", "soft", "native"])
+def test_fp8_compute_reaches_the_engine_config(mode):
+    assert engine_config(_parse("--fp8-compute", mode), "/models/m").fp8_compute == mode
+
+
+def test_fp8_compute_rejects_other_values(capsys):
+    with pytest.raises(SystemExit):
+        _parse("--fp8-compute", "fast")
+    assert "invalid choice" in capsys.readouterr().err
+    from chitu_core.engine.llm_engine import EngineConfig
+
+    with pytest.raises(ValueError, match="fp8_compute .--fp8-compute. must be one of"):
+        EngineConfig(model="/m", fp8_compute="fast")
 
 
 def test_memory_graph_and_batching_options():

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from chitu_core.backend import OP_NAMES, load_backend
+from chitu_core.backend_info import FP8_COMPUTE_MODES, BackendOptions
 from chitu_core.detokenizer import IncrementalDetokenizer
 from chitu_core.distributed import DistributedError
 from chitu_core.distributed.parallel import ParallelState, init_parallel, launched_as_rank
@@ -32,7 +33,9 @@ from chitu_core.distributed.pipeline import DistributedExecutor
 from chitu_core.engine.host_copy import to_device_async
 from chitu_core.engine.kv_cache import BlockManager
 from chitu_core.engine.memory_plan import (
+    DEFAULT_MAX_NUM_SEQS,
     MemoryPlan,
+    choose_max_num_seqs,
     choose_num_blocks,
     profile_prefill,
     tensor_bytes,
@@ -77,7 +80,8 @@ class EngineConfig:
     num_blocks: int | None = None
     kv_cache_gb: float | None = None
     memory_utilization: float = 0.9
-    max_num_seqs: int = 64
+    # None: up to DEFAULT_MAX_NUM_SEQS (256), as many as the KV cache holds (memory plan)
+    max_num_seqs: int | None = None
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = (
         None  # default: the model's max_position_embeddings, capped by the cache
@@ -93,15 +97,26 @@ class EngineConfig:
     # Queue each decode step on the device before the previous step's tokens reach the
     # host, so the device does not wait for the host between steps (``LLMEngine.step``).
     overlap_steps: bool = True
+    # How FP8 weights meet the activations (``BackendOptions.fp8_compute``): auto | soft | native.
+    fp8_compute: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.fp8_compute not in FP8_COMPUTE_MODES:
+            raise ValueError(
+                f"fp8_compute (--fp8-compute) must be one of {', '.join(FP8_COMPUTE_MODES)}, "
+                f"got {self.fp8_compute!r}"
+            )
         if self.tp < 1 or self.pp < 1:
             raise ValueError(f"tp and pp must be >= 1, got tp={self.tp}, pp={self.pp}")
         if self.dist_timeout_s <= 0:
             raise ValueError(f"dist_timeout_s must be positive, got {self.dist_timeout_s}")
         if self.dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
-        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+        if (
+            self.block_size < 1
+            or (self.max_num_seqs is not None and self.max_num_seqs < 1)
+            or self.max_num_batched_tokens < 1
+        ):
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
         if not 0 < self.memory_utilization <= 1:
             raise ValueError(
@@ -188,7 +203,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.ops = load_backend(config.backend, config.demote_ops)
+        self.ops = load_backend(config.backend, config.demote_ops, self.backend_options)
         self.dtype = getattr(torch, config.dtype or self.ops.info.compute_dtype)
         # Called with the DistributedError when a distributed step fails (the server exits).
         self.on_fatal: Callable[[DistributedError], None] | None = None
@@ -226,7 +241,8 @@ class LLMEngine:
             config.kv_cache_gb,
             config.memory_utilization,
             # +1: block 0 is the scratch block
-            max_useful_blocks=config.max_num_seqs * -(-self._model_max_len() // config.block_size)
+            max_useful_blocks=(config.max_num_seqs or DEFAULT_MAX_NUM_SEQS)
+            * -(-self._model_max_len() // config.block_size)
             + 1,
         )
         if self.dist:  # rank 0's block ids are used on every rank
@@ -235,10 +251,13 @@ class LLMEngine:
         capacity = self.block_manager.num_usable_blocks * config.block_size
         model_max = self.model_config.get("max_position_embeddings", capacity)
         self.max_model_len = min(config.max_model_len or model_max, model_max, capacity)
+        self.max_num_seqs, seqs_reason = choose_max_num_seqs(
+            config.max_num_seqs, num_blocks, config.block_size, self.max_model_len
+        )
         # PP: one scheduler per stage (sequence groups whose batches overlap in the pipeline).
         num_groups = config.pp if self.dist else 1
         scheduler_config = SchedulerConfig(
-            max_num_seqs=-(-config.max_num_seqs // num_groups),
+            max_num_seqs=-(-self.max_num_seqs // num_groups),
             max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
             max_model_len=self.max_model_len,
         )
@@ -263,6 +282,8 @@ class LLMEngine:
             num_blocks,
             config.block_size,
             self.max_model_len,
+            self.max_num_seqs,
+            seqs_reason,
         )
         logger.info("memory: %s", self.memory.describe())
         if self.ops.info.supports_graphs and not config.enforce_eager:
@@ -297,7 +318,7 @@ class LLMEngine:
         state = init_parallel(self.ops, config.tp, config.pp, config.dist_timeout_s)
         demote = state.driver_choice(tuple(config.demote_ops), OP_NAMES)
         if set(demote) != set(config.demote_ops):
-            self.ops = load_backend(config.backend, demote)
+            self.ops = load_backend(config.backend, demote, self.backend_options)
             state.ops = self.ops
         logger.info(
             "rank %d of %d: tp rank %d/%d, pipeline stage %d/%d on %s",
@@ -310,6 +331,11 @@ class LLMEngine:
             state.device,
         )
         return state
+
+    @property
+    def backend_options(self) -> BackendOptions:
+        """The compute choices handed to the backend when it is bound."""
+        return BackendOptions(fp8_compute=self.config.fp8_compute)
 
     @property
     def is_distributed(self) -> bool:

@@ -23,6 +23,13 @@ GIB = 1 << 30
 # Host memory is shared with everything else on the machine: take a modest share.
 CPU_KV_CACHE_FRACTION = 0.25
 CPU_KV_CACHE_MAX_BYTES = 4 * GIB
+# --max-num-seqs default: up to this many sequences a batch (decode graphs up to it), as
+# long as the KV cache holds that many sequences of TYPICAL_SEQ_TOKENS each; never below
+# MIN_DEFAULT_MAX_NUM_SEQS (the scheduler preempts when blocks run out, so a small cache
+# still serves that many, as before the default grew).
+DEFAULT_MAX_NUM_SEQS = 256
+MIN_DEFAULT_MAX_NUM_SEQS = 64
+TYPICAL_SEQ_TOKENS = 1024
 # Attributes of a model that are not weights (bound ops, rope tables, configs).
 _NOT_WEIGHTS = ("ops", "cos_sin", "cfg", "parallel")
 
@@ -155,6 +162,26 @@ def choose_num_blocks(
     return chosen
 
 
+def choose_max_num_seqs(
+    requested: int | None, num_blocks: int, block_size: int, max_model_len: int
+) -> tuple[int, str]:
+    """Sequences per batch: ``requested`` if given, else ``DEFAULT_MAX_NUM_SEQS`` lowered to
+    the number of ``min(max_model_len, TYPICAL_SEQ_TOKENS)``-token sequences the KV cache of
+    ``num_blocks`` blocks holds (block 0 is scratch), but not below
+    ``MIN_DEFAULT_MAX_NUM_SEQS``. Returns it with the reason the start-up log gives."""
+    if requested is not None:
+        return requested, "--max-num-seqs"
+    seq_tokens = min(max_model_len, TYPICAL_SEQ_TOKENS)
+    fits = (num_blocks - 1) // -(-seq_tokens // block_size)
+    chosen = max(MIN_DEFAULT_MAX_NUM_SEQS, min(DEFAULT_MAX_NUM_SEQS, fits))
+    why = (
+        f"default {DEFAULT_MAX_NUM_SEQS}"
+        if chosen == DEFAULT_MAX_NUM_SEQS
+        else f"default {DEFAULT_MAX_NUM_SEQS} lowered"
+    )
+    return chosen, f"{why}: the KV cache holds {fits} sequences of {seq_tokens} tokens"
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """What the start-up log line reports (bytes; graphs filled in once captured)."""
@@ -165,6 +192,8 @@ class MemoryPlan:
     num_blocks: int
     block_size: int
     max_model_len: int
+    max_num_seqs: int = 0
+    max_num_seqs_reason: str = ""
 
     @property
     def max_full_length_seqs(self) -> int:
@@ -177,5 +206,6 @@ class MemoryPlan:
             f"weights {self.weight_bytes / GIB:.2f} GiB, activations "
             f"{self.activation_bytes / GIB:.2f} GiB, KV cache {self.kv_bytes / GIB:.2f} GiB = "
             f"{self.num_blocks} blocks x {self.block_size} tokens "
-            f"({self.max_full_length_seqs} concurrent sequences of {self.max_model_len} tokens)"
+            f"({self.max_full_length_seqs} concurrent sequences of {self.max_model_len} tokens); "
+            f"max_num_seqs {self.max_num_seqs} ({self.max_num_seqs_reason})"
         )

@@ -20,6 +20,8 @@ from chitu_core.quant import (
     QuantizedWeight,
 )
 
+NEVER_NATIVE = 1 << 62  # native_from_m of a weight the native path never serves
+
 
 # eq=False: tensors do not compare with ==; a handle is equal only to itself.
 @dataclass(frozen=True, eq=False)
@@ -39,8 +41,11 @@ class PackedWeight:
         pack time). Defaults to the safe False (scales applied to the partial sums).
     k_perm: FP8 ``[N, K]`` only: the codes are K-permuted (``fp8_gemm.permute_k``), the
         layout in which the ``wide`` kernel loads 4 codes per word straight into its MMA
-        operand; every soft-FP8 kernel reads it (``fp8_gemm(k_perm=True)``), native FP8
-        kernels do not.
+        operand; every soft-FP8 kernel reads it (``fp8_gemm(k_perm=True)``); native FP8
+        kernels read it with the activations permuted alike (``stored_fp8``).
+    native_from_m: FP8 only: the token count from which the plugin's native FP8
+        (W8A8) path serves this weight, decided once when it is prepared (the
+        ``--fp8-compute`` mode, the GPU, the shape); the default never (soft only).
     """
 
     weight: torch.Tensor
@@ -49,6 +54,7 @@ class PackedWeight:
     has_nan_codes: bool = True
     scales_fold: bool = False
     k_perm: bool = False
+    native_from_m: int = NEVER_NATIVE
 
     @property
     def out_features(self) -> int:
@@ -75,6 +81,11 @@ class PackedWeight:
         copy, unless K-permuted)."""
         return self._k_order().view(torch.float8_e4m3fn)
 
+    def stored_fp8(self) -> torch.Tensor:
+        """The codes as ``float8_e4m3fn`` in their stored layout (K-permuted when
+        ``k_perm``): a view, never a copy, for native kernels that permute x alike."""
+        return self.weight.view(torch.float8_e4m3fn)
+
     def as_quantized(self) -> QuantizedWeight:
         """Back to the core's ``QuantizedWeight`` for the generic ops (a view, no copy,
         unless K-permuted)."""
@@ -82,14 +93,19 @@ class PackedWeight:
 
 
 def pack_weight(
-    weight: torch.Tensor, scale: torch.Tensor | None, fmt: str, k_perm: bool = False
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    fmt: str,
+    k_perm: bool = False,
+    native_from_m: int = NEVER_NATIVE,
 ) -> PackedWeight:
     """Validate (through ``QuantizedWeight``) and repack: FP8 codes to contiguous uint8.
 
     weight: ``[N, K]`` or ``[E, N, K]``; scale and fmt as in
     ``chitu_core.hookspecs.chitu_prepare_weight``. Keeps FP8 at 1 byte per element.
     k_perm: K-permute the codes of an FP8 ``[N, K]`` weight with K % 16 == 0 (others
-    are kept in K order). Raises ValueError on a weight that does not match its format.
+    are kept in K order). native_from_m: see ``PackedWeight``. Raises ValueError on a
+    weight that does not match its format.
     """
     q = QuantizedWeight(weight, scale, fmt)
     if fmt == FORMAT_UNQUANTIZED:
@@ -103,7 +119,7 @@ def pack_weight(
     k_perm = k_perm and bits.dim() == 2 and bits.shape[1] % K_PERM_GROUP == 0
     if k_perm:
         bits = permute_k(bits)
-    return PackedWeight(bits, scale, fmt, nan, fold, k_perm)
+    return PackedWeight(bits, scale, fmt, nan, fold, k_perm, native_from_m)
 
 
 def has_nan_codes(bits: torch.Tensor) -> bool:

@@ -19,8 +19,11 @@ from chitu_core.serve.metrics import ServerMetrics
 logger = logging.getLogger(__name__)
 
 
-def certified_demotions(backend: str, skip_conformance: bool) -> tuple[str, ...]:
-    """Ops to demote to generic after the conformance gate; () when there is no gate to run."""
+def certified_demotions(
+    backend: str, skip_conformance: bool, fp8_compute: str = "auto"
+) -> tuple[str, ...]:
+    """Ops to demote to generic after the conformance gate (for the ``--fp8-compute`` mode
+    served); () when there is no gate to run."""
     try:
         from conformance.gate import ensure_certified
     except (
@@ -28,7 +31,7 @@ def certified_demotions(backend: str, skip_conformance: bool) -> tuple[str, ...]
     ):  # the conformance package is part of the distribution; guard a partial install
         logger.warning("conformance suite not importable: serving without a certificate check")
         return ()
-    return tuple(ensure_certified(backend, skip=skip_conformance))
+    return tuple(ensure_certified(backend, skip=skip_conformance, fp8_compute=fp8_compute))
 
 
 def resolve_backend_name(backend: str) -> str:
@@ -80,7 +83,7 @@ def serve(
     if sock is None:
         sock = listen_socket(host, port)
     backend = resolve_backend_name(config.backend)
-    demote = certified_demotions(backend, skip_conformance)
+    demote = certified_demotions(backend, skip_conformance, config.fp8_compute)
     if demote:
         logger.warning(
             "conformance: ops %s failed on this device and use the generic implementation", demote

@@ -11,8 +11,11 @@ import torch
 from chitu_core.demo_model import write_demo_model
 from chitu_core.engine.llm_engine import EngineConfig, LLMEngine
 from chitu_core.engine.memory_plan import (
+    DEFAULT_MAX_NUM_SEQS,
     GIB,
+    MIN_DEFAULT_MAX_NUM_SEQS,
     MemoryPlan,
+    choose_max_num_seqs,
     choose_num_blocks,
     profile_prefill,
     tensor_bytes,
@@ -94,6 +97,34 @@ def test_engine_logs_its_memory_plan(tmp_path, caplog):
         engine.model, engine.ops, engine.device, engine.dtype,
         engine.model.kv_cache_layout(), 16, 64,
     ) >= 0  # fmt: skip
+
+
+def test_max_num_seqs_default_is_256_where_the_cache_holds_them():
+    # 256 sequences of 1024 tokens = 16384 blocks of 16 (+ the scratch block)
+    assert choose_max_num_seqs(None, 256 * 64 + 1, 16, 8192)[0] == DEFAULT_MAX_NUM_SEQS
+    chosen, why = choose_max_num_seqs(None, 100 * 64 + 1, 16, 8192)
+    assert chosen == 100 and "lowered" in why and "holds 100 sequences of 1024" in why
+    # a short context counts its own length; a tiny cache keeps the old floor of 64
+    assert choose_max_num_seqs(None, 256 * 8 + 1, 16, 128)[0] == DEFAULT_MAX_NUM_SEQS
+    assert choose_max_num_seqs(None, 33, 16, 496)[0] == MIN_DEFAULT_MAX_NUM_SEQS
+    assert choose_max_num_seqs(8, 10**6, 16, 8192) == (8, "--max-num-seqs")
+
+
+def test_engine_reports_its_max_num_seqs_and_binds_the_fp8_mode(tmp_path, caplog):
+    path = write_demo_model(tmp_path, "llama", "tiny")
+    with caplog.at_level("INFO"):
+        engine = LLMEngine(
+            EngineConfig(
+                model=path, backend="cpu_ref", num_blocks=20000, show_progress=False,
+                fp8_compute="soft",
+            )
+        )  # fmt: skip
+    assert engine.max_num_seqs == DEFAULT_MAX_NUM_SEQS == engine.memory.max_num_seqs
+    assert engine.scheduler.config.max_num_seqs == DEFAULT_MAX_NUM_SEQS
+    assert engine.ops.options.fp8_compute == "soft"  # the flag reaches the bound backend
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("max_num_seqs 256 (default 256" in m for m in messages)
+    assert any("fp8 compute 'soft' on backend 'cpu_ref'" in m for m in messages)
 
 
 def test_describe_mentions_every_part():

@@ -256,11 +256,6 @@ SOFT_FP8_TABLES_K_PERM: dict[tuple[int, int], tuple[ConfigRow, ...]] = {
     (9, 0): _K_PERM,
 }
 
-# On sm_89+ the native FP8 path is used from this many tokens on (soft FP8 below:
-# decode is weight-bound and the soft kernel reads the same bytes without the
-# activation-quantization pass).
-NATIVE_FP8_MIN_M: dict[tuple[int, int], int] = {(8, 9): 128, (9, 0): 128}
-
 
 def soft_fp8_config(
     capability: tuple[int, int],

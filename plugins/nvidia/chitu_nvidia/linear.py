@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -12,30 +11,10 @@ import torch.nn.functional as F
 from chitu_core.kernels.fp8_gemm import fp8_gemm
 from chitu_core.kernels.packed_weight import as_packed
 from chitu_core.quant import FORMAT_FP8_BLOCK128, FORMAT_FP8_CHANNEL, FORMAT_UNQUANTIZED
-from chitu_nvidia.configs import NATIVE_FP8_MIN_M, soft_fp8_config
+from chitu_nvidia.configs import soft_fp8_config
+from chitu_nvidia.native_fp8 import native_config, native_fp8_gemm
 
 logger = logging.getLogger(__name__)
-
-
-def force_soft_fp8() -> bool:
-    """``CHITU_FORCE_SOFT_FP8=1`` runs the Ampere soft-FP8 path on any GPU."""
-    return os.environ.get("CHITU_FORCE_SOFT_FP8", "0") not in ("", "0")
-
-
-def k_perm_enabled() -> bool:
-    """``CHITU_FP8_K_PERM=0`` keeps FP8 weights in K order (the default K-permutes them at
-    load for the soft-FP8 wide kernel, ``PackedWeight.k_perm``); for A/B measurements."""
-    return os.environ.get("CHITU_FP8_K_PERM", "1") not in ("", "0")
-
-
-def native_fp8_enabled() -> bool:
-    """``CHITU_NATIVE_FP8=1`` opts in to the native FP8 path on sm_89+.
-
-    It quantizes activations to e4m3 per 1x128 group (as DeepSeek's inference does),
-    which measured 2.6e-2 relative error at M=512, outside the contract's bf16 bound
-    (1.6e-2, activations unquantized): so it is off unless asked for.
-    """
-    return os.environ.get("CHITU_NATIVE_FP8", "0") not in ("", "0")
 
 
 @functools.cache
@@ -50,7 +29,9 @@ def linear(
 ) -> torch.Tensor:
     """``y = x @ W^T + bias``. x: [M, K] (leading dims allowed) bf16/fp16/fp32; returns x.dtype.
 
-    native: None picks by compute capability and ``CHITU_FORCE_SOFT_FP8``; True/False forces.
+    native: None takes the native W8A8 path from ``weight.native_from_m`` tokens on (set
+    when the weight was prepared, by ``--fp8-compute`` and ``fp8_dispatch``); True/False
+    forces it (tests, benchmarks).
     """
     w = as_packed(weight)
     if w.weight.dim() != 2:
@@ -70,18 +51,11 @@ def linear(
     capability, num_sms = device_props(x.device.index or 0)
     m = x2.shape[0]
     if native is None:
-        native = (
-            w.fmt == FORMAT_FP8_BLOCK128
-            and not w.k_perm
-            and not force_soft_fp8()
-            and native_fp8_enabled()
-            and capability >= (8, 9)
-            and m >= NATIVE_FP8_MIN_M.get(capability, NATIVE_FP8_MIN_M[(9, 0)])
-        )
+        native = m >= w.native_from_m
     if native:
-        from chitu_nvidia.native_fp8 import native_config, native_fp8_gemm
-
-        y = native_fp8_gemm(x2, w.fp8_view(), w.scale, bias, native_config(m))
+        if w.fmt != FORMAT_FP8_BLOCK128:
+            raise ValueError(f"the native FP8 path takes block-128 weights, not {w.fmt}")
+        y = native_fp8_gemm(x2, w.stored_fp8(), w.scale, bias, native_config(m), k_perm=w.k_perm)
     else:
         y = fp8_gemm(
             x2, w.weight, w.scale, bias,

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from chitu_core.kernels.fp8_gemm import Fp8GemmConfig, grouped_tile
+from chitu_core.kernels.fp8_gemm import K_PERM_GROUP, Fp8GemmConfig, grouped_tile, k_perm_tile
 
 
 @triton.jit
@@ -32,6 +32,7 @@ def act_quant_kernel(
     stride_xm,
     num_groups,
     GROUPS_PER_PROGRAM: tl.constexpr,
+    K_PERM: tl.constexpr = False,
 ):
     row = tl.program_id(0)
     g = tl.program_id(1) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
@@ -39,6 +40,10 @@ def act_quant_kernel(
     mask = offs < K
     x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / 448.0  # [G]
+    if K_PERM:
+        # x in the weight's K-permuted order (within 16-wide groups, so each 128 group and
+        # its scale stay put; K % 16 == 0 keeps the masked tail in its own groups)
+        x = k_perm_tile(x, GROUPS_PER_PROGRAM, 128)
     q = (x / s[:, None]).to(tl.float8e4nv)
     tl.store(xq_ptr + row * K + offs, q, mask=mask)
     tl.store(xs_ptr + row * num_groups + g, s, mask=g < num_groups)
@@ -98,15 +103,20 @@ def w8a8_block_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] bf16 -> (x_fp8 [M, K] float8_e4m3fn, x_scale [M, ceil(K/128)] fp32)."""
+def act_quant(x: torch.Tensor, k_perm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] bf16 -> (x_fp8 [M, K] float8_e4m3fn, x_scale [M, ceil(K/128)] fp32).
+
+    k_perm: x_fp8 in the K-permuted order of ``fp8_gemm.permute_k`` (K % 16 == 0), to
+    meet a K-permuted weight: the dot product over K is the same sum."""
     m, k = x.shape
+    if k_perm and k % K_PERM_GROUP:
+        raise ValueError(f"K-permuted activations need K % {K_PERM_GROUP} == 0, got K = {k}")
     groups = triton.cdiv(k, 128)
     xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     xs = torch.empty((m, groups), dtype=torch.float32, device=x.device)
     gpp = 8
     act_quant_kernel[(m, triton.cdiv(groups, gpp))](
-        x, xq, xs, k, x.stride(0), groups, GROUPS_PER_PROGRAM=gpp
+        x, xq, xs, k, x.stride(0), groups, GROUPS_PER_PROGRAM=gpp, K_PERM=k_perm
     )
     return xq, xs
 
@@ -145,21 +155,26 @@ def native_fp8_gemm(
     bias: torch.Tensor | None,
     config: Fp8GemmConfig,
     use_scaled_mm: bool | None = None,
+    k_perm: bool = False,
 ) -> torch.Tensor:
     """``y = x @ (w_fp8 * w_scale)^T + bias`` on FP8 tensor cores (sm_89+).
 
     x: [M, K] bf16/fp16; w_fp8: [N, K] float8_e4m3fn; w_scale: block
     ``[ceil(N/128), ceil(K/128)]`` fp32. Uses config.block_m/block_n/group_m/num_warps/num_stages
-    (block_n must be <= 128 and divide it). Returns [M, N] in x.dtype.
+    (block_n must be <= 128 and divide it). k_perm: w_fp8 is K-permuted
+    (``PackedWeight.k_perm``); x is quantized into the same order. Returns [M, N] in x.dtype.
     """
     m, k = x.shape
     n = w_fp8.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    xq, xs = act_quant(x)
+    xq, xs = act_quant(x, k_perm)
     if use_scaled_mm is None:
         use_scaled_mm = m >= SCALED_MM_MIN_M
+    # cuBLAS block scaling wants whole 128 blocks: an odd shape (tests, tiny models) takes
+    # the Triton kernel rather than turning _scaled_mm off for the whole device
+    use_scaled_mm = use_scaled_mm and k % 128 == 0 and n % 128 == 0
     if use_scaled_mm:
         y = _try_scaled_mm(xq, xs, w_fp8, w_scale, x.dtype)
         if y is not None:

@@ -7,11 +7,12 @@ from typing import Any
 
 import torch
 
-from chitu_core.backend_info import BackendInfo
+from chitu_core.backend_info import BackendInfo, BackendOptions, OpPath
 from chitu_core.hookspecs import hookimpl
 from chitu_core.kernels.packed_weight import pack_weight
 from chitu_core.ops import collectives as _generic_collectives
 from chitu_nvidia import attention as _attention
+from chitu_nvidia import fp8_dispatch as _dispatch
 from chitu_nvidia import linear as _linear
 from chitu_nvidia import moe as _moe
 from chitu_nvidia import p2p_all_reduce as _p2p
@@ -50,6 +51,22 @@ def chitu_check_available() -> str | None:
     if (major, minor) < (8, 0):
         return f"GPU compute capability {major}.{minor} is below 8.0 (Ampere is the minimum)"
     return None
+
+
+# One configuration per process (exactly one backend is bound to serve): the
+# ``--fp8-compute`` mode that ``chitu_prepare_weight`` folds into each handle.
+_options = BackendOptions()
+_log_path = _dispatch.PathLog()
+
+
+@hookimpl
+def chitu_configure(options: BackendOptions) -> dict[str, OpPath]:
+    """Keep ``--fp8-compute`` for ``chitu_prepare_weight``; say which path linear and MoE take."""
+    global _options
+    capability = torch.cuda.get_device_capability() if _has_cuda_device() else (0, 0)
+    _dispatch.check_mode(options, capability)
+    _options = options
+    return _dispatch.describe(options.fp8_compute, capability)
 
 
 # ---------------------------------------------------------------------------- memory and device
@@ -136,10 +153,21 @@ def chitu_capture_graph(fn: Callable[[], Any], device: torch.device) -> Callable
 @hookimpl
 def chitu_prepare_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> Any:
     """FP8 codes become a contiguous uint8 tensor (the soft kernels' input), [N, K] ones
-    K-permuted for the wide kernel unless native FP8 is on or ``CHITU_FP8_K_PERM=0``; see
-    ``PackedWeight``."""
-    k_perm = _linear.k_perm_enabled() and not _linear.native_fp8_enabled()
-    return pack_weight(weight, scale, fmt, k_perm=k_perm)
+    K-permuted for the wide kernel (the native kernels permute x alike); the handle records
+    from which token count the native path serves it (``--fp8-compute``, ``fp8_dispatch``).
+    See ``PackedWeight``."""
+    native_from_m = _dispatch.NEVER
+    if weight.device.type == "cuda" and fmt != "unquantized":
+        native_from_m = _dispatch.native_from_m(
+            _options.fp8_compute,
+            torch.cuda.get_device_capability(weight.device),
+            fmt,
+            weight.shape[-2],
+            weight.shape[-1],
+            is_experts=weight.dim() == 3,
+        )
+        _log_path(fmt, tuple(weight.shape), native_from_m)
+    return pack_weight(weight, scale, fmt, k_perm=True, native_from_m=native_from_m)
 
 
 @hookimpl

@@ -54,13 +54,12 @@ SHAPES = [(7168, 18432), (18432, 7168), (7168, 2112), (1536, 24576), (7168, 1292
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("m", [1, 4, 16, 64, 96, 128, 256, 1024])
 @pytest.mark.parametrize("path", ["soft", "native"])
-def test_linear_block_fp8(monkeypatch, k, n, m, path):
+def test_linear_block_fp8(k, n, m, path):
+    """Both paths on the plugin's K-permuted weights (native permutes x alike)."""
     from chitu_nvidia import plugin
 
     if path == "native" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("native FP8 needs sm_89+")
-    if path == "soft":
-        monkeypatch.setenv("CHITU_FORCE_SOFT_FP8", "1")
     torch.manual_seed(0)
     w, s = quantize_block_fp8(torch.randn(n, k, device="cuda") * 0.02)
     h = plugin.chitu_prepare_weight(w, s, FORMAT_FP8_BLOCK128)
@@ -72,6 +71,37 @@ def test_linear_block_fp8(monkeypatch, k, n, m, path):
     assert not y.isnan().any()
     # soft: exact operands, bf16 output rounding; native: fp8 activations (~2^-4 per element)
     assert _rel_err(y, ref) < (4e-3 if path == "soft" else 4e-2)
+
+
+@pytest.mark.parametrize("mode", ["auto", "soft", "native"])
+def test_fp8_compute_modes_pick_their_path(mode):
+    """A weight prepared under each --fp8-compute mode takes the path the dispatch table
+    says at each M, with that path's numerics (native: the fp8_act class's e4m3 rounding)."""
+    from chitu_nvidia import fp8_dispatch, plugin
+
+    from chitu_core.backend_info import BackendOptions
+
+    cap = torch.cuda.get_device_capability()
+    if mode == "native" and cap < (8, 9):
+        pytest.skip("native FP8 needs sm_89+")
+    try:
+        plugin.chitu_configure(BackendOptions(mode))
+        torch.manual_seed(2)
+        k, n = 4096, 6144
+        w, s = quantize_block_fp8(torch.randn(n, k, device="cuda") * 0.02)
+        h = plugin.chitu_prepare_weight(w, s, FORMAT_FP8_BLOCK128)
+    finally:
+        plugin.chitu_configure(BackendOptions())
+    assert h.k_perm
+    assert h.native_from_m == fp8_dispatch.native_from_m(mode, cap, FORMAT_FP8_BLOCK128, n, k)
+    ref_w = h.as_quantized().dequantize(torch.float32)
+    for m in (1, 64, 127, 128, 256):
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        err = _rel_err(plugin.chitu_linear(x, h, None), _reference(x, ref_w, None))
+        native = m >= h.native_from_m
+        assert err < (4e-2 if native else 4e-3), (mode, m, err)
+        if native:  # e4m3 activations: clearly above the soft path's bf16 rounding
+            assert err > 5e-3, (mode, m, err)
 
 
 @pytest.mark.parametrize("m", [0, 1, 33, 512])

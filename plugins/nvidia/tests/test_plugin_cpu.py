@@ -51,24 +51,19 @@ def test_prepare_weight_keeps_fp8_one_byte():
     )
 
 
-def test_prepare_weight_k_permutes_for_the_wide_kernel(monkeypatch):
+def test_prepare_weight_k_permutes_for_the_wide_kernel():
     """[N, K] FP8 weights with K % 16 == 0 are K-permuted at load (the wide kernel's
-    layout); the generic view still reads K order; CHITU_FP8_K_PERM=0 and native FP8 keep
-    K order (native kernels read it)."""
+    layout; native kernels permute x alike); the generic view still reads K order."""
     w, s = quantize_block_fp8(torch.randn(256, 384))
     q = QuantizedWeight(w, s, FORMAT_FP8_BLOCK128)
     h = plugin.chitu_prepare_weight(w, s, FORMAT_FP8_BLOCK128)
     assert h.k_perm and torch.equal(h.weight, permute_k(w.view(torch.uint8)))
     assert torch.equal(h.as_quantized().weight.view(torch.uint8), w.view(torch.uint8))
     assert torch.equal(h.fp8_view().view(torch.uint8), w.view(torch.uint8))
+    assert h.stored_fp8().data_ptr() == h.weight.data_ptr()  # a view, no copy
     torch.testing.assert_close(h.as_quantized().dequantize(), q.dequantize())
     experts, es = quantize_block_fp8(torch.randn(2, 128, 128))
     assert not plugin.chitu_prepare_weight(experts, es, FORMAT_FP8_BLOCK128).k_perm
-    for env in ("CHITU_FP8_K_PERM=0", "CHITU_NATIVE_FP8=1"):
-        with monkeypatch.context() as mp:
-            mp.setenv(*env.split("="))
-            h = plugin.chitu_prepare_weight(w, s, FORMAT_FP8_BLOCK128)
-            assert not h.k_perm and torch.equal(h.weight, w.view(torch.uint8)), env
 
 
 def test_prepare_weight_records_nan_codes():
@@ -107,8 +102,10 @@ def test_native_fp8_kernels_compile_for_sm90():
 
     target = GPUTarget("cuda", 90, 32)
     sig = {"x_ptr": "*bf16", "xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
-           "num_groups": "i32", "GROUPS_PER_PROGRAM": "constexpr"}  # fmt: skip
-    triton.compile(ASTSource(act_quant_kernel, sig, {"GROUPS_PER_PROGRAM": 8}), target=target)
+           "num_groups": "i32", "GROUPS_PER_PROGRAM": "constexpr", "K_PERM": "constexpr"}  # fmt: skip
+    for k_perm in (False, True):  # K-permuted: x meets the weight's permute_k layout
+        const = {"GROUPS_PER_PROGRAM": 8, "K_PERM": k_perm}
+        triton.compile(ASTSource(act_quant_kernel, sig, const), target=target)
     sig = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32",
            "bias_ptr": "*bf16", "c_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
            "stride_bsn": "i32", "stride_bsk": "i32"}  # fmt: skip
