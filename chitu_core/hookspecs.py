@@ -14,7 +14,9 @@ other hook is optional: the generic pure-torch implementation in
 together because they share an opaque object: ``chitu_prepare_weight`` with
 ``chitu_linear``/``chitu_fused_moe`` (a backend that implements
 ``prepare_weight`` must implement both consumers), and ``chitu_new_group`` with
-the collectives.
+the collectives. ``chitu_configure`` is no op: it is called once when the backend
+is bound, with the user's compute choices (``--fp8-compute``), and answers which
+path each affected op takes.
 
 Conventions used in every docstring:
 
