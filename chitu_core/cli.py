@@ -121,14 +121,28 @@ def cmd_new_backend(args: argparse.Namespace) -> int:
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that builds an engine (generate, serve, bench)."""
-    p.add_argument("--backend", default="auto", help="backend name or 'auto' (default)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="backend name, or 'auto' (default): the available backend of highest priority "
+        "(an accelerator's, else cpu); `chitu plugins` lists them",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="compute dtype (default: the backend's, e.g. bfloat16 on cpu and nvidia, float32 "
+        "on cpu_ref)",
+    )
     p.add_argument(
         "--quantize", choices=["fp8"], help="quantize bf16 linear weights to FP8 at load"
     )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: from free memory)")
-    p.add_argument("--kv-cache-gb", type=float, help="KV-cache size in GiB")
+    p.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        help="KV-cache size in GiB (default: what the memory plan leaves)",
+    )
     p.add_argument(
         "--gpu-memory-utilization",
         type=float,
@@ -154,8 +168,14 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         help="read each decode step's tokens back before queuing the next step (by default the "
         "next decode step is queued first, so the device does not wait for the host)",
     )
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch")
-    p.add_argument("--max-model-len", type=int, help="context length (prompt + output)")
+    p.add_argument(
+        "--max-num-seqs", type=int, default=64, help="most sequences decoded in one step"
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        help="context length, prompt + output (default: the model's, capped by the KV cache)",
+    )
     p.add_argument(
         "--tp", type=int, default=1, help="tensor-parallel ranks per pipeline stage (default 1)"
     )
@@ -248,15 +268,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
             skip_conformance=args.skip_conformance,
             max_body_bytes=args.max_body_bytes,
             sock=sock,
+            on_ready=lambda line: print(f"chitu: {line}", flush=True),
         )
         return 0
 
     return run_ranks(config, serve_http)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default in ``--help``, unless its text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "default" in text
+            or not action.option_strings
+            or any(action.default is value for value in (None, False, True, argparse.SUPPRESS))
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def add_global_options(parser: argparse.ArgumentParser, top_level: bool) -> None:
+    """Options accepted before the subcommand and after it (``chitu serve -v``)."""
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        # A subcommand's copy must not reset what was given before the subcommand.
+        default=False if top_level else argparse.SUPPRESS,
+        help="log at INFO level (start-up details: memory plan, graphs, certificate)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chitu", description="Chitu LLM inference engine")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser = argparse.ArgumentParser(
+        prog="chitu", description="Chitu LLM inference engine", formatter_class=HelpFormatter
+    )
+    add_global_options(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plugins", help="list installed backends and their native ops")
@@ -278,10 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt as a user message (chat template)"
     )
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
     p.add_argument(
         "--print-token-ids", action="store_true", help="also print the token ids (a JSON list)"
     )
@@ -297,16 +346,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)"
     )
-    p.add_argument("--port", type=int, default=21002)
+    p.add_argument("--port", type=int, default=21002, help="TCP port")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set CHITU_API_KEY)")
     p.add_argument(
         "--served-model-name", help="model id clients use (default: the model directory name)"
     )
     p.add_argument(
-        "--skip-conformance", action="store_true", help="serve without a certificate (not advised)"
+        "--skip-conformance",
+        action="store_true",
+        help="serve without a conformance certificate (not advised). A certificate records "
+        "that the backend's ops matched the CPU reference on this device; without a valid one, "
+        "serve first runs `chitu conformance --quick` on the backend (once per device and "
+        "version; cpu_ref, the reference itself, needs none)",
     )
     p.add_argument(
-        "--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body"
+        "--max-body-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="largest request body in bytes; larger requests get 413",
     )
     add_engine_options(p)
     p.set_defaults(func=cmd_serve)
@@ -325,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_conformance_command(sub)
 
     add_demo_model_command(sub)
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
+        add_global_options(command, top_level=False)
     return parser
 
 

@@ -33,3 +33,8 @@ class UnsupportedModelError(CheckpointError):
 
 class TokenizerError(ChituError):
     """tokenizer.json / tokenizer_config.json missing or invalid, or no chat template."""
+
+
+class ConfigFieldError(CheckpointError):
+    """A config.json field is missing or of the wrong type (names the field; the loader adds
+    the file)."""

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from chitu_core.distributed.model_parallel import ModelParallel, Shard
-from chitu_core.errors import CheckpointError
+from chitu_core.errors import CheckpointError, ConfigFieldError
 from chitu_core.quant import (
     FORMAT_FP8_BLOCK128,
     FORMAT_UNQUANTIZED,
@@ -322,11 +322,15 @@ class CheckpointReader:
         return QuantizedWeight(weight, None, FORMAT_UNQUANTIZED)
 
     # -- bookkeeping -------------------------------------------------------------------
+    def close_progress(self) -> None:
+        """Remove the progress bar from the terminal (it leaves no line behind)."""
+        self._progress.close()
+
     def finish(self, ignore: Iterable[str] = (), report_unused: bool = True) -> None:
         """Close the progress bar; log tensors the model did not use (``ignore`` are regexes
         of names skipped on purpose, e.g. DeepSeek's MTP layer). A pipeline stage reads
         only its layers, so it passes ``report_unused=False``."""
-        self._progress.close()
+        self.close_progress()
         if not report_unused:
             self._handles.clear()
             return
@@ -384,13 +388,25 @@ def load_model(
     from chitu_core.models.registry import model_class
 
     config = read_config(path)
-    cls = model_class(config, Path(path) / "config.json")
+    config_path = Path(path) / "config.json"
+    cls = model_class(config, config_path)
     dtype = dtype or getattr(torch, ops.info.compute_dtype)
     device = device or ops.device(0)
+    # The model parses its config before the progress bar starts: a config error is
+    # printed on a line of its own, with the file's path.
+    try:
+        model = cls(config, ops, dtype, device, parallel or ModelParallel())
+    except ConfigFieldError as exc:
+        raise ConfigFieldError(f"{config_path}: {exc}") from None
+    except ValueError as exc:  # the config's own checks (a field out of range, inconsistent)
+        raise CheckpointError(f"{config_path}: {exc}") from exc
     reader = CheckpointReader(path, ops, dtype, device, quantize, show_progress)
-    model = cls(config, ops, dtype, device, parallel or ModelParallel())
-    with torch.no_grad():
-        model.load(reader)
+    try:
+        with torch.no_grad():
+            model.load(reader)
+    except BaseException:
+        reader.close_progress()  # ends the bar's line before the error is printed
+        raise
     reader.finish(
         getattr(model, "skipped_weights", ()),
         report_unused=parallel is None or parallel.pp_size == 1,

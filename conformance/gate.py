@@ -97,7 +97,8 @@ def ensure_certified(
             ", ".join(cert.demote) or "none",
         )
         return tuple(cert.demote)
-    logger.warning(
+    # Expected on the first serve on a device (the bar says so): not a warning.
+    logger.info(
         "backend %r (%s %s) has no valid conformance certificate for %s: running the %s "
         "suite on its native ops first",
         installed.name,
@@ -106,7 +107,14 @@ def ensure_certified(
         key.device_name,
         "quick" if quick else "full",
     )
-    config = SuiteConfig(installed.name, quick, native_only=True, timing=False, progress=progress)
+    config = SuiteConfig(
+        installed.name,
+        quick,
+        native_only=True,
+        timing=False,
+        progress=progress,
+        progress_label=f"certifying backend {installed.name} (first use on this device)",
+    )
     result = run_suite(config)
     cert = from_result(result)
     if cert.key != key:

@@ -61,6 +61,7 @@ class SuiteConfig:
     timing: bool = True
     model_check: bool = True
     progress: bool = True
+    progress_label: str | None = None  # the bar's text (default "conformance BACKEND")
 
     def __post_init__(self) -> None:
         unknown = set(self.ops or ()) | set(self.demote)
@@ -229,7 +230,7 @@ def run_suite(config: SuiteConfig) -> SuiteResult:
     plan = plan_suite(config)
     r = plan.runner
     total = len(plan.cases) + int(plan.has_collectives) + int(plan.has_model_check)
-    desc = f"conformance {plan.installed.name}"
+    desc = config.progress_label or f"conformance {plan.installed.name}"
     bar = tqdm(total=total, desc=desc, unit="check", disable=not config.progress)
     results: list[CaseResult] = []
     for case in plan.cases:

@@ -24,6 +24,7 @@ from chitu_core.models.base import (
     last_token_logits,
     stage_input,
 )
+from chitu_core.models.config_fields import ConfigFields
 from chitu_core.models.rotary import cos_sin_cache, rope_settings
 
 
@@ -47,25 +48,27 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> LlamaConfig:
-        heads = config["num_attention_heads"]
-        hidden = config["hidden_size"]
+        """Parse config.json; ``ConfigFieldError`` names a missing or mistyped field."""
+        f = ConfigFields(config)
+        heads = f.int("num_attention_heads", minimum=1)
+        hidden = f.int("hidden_size", minimum=1)
         # Qwen2 checkpoints have biases on q/k/v without saying so in config.json.
-        bias = config.get("attention_bias", config.get("model_type") == "qwen2")
+        bias = f.bool("attention_bias", config.get("model_type") == "qwen2")
         rope_theta, rope_scaling = rope_settings(config)
         result = cls(
-            vocab_size=config["vocab_size"],
+            vocab_size=f.int("vocab_size", minimum=1),
             hidden_size=hidden,
-            intermediate_size=config["intermediate_size"],
-            num_hidden_layers=config["num_hidden_layers"],
+            intermediate_size=f.int("intermediate_size", minimum=1),
+            num_hidden_layers=f.int("num_hidden_layers", minimum=1),
             num_attention_heads=heads,
-            num_key_value_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or hidden // heads,
-            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            num_key_value_heads=f.int("num_key_value_heads", heads, minimum=1),
+            head_dim=f.int("head_dim", hidden // heads, minimum=1),
+            rms_norm_eps=f.float("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=config.get("max_position_embeddings", 4096),
-            tie_word_embeddings=config.get("tie_word_embeddings", False),
-            attention_bias=bool(bias),
+            max_position_embeddings=f.int("max_position_embeddings", 4096, minimum=1),
+            tie_word_embeddings=f.bool("tie_word_embeddings", False),
+            attention_bias=bias,
         )
         if heads % result.num_key_value_heads:
             raise ValueError(
