@@ -328,7 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat", action="store_true", help="wrap the prompt as a user message (chat template)"
     )
     p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature; 0 = greedy (default: 0)",
+    )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, help="sampling seed (default: random)")
     p.add_argument(
@@ -370,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("new-backend", help="write a backend plugin package to start from")
     p.add_argument("name", help="backend name: lowercase letters, digits and '_'")
-    p.add_argument("--dir", default=".", help="where to create chitu-NAME/ (default: here)")
+    p.add_argument(
+        "--dir", default=".", help="where to create chitu-NAME/ (default: ., the current directory)"
+    )
     p.add_argument(
         "--device-type", default="cpu", help="torch device type (default cpu: runs anywhere)"
     )

@@ -52,7 +52,7 @@ def _required_fields(request: Request) -> list[str]:
     """The required top-level fields of the route's body model (for an empty body's error)."""
     route = request.scope.get("route")
     body = getattr(route, "body_field", None)
-    model = getattr(body, "type_", None)
+    model = getattr(getattr(body, "field_info", None), "annotation", None)
     fields = getattr(model, "model_fields", {})
     return [name for name, field in fields.items() if field.is_required()]
 

@@ -104,7 +104,7 @@ class ChatMessage(BaseModel):
         if value is None and not (role == "assistant" and info.data.get("tool_calls")):
             hint = "; an assistant message may omit it only with 'tool_calls'"
             raise ValueError(
-                f"a {role or 'chat'} message needs content (a string or a list of text parts)"
+                f"content is required for role {role!r} (a string or a list of text parts)"
                 + (hint if role == "assistant" else "")
             )
         return value
