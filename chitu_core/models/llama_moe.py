@@ -1,0 +1,122 @@
+"""Llama-attention decoders with MoE layers: Qwen3-MoE, Mixtral, GLM-4.5 / 4.5-Air.
+
+The attention is ``models/llama.py``'s (GQA, rope, Qwen3's per-head q/k norm,
+GLM-4.5's qkv bias and partial rotary); the feed-forward block of a layer is
+``models/moe.py``'s ``MoE`` or, for the dense layers a family keeps,
+``DenseMLP``. The families differ only in config fields and weight names:
+
+=========  ======================  =========================  =============================
+family     router                  experts (under the prefix)  dense layers
+=========  ======================  =========================  =============================
+qwen3_moe  softmax top-k,          ``mlp.experts.{e}.gate/up/  ``mlp_only_layers``,
+           ``norm_topk_prob``      down_proj``                 ``decoder_sparse_step``
+mixtral    softmax top-2,          ``block_sparse_moe.experts  none
+           renormalised            .{e}.w1/w3/w2``
+glm4_moe   DeepSeek-V3's grouped   ``mlp.experts...`` plus     the first
+           sigmoid + correction    ``mlp.shared_experts``      ``first_k_dense_replace``
+           bias, scaling factor
+=========  ======================  =========================  =============================
+
+GLM-4.5's multi-token-prediction layers (``model.layers.{num_hidden_layers}...``)
+are not used for generation and are skipped, as for DeepSeek-V3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from chitu_core.models.llama import LlamaForCausalLM
+from chitu_core.models.moe import MoE, MoESpec
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """Which layers are MoE, what their MoE is, and where its weights live."""
+
+    spec: MoESpec
+    prefix: str  # the layer's MoE module: "mlp" or Mixtral's "block_sparse_moe"
+    moe_layers: frozenset[int]
+    num_mtp_layers: int = 0
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> MoELayout:
+        """The layout of a qwen3_moe / mixtral / glm4_moe config.json (ValueError if invalid)."""
+        kind = config.get("model_type")
+        layers = range(int(config["num_hidden_layers"]))
+        hidden = int(config["hidden_size"])
+        try:
+            if kind == "qwen3_moe":
+                num_experts = int(config.get("num_experts") or config["num_local_experts"])
+                step = int(config.get("decoder_sparse_step") or 1)
+                dense = set(config.get("mlp_only_layers") or ())
+                spec = MoESpec(
+                    hidden_size=hidden,
+                    moe_intermediate_size=int(config["moe_intermediate_size"]),
+                    num_experts=num_experts,
+                    top_k=int(config["num_experts_per_tok"]),
+                    scoring_func="softmax",
+                    norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+                )
+                moe = {i for i in layers if i not in dense and (i + 1) % step == 0}
+                return cls(spec, "mlp", frozenset(moe))
+            if kind == "mixtral":
+                spec = MoESpec(
+                    hidden_size=hidden,
+                    moe_intermediate_size=int(config["intermediate_size"]),
+                    num_experts=int(config["num_local_experts"]),
+                    top_k=int(config["num_experts_per_tok"]),
+                    scoring_func="softmax",
+                    norm_topk_prob=True,
+                    expert_names=("w1", "w3", "w2"),
+                )
+                return cls(spec, "block_sparse_moe", frozenset(layers))
+            if kind == "glm4_moe":
+                spec = MoESpec(
+                    hidden_size=hidden,
+                    moe_intermediate_size=int(config["moe_intermediate_size"]),
+                    num_experts=int(config["n_routed_experts"]),
+                    top_k=int(config["num_experts_per_tok"]),
+                    scoring_func="sigmoid",
+                    norm_topk_prob=bool(config.get("norm_topk_prob", True)),
+                    n_group=int(config.get("n_group") or 1),
+                    topk_group=int(config.get("topk_group") or 1),
+                    routed_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
+                    n_shared_experts=int(config.get("n_shared_experts") or 0),
+                )
+                first_dense = int(config.get("first_k_dense_replace") or 0)
+                mtp = int(config.get("num_nextn_predict_layers") or 0)
+                return cls(spec, "mlp", frozenset(i for i in layers if i >= first_dense), mtp)
+        except KeyError as exc:
+            raise ValueError(f"{kind} config.json lacks the field {exc.args[0]!r}") from exc
+        raise ValueError(f"model_type {kind!r} has no MoE layout (qwen3_moe, mixtral, glm4_moe)")
+
+
+class LlamaMoEForCausalLM(LlamaForCausalLM):
+    """Qwen3-MoE / Mixtral / GLM-4.5 causal LM: Llama attention, MoE feed-forward blocks."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        ops: Any,
+        dtype: torch.dtype,
+        device: torch.device,
+        parallel: Any = None,
+    ) -> None:
+        super().__init__(config, ops, dtype, device, parallel)
+        self.moe_layout = MoELayout.from_dict(config)
+        first_mtp = self.cfg.num_hidden_layers
+        self.skipped_weights = [
+            rf"model\.layers\.{first_mtp + i}\." for i in range(self.moe_layout.num_mtp_layers)
+        ]
+
+    def build_mlp(self, reader: Any, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Layer ``index``'s ``MoE``, or the ``DenseMLP`` of a layer the family keeps dense."""
+        layout = self.moe_layout
+        if index not in layout.moe_layers:
+            return super().build_mlp(reader, index)
+        prefix = f"model.layers.{index}.{layout.prefix}"
+        return MoE(reader, self.ops, layout.spec, prefix, self.parallel)
