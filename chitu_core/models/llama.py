@@ -29,7 +29,12 @@ from chitu_core.models.base import (
 )
 from chitu_core.models.moe import DenseMLP
 from chitu_core.models.rotary import cos_sin_cache, rope_settings
-from chitu_core.models.row_span import fused_rows_weight, padded_bias, row_span
+from chitu_core.models.row_span import (
+    fused_rows_weight,
+    padded_bias,
+    row_parallel_weight,
+    row_span,
+)
 
 # Families whose attention normalises each query and key head (RMSNorm over head_dim)
 # before rope; GLM-4.5 says so in config.json (``use_qk_norm``).
@@ -140,9 +145,11 @@ class LlamaLayer:
         if cfg.qk_norm:
             self.q_norm = reader.tensor(f"{p}.self_attn.q_norm.weight", (d,))
             self.k_norm = reader.tensor(f"{p}.self_attn.k_norm.weight", (d,))
-        self.o = reader.linear(
-            f"{p}.self_attn.o_proj", (h, q_rows), shard=Shard(1, q_shard.start, q_shard.stop)
-        )
+        # o_proj's input is this rank's q heads: FP8 columns not on 128 blocks are padded
+        # like q's rows, and the attention output is padded to match before the GEMM.
+        o_proj = f"{p}.self_attn.o_proj"
+        self.o_span = row_span(reader, o_proj, q_rows, q_shard, fused=False)
+        self.o = reader.prepare(row_parallel_weight(reader, o_proj, h, self.o_span))
         self.mlp = mlp
 
 
@@ -251,7 +258,13 @@ class LlamaForCausalLM(torch.nn.Module):
                 batch.context_lens,
                 self.scale,
             )
-        return ops.linear(out.reshape(tokens, q_size), layer.o, None)
+        out = out.reshape(tokens, q_size)
+        span = layer.o_span
+        if span.padded:  # only FP8 heads whose TP split is not on 128 columns
+            out = torch.nn.functional.pad(
+                out, (span.offset, span.local_size - span.offset - q_size)
+            )
+        return ops.linear(out, layer.o, None)
 
     def forward(
         self,

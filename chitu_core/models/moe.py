@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from chitu_core.distributed.model_parallel import ModelParallel
-from chitu_core.models.row_span import down_weight, gate_up_weight, row_span
+from chitu_core.models.row_span import gate_up_weight, row_parallel_weight, row_span
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 
@@ -66,7 +66,7 @@ class DenseMLP:
         keep = parallel.split(inter, 0, f"{prefix} intermediate size")
         span = row_span(reader, gate, inter, keep)
         self.gate_up = reader.prepare(gate_up_weight(reader, gate, up, hidden, span))  # [2I, H]
-        self.down = reader.prepare(down_weight(reader, down, hidden, span))  # [H, I]
+        self.down = reader.prepare(row_parallel_weight(reader, down, hidden, span))  # [H, I]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> [T, H]."""
@@ -144,7 +144,7 @@ class MoE:
         for e in range(num_experts):
             expert = f"{prefix}.experts.{e}"
             w13.append(gate_up_weight(reader, f"{expert}.{gate}", f"{expert}.{up}", hidden, span))
-            w2.append(down_weight(reader, f"{expert}.{down}", hidden, span))
+            w2.append(row_parallel_weight(reader, f"{expert}.{down}", hidden, span))
         self.w13 = reader.prepare(reader.stack(w13))  # [E, 2I/tp, H]
         self.w2 = reader.prepare(reader.stack(w2))  # [E, H, I/tp]
         self.shared = None

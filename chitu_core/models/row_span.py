@@ -53,10 +53,12 @@ class RowSpan:
         return self.keep.start - self.read.start
 
     @classmethod
-    def of(cls, size: int, keep: Shard, is_fp8: bool) -> RowSpan:
-        """The span of rows ``keep`` of ``size``: exact unless FP8 blocks do not fit it."""
-        aligned = keep.start % FP8_BLOCK_SIZE == 0 and keep.stop % FP8_BLOCK_SIZE == 0
-        if not is_fp8 or aligned:
+    def of(cls, size: int, keep: Shard, is_fp8: bool, fused: bool = True) -> RowSpan:
+        """The span of rows ``keep`` of ``size``: exact unless FP8 blocks do not fit it.
+        A ``fused`` part is followed by another, so it must also end on a block; a lone
+        weight may end with the dimension's partial block."""
+        ends_on_block = keep.stop % FP8_BLOCK_SIZE == 0 or (not fused and keep.stop == size)
+        if not is_fp8 or (keep.start % FP8_BLOCK_SIZE == 0 and ends_on_block):
             return cls(size, keep, keep, keep.size)
         start = keep.start // FP8_BLOCK_SIZE * FP8_BLOCK_SIZE
         read = Shard(0, start, min(_round_up(keep.stop), size))
@@ -77,9 +79,10 @@ class RowSpan:
         return QuantizedWeight(out, weight.scale, weight.fmt)
 
 
-def row_span(reader: Any, prefix: str, size: int, keep: Shard) -> RowSpan:
-    """The span of rows ``keep`` (of ``size``) of ``prefix.weight`` as this rank loads it."""
-    return RowSpan.of(size, keep, reader.is_fp8(f"{prefix}.weight"))
+def row_span(reader: Any, prefix: str, size: int, keep: Shard, fused: bool = True) -> RowSpan:
+    """The span of rows ``keep`` (of ``size``) of ``prefix.weight`` as this rank loads it
+    (``fused``: as a part of a fused weight, or of a SwiGLU whose gate/up are fused)."""
+    return RowSpan.of(size, keep, reader.is_fp8(f"{prefix}.weight"), fused)
 
 
 def fused_rows_weight(
@@ -111,7 +114,10 @@ def gate_up_weight(reader: Any, gate: str, up: str, hidden: int, span: RowSpan) 
     return fused_rows_weight(reader, [gate, up], [span, span], hidden)
 
 
-def down_weight(reader: Any, down: str, hidden: int, span: RowSpan) -> QuantizedWeight:
-    """``down_proj`` of this rank: ``[hidden, span.local_size]`` (its columns of ``keep``)."""
+def row_parallel_weight(
+    reader: Any, prefix: str, out_features: int, span: RowSpan
+) -> QuantizedWeight:
+    """A row-parallel weight (``down_proj``, ``o_proj``) of this rank: its columns ``keep``
+    as ``[out_features, span.local_size]``, matching its input laid out by ``span``."""
     read = Shard(1, span.read.start, span.read.stop)
-    return span.fit(reader.linear_weight(down, (hidden, span.size), shard=read), 1)
+    return span.fit(reader.linear_weight(prefix, (out_features, span.size), shard=read), 1)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from model_helpers import hf_greedy, run_greedy, write_fp8_checkpoint
+from tp_threads import simulate_tp
 
 from chitu_core.backend import load_backend
 from chitu_core.loader import load_model
@@ -29,7 +30,8 @@ NUM_NEW_TOKENS = 16
 # GEMMs, the MoE's per-expert sums). Measured <= 2e-6 on logits of magnitude ~1; a
 # wrong rope half, a missing q/k norm or a wrong routing weight moves them by > 1e-2.
 HF_LOGIT_ATOL = 1e-4
-# FP8 vs its dequantized fp32 twin: the same weights, one fp32 rounding of e4m3 * scale.
+# FP8 vs HF on its dequantized fp32 values: the same weights up to one fp32 rounding of
+# e4m3 * scale (cpu_ref keeps the product exact), plus summation order.
 FP8_LOGIT_ATOL = 1e-4
 
 COMMON = dict(
@@ -134,18 +136,21 @@ def _make_interesting(model: torch.nn.Module) -> None:
                 tensor.copy_(0.2 * torch.randn(tensor.shape, generator=gen))
 
 
-def _hf_checkpoint(model_type: str, root: Path) -> tuple[Path, torch.nn.Module]:
-    config_cls, model_cls, extra = FAMILIES[model_type]
+def _hf_checkpoint(
+    family: str, root: Path, model_type: str | None = None, **overrides
+) -> tuple[Path, torch.nn.Module]:
+    """``family``'s tiny model written by transformers into ``root/family``, its config.json
+    saying ``model_type`` (default: the family's own)."""
+    config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**(COMMON | extra))
+    config = getattr(transformers, config_cls)(**(COMMON | extra | overrides))
     hf = getattr(transformers, model_cls)(config).float().eval()
     _make_interesting(hf)
-    path = root / model_type
+    path = root / family
     hf.save_pretrained(path, safe_serialization=True)
-    if model_type == "kimi_k2":
-        config_path = path / "config.json"
-        written = json.loads(config_path.read_text())
-        config_path.write_text(json.dumps(written | {"model_type": "kimi_k2"}))
+    config_path = path / "config.json"
+    written = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(written | {"model_type": model_type or family}))
     return path, hf
 
 
@@ -173,20 +178,67 @@ def test_logits_and_greedy_match_hf(family, ops) -> None:
     assert tokens == hf_tokens
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "glm4_moe", "kimi_k2"])
-def test_fp8_release_matches_its_dequantized_twin(model_type, tmp_path: Path, ops) -> None:
-    """FP8 block-128 weights as the FP8 releases publish them; the MoE's intermediate size
-    (40) is not a multiple of 128, so gate/up fuse through the zero-padded blocks."""
-    src, _ = _hf_checkpoint(model_type, tmp_path)
+# (family, model_type, overrides): the MoE families with FP8 releases, and issue 24's
+# DeepSeek-V3 whose moe_intermediate_size (160) is not a multiple of 128.
+FP8_CASES = {
+    "qwen3_moe": ("qwen3_moe", "qwen3_moe", {}),
+    "glm4_moe": ("glm4_moe", "glm4_moe", {}),
+    "kimi_k2": ("kimi_k2", "kimi_k2", {}),
+    "deepseek_v3-i160": (
+        "kimi_k2",
+        "deepseek_v3",
+        dict(moe_intermediate_size=160, intermediate_size=160, n_group=2, topk_group=1),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FP8_CASES))
+def test_fp8_release_matches_hf_on_its_values(case, tmp_path: Path, ops) -> None:
+    """Block-128 FP8 weights as the FP8 releases publish them (``weight_scale_inv``); the
+    MoE intermediate sizes (40, 160) are not multiples of 128, so gate/up (and the tiny
+    q/k/v) fuse through zero-padded blocks. The oracle is HF on the dequantized values."""
+    family, model_type, overrides = FP8_CASES[case]
+    src, _ = _hf_checkpoint(family, tmp_path, model_type, **overrides)
     write_fp8_checkpoint(src, tmp_path / "fp8", tmp_path / "twin")
     fp8_model = _load(tmp_path / "fp8", ops)
     moe = fp8_model.layers[1].mlp
     assert moe.w13.weight.dtype == torch.float8_e4m3fn  # stays FP8
-    assert moe.w13.weight.shape[1] == 2 * 128  # 40 rows of gate and of up, each padded to 128
+    inter = overrides.get("moe_intermediate_size", 40)
+    assert moe.w13.weight.shape[1] == 2 * -(-inter // 128) * 128  # gate, up padded to blocks
+    config_cls, model_cls, _ = FAMILIES[family]  # kimi_k2: HF's DeepSeek-V3 classes
+    fields = json.loads((tmp_path / "twin" / "config.json").read_text())
+    fields.pop("model_type")
+    hf = getattr(transformers, model_cls).from_pretrained(
+        tmp_path / "twin", config=getattr(transformers, config_cls)(**fields), dtype=torch.float32
+    )
+    hf_logits, hf_tokens = hf_greedy(hf.eval(), PROMPT, NUM_NEW_TOKENS)
 
     logits, tokens = run_greedy(fp8_model, ops, PROMPT, NUM_NEW_TOKENS)
-    twin_logits, twin_tokens = run_greedy(_load(tmp_path / "twin", ops), ops, PROMPT, 16)
 
-    max_diff = (logits - twin_logits).abs().max().item()
-    assert max_diff < FP8_LOGIT_ATOL, f"max |logit diff| FP8 vs dequantized = {max_diff:.3g}"
-    assert tokens == twin_tokens
+    max_diff = (logits - hf_logits).abs().max().item()
+    print(f"{case} FP8: max |logit diff| vs HF on the dequantized weights = {max_diff:.3g}")
+    assert max_diff < FP8_LOGIT_ATOL, f"max |logit diff| FP8 vs HF = {max_diff:.3g}"
+    assert tokens == hf_tokens
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe"])
+def test_fp8_tp2_with_unaligned_shards_matches_one_process(family, tmp_path: Path, ops) -> None:
+    """TP=2 over FP8 weights whose shards are not on 128 blocks: 20 of 40 expert rows,
+    2 of 4 heads (64 of 128 q rows and o_proj columns) per rank. Each rank holds its
+    zero-masked covering blocks; the sum over ranks must equal the one-process model."""
+    src, _ = _hf_checkpoint(family, tmp_path)
+    write_fp8_checkpoint(src, tmp_path / "fp8", tmp_path / "twin")
+    expected, _ = run_greedy(_load(tmp_path / "fp8", ops), ops, PROMPT, 1)
+
+    def rank(parallel):
+        model, _ = load_model(
+            tmp_path / "fp8", ops, torch.float32, show_progress=False, parallel=parallel
+        )
+        w13 = model.layers[1].mlp.w13.weight
+        assert w13.dtype == torch.float8_e4m3fn and w13.shape[1] == 2 * 128  # 20 rows, padded
+        assert model.layers[0].o_span.padded  # 64 of 128 columns: the covering block, masked
+        return run_greedy(model, ops, PROMPT, 1)[0]
+
+    for logits in simulate_tp(2, rank):
+        max_diff = (logits - expected).abs().max().item()
+        assert max_diff < FP8_LOGIT_ATOL, f"TP=2 vs one process: {max_diff:.3g}"
