@@ -24,9 +24,10 @@ REPO = HERE.parents[1]
 RUN_TIMEOUT_S = 240.0  # one launch, start-up of every rank included (a loaded 2-core host)
 
 # The tiny DeepSeek-V3 demo shape, resized so that TP=2 cuts every FP8 weight on its
-# 128-wide scale blocks (the stock tiny one cannot be split: q_b_proj has 2 x 96 rows).
+# 128-wide scale blocks (the stock tiny one's q_b_proj has 2 x 96 rows per rank).
 # q_b_proj 4 x (48 + 16) = 256 rows, o_proj 4 x 64 = 256 columns, MLP/expert/shared
-# intermediate 256; kv_b_proj's 2 x 112 rows are not aligned (it is read dense).
+# intermediate 256; kv_b_proj's 2 x 112 rows are not aligned (it is read dense). (The stock
+# tiny one splits too, through zero-padded covering blocks: see test_model_parallel.py.)
 TP_READY_DEEPSEEK = dict(
     vocab_size=512, hidden_size=256, intermediate_size=256, moe_intermediate_size=256,
     num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,

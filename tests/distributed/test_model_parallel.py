@@ -78,10 +78,21 @@ def test_llama_tp4_replicates_the_two_kv_heads(llama_dir: Path, ops) -> None:
         assert (logits - expected).abs().max().item() < LOGIT_ATOL
 
 
-def test_stock_tiny_deepseek_fp8_cannot_split_at_tp2(tmp_path: Path, ops) -> None:
+def test_stock_tiny_deepseek_fp8_splits_off_the_128_blocks(tmp_path: Path, ops) -> None:
+    """Its q_b_proj has 2 x 96 rows and o_proj 2 x 64 columns per rank: each rank holds
+    the zero-masked covering blocks (models/row_span.py) and matches one process."""
     path = write_demo_model(tmp_path / "ds", "deepseek_v3", "tiny")
-    with pytest.raises(CheckpointError, match=r"q_b_proj.*128.*bf16 checkpoint"):
-        load_model(path, ops, torch.float32, show_progress=False, parallel=_rank0_of(2))
+    reference, _ = load_model(path, ops, torch.float32, show_progress=False)
+    expected = _prefill(reference, ops, PROMPT)
+
+    def rank(parallel: ModelParallel):
+        model, _ = load_model(path, ops, torch.float32, show_progress=False, parallel=parallel)
+        attn = model.layers[0].attn
+        assert attn.q_span.padded and attn.q_b.weight.dtype == torch.float8_e4m3fn
+        return _prefill(model, ops, PROMPT)
+
+    for logits in simulate_tp(2, rank):
+        assert (logits - expected).abs().max().item() < LOGIT_ATOL
 
 
 def test_bf16_checkpoint_splits_anywhere(tmp_path: Path, ops) -> None:
@@ -96,13 +107,6 @@ def test_bf16_checkpoint_splits_anywhere(tmp_path: Path, ops) -> None:
 
     for logits in simulate_tp(2, rank):
         assert (logits - expected).abs().max().item() < LOGIT_ATOL
-
-
-def _rank0_of(tp: int) -> ModelParallel:
-    def unused(*args):
-        raise AssertionError("no collective at load time")
-
-    return ModelParallel(tp, 0, all_reduce_fn=unused, all_gather_fn=unused)
 
 
 def test_reader_slices_equal_slices_of_the_whole(deepseek_dir: Path, ops) -> None:
