@@ -11,11 +11,13 @@ routing fields whose config.json says ``kimi_k2``.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 from model_helpers import hf_greedy, run_greedy, write_fp8_checkpoint
+from safetensors.torch import load_file, save_file
 from tp_threads import simulate_tp
 
 from chitu_core.backend import load_backend
@@ -242,3 +244,29 @@ def test_fp8_tp2_with_unaligned_shards_matches_one_process(family, tmp_path: Pat
     for logits in simulate_tp(2, rank):
         max_diff = (logits - expected).abs().max().item()
         assert max_diff < FP8_LOGIT_ATOL, f"TP=2 vs one process: {max_diff:.3g}"
+
+
+def test_glm_mtp_layer_is_skipped_quietly(
+    tmp_path: Path, ops, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GLM-4.5 checkpoints append a multi-token-prediction layer after the last decoder
+    layer (``num_nextn_predict_layers: 1``): loaded without a warning, logits unchanged."""
+    src, _ = _hf_checkpoint("glm4_moe", tmp_path)
+    reference, _ = run_greedy(_load(src, ops), ops, PROMPT, 1)
+    tensors = load_file(src / "model.safetensors")
+    mtp = f"model.layers.{COMMON['num_hidden_layers']}"
+    hidden = COMMON["hidden_size"]
+    for name, shape in [
+        ("eh_proj.weight", (hidden, 2 * hidden)),
+        ("enorm.weight", (hidden,)),
+        ("hnorm.weight", (hidden,)),
+        ("shared_head.norm.weight", (hidden,)),
+    ]:
+        tensors[f"{mtp}.{name}"] = torch.ones(shape)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.INFO):
+        model = _load(src, ops)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("skipped 4 tensors on purpose" in r.getMessage() for r in caplog.records)
+    logits, _ = run_greedy(model, ops, PROMPT, 1)
+    torch.testing.assert_close(logits, reference, atol=0, rtol=0)
