@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from chitu_core import demo_model
+from chitu_core.demo_tokenizer import write_demo_tokenizer
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
@@ -52,6 +53,20 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo_model.write_demo_model(
         tmp_path_factory.mktemp("llama_tp") / "llama", "llama", "tiny"
     )
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3-MoE written by HF transformers, as an FP8 block release whose TP=2
+    shards are off the 128 blocks (20 of 40 expert rows, 64 of 128 q rows per rank)."""
+    pytest.importorskip("transformers", reason="transformers writes the Qwen3-MoE checkpoint")
+    from hf_families import hf_checkpoint, write_fp8_checkpoint
+
+    root = tmp_path_factory.mktemp("qwen3_moe_tp")
+    src, _ = hf_checkpoint("qwen3_moe", root, vocab_size=512)
+    write_fp8_checkpoint(src, root / "fp8", root / "twin")
+    write_demo_tokenizer(root / "fp8", 512)
+    return root / "fp8"
 
 
 def free_port() -> int:

@@ -6,13 +6,9 @@ model directly with one sequence, so a failure points at the model alone.
 
 from __future__ import annotations
 
-import json
-import re
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from chitu_core.models.base import ForwardBatch, LayerCache
 
@@ -108,43 +104,3 @@ def hf_greedy(
         return_dict_in_generate=True,
     )
     return out.logits[0][0].float(), out.sequences[0, len(prompt_ids) :].tolist()
-
-
-# Linear weights that FP8 releases (DeepSeek-V3, Qwen3-FP8, GLM-4.5-FP8) keep in bf16:
-# embeddings, the LM head, norms, and the MoE router.
-_KEEP_DENSE = re.compile(r"embed_tokens|lm_head|norm|\.gate\.weight$|\.gate\.e_score")
-
-
-def write_fp8_checkpoint(src: Path, fp8_dir: Path, twin_dir: Path, keep_dense: str = "") -> None:
-    """From the HF-written checkpoint ``src``: ``fp8_dir`` with every linear weight as
-    block-128 FP8 e4m3 + ``weight_scale_inv`` (the published FP8 releases' layout and
-    ``quantization_config``), and ``twin_dir`` holding those FP8 values dequantized to
-    fp32 (no quantization): the two must give the same logits up to fp32 rounding.
-    Weights matching the regex ``keep_dense`` stay as they are in both."""
-    from chitu_core.quant import dequantize_block_fp8, quantize_block_fp8
-
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(src.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    fp8, twin = {}, {}
-    for name, tensor in tensors.items():
-        dense = _KEEP_DENSE.search(name) or (keep_dense and re.search(keep_dense, name))
-        if tensor.dim() != 2 or not name.endswith(".weight") or dense:
-            fp8[name] = twin[name] = tensor
-            continue
-        weight, scale = quantize_block_fp8(tensor)
-        fp8[name], fp8[f"{name}_scale_inv"] = weight, scale
-        twin[name] = dequantize_block_fp8(weight, scale, torch.float32)
-    config = json.loads((src / "config.json").read_text())
-    quantized = config | {
-        "quantization_config": {
-            "quant_method": "fp8",
-            "fmt": "e4m3",
-            "activation_scheme": "dynamic",
-            "weight_block_size": [128, 128],
-        }
-    }
-    for path, out, cfg in ((fp8_dir, fp8, quantized), (twin_dir, twin, config)):
-        path.mkdir(parents=True)
-        save_file(out, path / "model.safetensors", metadata={"format": "pt"})
-        (path / "config.json").write_text(json.dumps(cfg))

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import hf_greedy, run_greedy, write_fp8_checkpoint
+from hf_families import COMMON, FAMILIES, hf_checkpoint, write_fp8_checkpoint
+from model_helpers import hf_greedy, run_greedy
 from safetensors.torch import load_file, save_file
 from tp_threads import simulate_tp
 
@@ -25,7 +26,6 @@ from chitu_core.loader import load_model
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
 
-VOCAB = 256
 PROMPT = [3, 77, 12, 200, 5, 9, 150, 31, 8, 100, 42, 7]
 NUM_NEW_TOKENS = 16
 # fp32 on both sides, same weights: only summation order differs (cpu_ref's fp64
@@ -36,129 +36,15 @@ HF_LOGIT_ATOL = 1e-4
 # e4m3 * scale (cpu_ref keeps the product exact), plus summation order.
 FP8_LOGIT_ATOL = 1e-4
 
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    # 5x HF's default init: with 0.02 the experts' share of the residual stream is so
-    # small that a wrong routing weight moved the logits by only ~5e-5.
-    initializer_range=0.1,
-)
-# model_type -> (HF config class, HF model class, config fields)
-FAMILIES = {
-    "qwen3": (
-        "Qwen3Config",
-        "Qwen3ForCausalLM",
-        dict(intermediate_size=96, head_dim=32, rope_theta=1e6),
-    ),
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        dict(
-            intermediate_size=96,
-            head_dim=32,
-            moe_intermediate_size=40,
-            num_experts=8,
-            num_experts_per_tok=2,
-            norm_topk_prob=True,
-            mlp_only_layers=[0],  # layer 0 dense, layer 1 MoE
-        ),
-    ),
-    "mixtral": (
-        "MixtralConfig",
-        "MixtralForCausalLM",
-        dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
-    ),
-    "glm4_moe": (
-        "Glm4MoeConfig",
-        "Glm4MoeForCausalLM",
-        dict(
-            intermediate_size=96,
-            head_dim=32,
-            partial_rotary_factor=0.5,  # GLM-4.5: rope on half of each head
-            attention_bias=True,
-            use_qk_norm=True,
-            moe_intermediate_size=40,
-            n_routed_experts=8,
-            num_experts_per_tok=2,
-            n_group=2,
-            topk_group=1,
-            n_shared_experts=1,
-            first_k_dense_replace=1,
-            routed_scaling_factor=2.5,
-        ),
-    ),
-    "kimi_k2": (
-        "DeepseekV3Config",
-        "DeepseekV3ForCausalLM",
-        dict(
-            intermediate_size=96,
-            moe_intermediate_size=40,
-            num_key_value_heads=4,
-            q_lora_rank=48,
-            kv_lora_rank=32,
-            qk_nope_head_dim=16,
-            qk_rope_head_dim=8,
-            v_head_dim=16,
-            n_routed_experts=8,
-            num_experts_per_tok=2,
-            n_group=1,  # Kimi-K2: no group-limited routing
-            topk_group=1,
-            n_shared_experts=1,
-            first_k_dense_replace=1,
-            routed_scaling_factor=2.827,
-        ),
-    ),
-}
-
 
 @pytest.fixture(scope="module")
 def ops():
     return load_backend("cpu_ref")
 
 
-def _make_interesting(model: torch.nn.Module) -> None:
-    """HF initialises norms to 1 and biases to 0, and its 0.02-std routers score every
-    expert alike: randomise them so that a missing q/k norm, bias or routing bug shows."""
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                tensor.copy_(1 + 0.5 * torch.randn(tensor.shape, generator=gen))
-            elif name.endswith("_proj.bias"):
-                tensor.copy_(0.5 * torch.randn(tensor.shape, generator=gen))
-            elif name.endswith("gate.weight") and "mlp.gate" in name or "moe.gate" in name:
-                tensor.copy_(0.5 * torch.randn(tensor.shape, generator=gen))
-            elif name.endswith("e_score_correction_bias"):
-                tensor.copy_(0.2 * torch.randn(tensor.shape, generator=gen))
-
-
-def _hf_checkpoint(
-    family: str, root: Path, model_type: str | None = None, **overrides
-) -> tuple[Path, torch.nn.Module]:
-    """``family``'s tiny model written by transformers into ``root/family``, its config.json
-    saying ``model_type`` (default: the family's own)."""
-    config_cls, model_cls, extra = FAMILIES[family]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**(COMMON | extra | overrides))
-    hf = getattr(transformers, model_cls)(config).float().eval()
-    _make_interesting(hf)
-    path = root / family
-    hf.save_pretrained(path, safe_serialization=True)
-    config_path = path / "config.json"
-    written = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps(written | {"model_type": model_type or family}))
-    return path, hf
-
-
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory) -> tuple[str, Path, torch.nn.Module]:
-    path, hf = _hf_checkpoint(request.param, tmp_path_factory.mktemp("families"))
+    path, hf = hf_checkpoint(request.param, tmp_path_factory.mktemp("families"))
     return request.param, path, hf
 
 
@@ -200,7 +86,7 @@ def test_fp8_release_matches_hf_on_its_values(case, tmp_path: Path, ops) -> None
     MoE intermediate sizes (40, 160) are not multiples of 128, so gate/up (and the tiny
     q/k/v) fuse through zero-padded blocks. The oracle is HF on the dequantized values."""
     family, model_type, overrides = FP8_CASES[case]
-    src, _ = _hf_checkpoint(family, tmp_path, model_type, **overrides)
+    src, _ = hf_checkpoint(family, tmp_path, model_type, **overrides)
     write_fp8_checkpoint(src, tmp_path / "fp8", tmp_path / "twin")
     fp8_model = _load(tmp_path / "fp8", ops)
     moe = fp8_model.layers[1].mlp
@@ -228,7 +114,7 @@ def test_fp8_tp2_with_unaligned_shards_matches_one_process(family, tmp_path: Pat
     """TP=2 over FP8 weights whose shards are not on 128 blocks: 20 of 40 expert rows,
     2 of 4 heads (64 of 128 q rows and o_proj columns) per rank. Each rank holds its
     zero-masked covering blocks; the sum over ranks must equal the one-process model."""
-    src, _ = _hf_checkpoint(family, tmp_path)
+    src, _ = hf_checkpoint(family, tmp_path)
     write_fp8_checkpoint(src, tmp_path / "fp8", tmp_path / "twin")
     expected, _ = run_greedy(_load(tmp_path / "fp8", ops), ops, PROMPT, 1)
 
@@ -251,7 +137,7 @@ def test_glm_mtp_layer_is_skipped_quietly(
 ) -> None:
     """GLM-4.5 checkpoints append a multi-token-prediction layer after the last decoder
     layer (``num_nextn_predict_layers: 1``): loaded without a warning, logits unchanged."""
-    src, _ = _hf_checkpoint("glm4_moe", tmp_path)
+    src, _ = hf_checkpoint("glm4_moe", tmp_path)
     reference, _ = run_greedy(_load(src, ops), ops, PROMPT, 1)
     tensors = load_file(src / "model.safetensors")
     mtp = f"model.layers.{COMMON['num_hidden_layers']}"
