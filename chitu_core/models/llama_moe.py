@@ -5,17 +5,15 @@ GLM-4.5's qkv bias and partial rotary); the feed-forward block of a layer is
 ``models/moe.py``'s ``MoE`` or, for the dense layers a family keeps,
 ``DenseMLP``. The families differ only in config fields and weight names:
 
-=========  ======================  =========================  =============================
-family     router                  experts (under the prefix)  dense layers
-=========  ======================  =========================  =============================
-qwen3_moe  softmax top-k,          ``mlp.experts.{e}.gate/up/  ``mlp_only_layers``,
-           ``norm_topk_prob``      down_proj``                 ``decoder_sparse_step``
-mixtral    softmax top-2,          ``block_sparse_moe.experts  none
-           renormalised            .{e}.w1/w3/w2``
-glm4_moe   DeepSeek-V3's grouped   ``mlp.experts...`` plus     the first
-           sigmoid + correction    ``mlp.shared_experts``      ``first_k_dense_replace``
-           bias, scaling factor
-=========  ======================  =========================  =============================
+* ``qwen3_moe``: softmax top-k (``norm_topk_prob``), experts
+  ``mlp.experts.{e}.{gate,up,down}_proj``, dense layers ``mlp_only_layers`` and
+  those off ``decoder_sparse_step``;
+* ``mixtral``: softmax top-2, renormalised, experts
+  ``block_sparse_moe.experts.{e}.{w1,w3,w2}``, no dense layers;
+* ``glm4_moe``: DeepSeek-V3's grouped sigmoid router with
+  ``e_score_correction_bias`` and ``routed_scaling_factor``, experts under
+  ``mlp.experts`` plus ``mlp.shared_experts``, the first
+  ``first_k_dense_replace`` layers dense.
 
 GLM-4.5's multi-token-prediction layers (``model.layers.{num_hidden_layers}...``)
 are not used for generation and are skipped, as for DeepSeek-V3.
@@ -46,53 +44,62 @@ class MoELayout:
     def from_dict(cls, config: dict[str, Any]) -> MoELayout:
         """The layout of a qwen3_moe / mixtral / glm4_moe config.json (ValueError if invalid)."""
         kind = config.get("model_type")
-        layers = range(int(config["num_hidden_layers"]))
-        hidden = int(config["hidden_size"])
+        if kind not in _LAYOUTS:
+            raise ValueError(f"model_type {kind!r} has no MoE layout ({', '.join(_LAYOUTS)})")
         try:
-            if kind == "qwen3_moe":
-                num_experts = int(config.get("num_experts") or config["num_local_experts"])
-                step = int(config.get("decoder_sparse_step") or 1)
-                dense = set(config.get("mlp_only_layers") or ())
-                spec = MoESpec(
-                    hidden_size=hidden,
-                    moe_intermediate_size=int(config["moe_intermediate_size"]),
-                    num_experts=num_experts,
-                    top_k=int(config["num_experts_per_tok"]),
-                    scoring_func="softmax",
-                    norm_topk_prob=bool(config.get("norm_topk_prob", False)),
-                )
-                moe = {i for i in layers if i not in dense and (i + 1) % step == 0}
-                return cls(spec, "mlp", frozenset(moe))
-            if kind == "mixtral":
-                spec = MoESpec(
-                    hidden_size=hidden,
-                    moe_intermediate_size=int(config["intermediate_size"]),
-                    num_experts=int(config["num_local_experts"]),
-                    top_k=int(config["num_experts_per_tok"]),
-                    scoring_func="softmax",
-                    norm_topk_prob=True,
-                    expert_names=("w1", "w3", "w2"),
-                )
-                return cls(spec, "block_sparse_moe", frozenset(layers))
-            if kind == "glm4_moe":
-                spec = MoESpec(
-                    hidden_size=hidden,
-                    moe_intermediate_size=int(config["moe_intermediate_size"]),
-                    num_experts=int(config["n_routed_experts"]),
-                    top_k=int(config["num_experts_per_tok"]),
-                    scoring_func="sigmoid",
-                    norm_topk_prob=bool(config.get("norm_topk_prob", True)),
-                    n_group=int(config.get("n_group") or 1),
-                    topk_group=int(config.get("topk_group") or 1),
-                    routed_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
-                    n_shared_experts=int(config.get("n_shared_experts") or 0),
-                )
-                first_dense = int(config.get("first_k_dense_replace") or 0)
-                mtp = int(config.get("num_nextn_predict_layers") or 0)
-                return cls(spec, "mlp", frozenset(i for i in layers if i >= first_dense), mtp)
+            return _LAYOUTS[kind](config, range(int(config["num_hidden_layers"])))
         except KeyError as exc:
             raise ValueError(f"{kind} config.json lacks the field {exc.args[0]!r}") from exc
-        raise ValueError(f"model_type {kind!r} has no MoE layout (qwen3_moe, mixtral, glm4_moe)")
+
+
+def _qwen3_moe(config: dict[str, Any], layers: range) -> MoELayout:
+    step = int(config.get("decoder_sparse_step") or 1)
+    dense = set(config.get("mlp_only_layers") or ())
+    spec = MoESpec(
+        hidden_size=int(config["hidden_size"]),
+        moe_intermediate_size=int(config["moe_intermediate_size"]),
+        # Published configs say num_experts; transformers 5 writes num_local_experts.
+        num_experts=int(config.get("num_experts") or config["num_local_experts"]),
+        top_k=int(config["num_experts_per_tok"]),
+        scoring_func="softmax",
+        norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+    )
+    moe = {i for i in layers if i not in dense and (i + 1) % step == 0}
+    return MoELayout(spec, "mlp", frozenset(moe))
+
+
+def _mixtral(config: dict[str, Any], layers: range) -> MoELayout:
+    spec = MoESpec(
+        hidden_size=int(config["hidden_size"]),
+        moe_intermediate_size=int(config["intermediate_size"]),
+        num_experts=int(config["num_local_experts"]),
+        top_k=int(config["num_experts_per_tok"]),
+        scoring_func="softmax",
+        norm_topk_prob=True,
+        expert_names=("w1", "w3", "w2"),
+    )
+    return MoELayout(spec, "block_sparse_moe", frozenset(layers))
+
+
+def _glm4_moe(config: dict[str, Any], layers: range) -> MoELayout:
+    spec = MoESpec(
+        hidden_size=int(config["hidden_size"]),
+        moe_intermediate_size=int(config["moe_intermediate_size"]),
+        num_experts=int(config["n_routed_experts"]),
+        top_k=int(config["num_experts_per_tok"]),
+        scoring_func="sigmoid",
+        norm_topk_prob=bool(config.get("norm_topk_prob", True)),
+        n_group=int(config.get("n_group") or 1),
+        topk_group=int(config.get("topk_group") or 1),
+        routed_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
+        n_shared_experts=int(config.get("n_shared_experts") or 0),
+    )
+    first_dense = int(config.get("first_k_dense_replace") or 0)
+    mtp = int(config.get("num_nextn_predict_layers") or 0)
+    return MoELayout(spec, "mlp", frozenset(i for i in layers if i >= first_dense), mtp)
+
+
+_LAYOUTS = {"qwen3_moe": _qwen3_moe, "mixtral": _mixtral, "glm4_moe": _glm4_moe}
 
 
 class LlamaMoEForCausalLM(LlamaForCausalLM):
