@@ -23,6 +23,8 @@ from tp_threads import simulate_tp
 
 from chitu_core.backend import load_backend
 from chitu_core.loader import load_model
+from chitu_core.models.llama import LlamaConfig
+from chitu_core.models.llama_moe import MoELayout
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
 
@@ -156,3 +158,26 @@ def test_glm_mtp_layer_is_skipped_quietly(
     assert any("skipped 4 tensors on purpose" in r.getMessage() for r in caplog.records)
     logits, _ = run_greedy(model, ops, PROMPT, 1)
     torch.testing.assert_close(logits, reference, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"model_type": "mixtral", "num_hidden_layers": 2, "hidden_size": 64}, "intermediate_size"),
+        ({"model_type": "llama", "num_hidden_layers": 2}, "no MoE layout"),
+        (
+            {"model_type": "qwen3_moe", "num_hidden_layers": 2, "hidden_size": 64}
+            | {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 5},
+            "num_experts_per_tok",
+        ),
+    ],
+)
+def test_bad_moe_config_raises_value_error(config, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        MoELayout.from_dict(config)
+
+
+def test_bad_partial_rotary_factor_raises_value_error() -> None:
+    fields = dict(COMMON, model_type="glm4_moe", head_dim=32, intermediate_size=96)
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        LlamaConfig.from_dict(fields | {"partial_rotary_factor": 0.03})
