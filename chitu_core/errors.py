@@ -35,6 +35,6 @@ class TokenizerError(ChituError):
     """tokenizer.json / tokenizer_config.json missing or invalid, or no chat template."""
 
 
-class ConfigFieldError(CheckpointError):
+class ConfigFieldError(CheckpointError, ValueError):
     """A config.json field is missing or of the wrong type (names the field; the loader adds
     the file)."""

@@ -3,7 +3,8 @@
 Reads like HF's ``DeepseekV3ForCausalLM``: ``num_hidden_layers`` pre-norm
 decoder layers, each multi-head latent attention (``models/mla.py``, absorbed
 form over a latent cache) then a dense SwiGLU for the first
-``first_k_dense_replace`` layers and a MoE (``models/deepseek_moe.py``) after.
+``first_k_dense_replace`` layers and a MoE (``models/moe.py``) after.
+Kimi-K2 (``model_type: kimi_k2``) is this architecture with other sizes.
 FP8 checkpoints stay FP8; every kernel is a bound op, so it runs on any backend.
 The multi-token-prediction layer that real checkpoints append as
 ``model.layers.{num_hidden_layers}`` is not used for generation and is skipped.
@@ -31,13 +32,11 @@ from chitu_core.models.base import (
     stage_input,
 )
 from chitu_core.models.config_fields import ConfigFields
-from chitu_core.models.deepseek_moe import DeepseekMoE, DenseMLP
 from chitu_core.models.mla import MultiHeadLatentAttention
+from chitu_core.models.moe import SCORING_FUNCS, DenseMLP, MoE, MoESpec
 from chitu_core.models.rotary import cos_sin_cache, yarn_mscale
 
 logger = logging.getLogger(__name__)
-
-_SCORING_FUNCS = ("sigmoid", "softmax")
 
 
 def _rope_settings(config: dict[str, Any]) -> tuple[float, dict | None]:
@@ -161,9 +160,9 @@ class DeepseekV3Config:
                 f"first_k_dense_replace must be in [0, num_hidden_layers={self.num_hidden_layers}], "
                 f"got {self.first_k_dense_replace}"
             )
-        if self.scoring_func not in _SCORING_FUNCS:
+        if self.scoring_func not in SCORING_FUNCS:
             raise ValueError(
-                f"scoring_func must be one of {_SCORING_FUNCS}, got {self.scoring_func!r}"
+                f"scoring_func must be one of {SCORING_FUNCS}, got {self.scoring_func!r}"
             )
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
@@ -176,6 +175,21 @@ class DeepseekV3Config:
         if scaling.get("mscale_all_dim"):
             scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
         return scale
+
+    @property
+    def moe_spec(self) -> MoESpec:
+        return MoESpec(
+            hidden_size=self.hidden_size,
+            moe_intermediate_size=self.moe_intermediate_size,
+            num_experts=self.n_routed_experts,
+            top_k=self.num_experts_per_tok,
+            scoring_func=self.scoring_func,
+            norm_topk_prob=self.norm_topk_prob,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            routed_scaling_factor=self.routed_scaling_factor,
+            n_shared_experts=self.n_shared_experts,
+        )
 
     def is_moe_layer(self, index: int) -> bool:
         return index >= self.first_k_dense_replace and index % self.moe_layer_freq == 0
@@ -198,7 +212,7 @@ class DeepseekV3Layer:
         self.post_attention_norm = reader.tensor(f"{p}.post_attention_layernorm.weight", (h,))
         self.attn = MultiHeadLatentAttention(reader, ops, cfg, f"{p}.self_attn", dtype, parallel)
         if cfg.is_moe_layer(index):
-            self.mlp: DenseMLP | DeepseekMoE = DeepseekMoE(reader, ops, cfg, f"{p}.mlp", parallel)
+            self.mlp: DenseMLP | MoE = MoE(reader, ops, cfg.moe_spec, f"{p}.mlp", parallel)
         else:
             self.mlp = DenseMLP(reader, ops, f"{p}.mlp", h, cfg.intermediate_size, parallel)
 
