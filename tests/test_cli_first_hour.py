@@ -90,6 +90,11 @@ def test_verbose_is_accepted_after_the_subcommand():
     args = build_parser().parse_args(["-v", "plugins"])
     assert args.verbose is True  # the subcommand's copy does not reset it
     assert build_parser().parse_args(["plugins"]).verbose is False
+    # As a user types it: INFO logs appear only with -v.
+    cmd = [sys.executable, "-m", "chitu_core", "demo", "--backend", "cpu_ref", "-v"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "INFO chitu_core.backend: backend 'cpu_ref'" in result.stderr
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
