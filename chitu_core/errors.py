@@ -33,3 +33,19 @@ class UnsupportedModelError(CheckpointError):
 
 class TokenizerError(ChituError):
     """tokenizer.json / tokenizer_config.json missing or invalid, or no chat template."""
+
+
+class GGUFError(CheckpointError):
+    """A GGUF checkpoint Chitu cannot use (base of the GGUF errors below)."""
+
+
+class CorruptGGUFError(GGUFError):
+    """The file is not a readable GGUF: bad magic, truncated, or a header that lies about sizes."""
+
+
+class UnsupportedGGUFArchitectureError(GGUFError, UnsupportedModelError):
+    """``general.architecture`` names an architecture the GGUF mapping table lacks."""
+
+
+class UnsupportedGGUFQuantError(GGUFError):
+    """A tensor is stored in a GGML type Chitu cannot dequantize (message lists the supported)."""

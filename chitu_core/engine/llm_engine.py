@@ -49,7 +49,7 @@ from chitu_core.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConf
 from chitu_core.engine.sequence import Sequence
 from chitu_core.engine.stop import StopChecker
 from chitu_core.loader import load_model
-from chitu_core.tokenizer import Tokenizer
+from chitu_core.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class LLMEngine:
             device=self.device,
             parallel=self.dist.model_parallel() if self.dist else None,
         )
-        self.tokenizer = Tokenizer.from_dir(config.model)
+        self.tokenizer = load_tokenizer(config.model)
         layout = self.model.kv_cache_layout()
         activation_bytes = 0
         if self.device.type != "cpu" and config.num_blocks is None and config.kv_cache_gb is None:
