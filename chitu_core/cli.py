@@ -122,9 +122,16 @@ def cmd_new_backend(args: argparse.Namespace) -> int:
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that builds an engine (generate, serve, bench)."""
     p.add_argument("--backend", default="auto", help="backend name or 'auto' (default)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype")
     p.add_argument(
-        "--quantize", choices=["fp8"], help="quantize bf16 linear weights to FP8 at load"
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="compute dtype (default: the backend's); 'auto': the checkpoint's own, as "
+        "transformers' dtype='auto' (config.json's dtype, a GGUF's float type), else the backend's",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["fp8"],
+        help="quantize bf16 linear weights to FP8 at load (GGUF weights: dequantized, then FP8)",
     )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: from free memory)")
@@ -272,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="complete a prompt and print the completion")
     p.add_argument(
-        "--model", help="HF-format model directory (default: the built-in random demo model)"
+        "--model",
+        help="HF-format model directory or .gguf file (default: the built-in random demo model)",
     )
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument(
@@ -292,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model",
         nargs="?",
-        help="HF-format model directory (default: the built-in random demo model)",
+        help="HF-format model directory or .gguf file (default: the built-in random demo model)",
     )
     p.add_argument(
         "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)"

@@ -51,6 +51,24 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{config_path}: invalid JSON: {exc}") from exc
 
 
+TORCH_DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+
+def checkpoint_dtype(path: str | Path) -> str | None:
+    """The dtype a checkpoint declares, as transformers' ``dtype="auto"`` reads it: config.json's
+    ``dtype`` (transformers 5) or ``torch_dtype``; for a GGUF, its float file type (F32, F16,
+    BF16). None when it declares none of ``TORCH_DTYPE_NAMES`` (e.g. a quantized GGUF)."""
+    gguf_path = find_gguf(path)
+    if gguf_path is None:
+        config = read_config(path)
+    else:
+        from chitu_core.gguf.checkpoint import GGUFCheckpoint
+
+        config = GGUFCheckpoint.open(gguf_path).config
+    declared = config.get("dtype") or config.get("torch_dtype")
+    return declared if declared in TORCH_DTYPE_NAMES else None
+
+
 def _shard_map(path: Path) -> dict[str, Path]:
     """Tensor name -> shard file, from the index or from the single file."""
     index = path / INDEX_FILE

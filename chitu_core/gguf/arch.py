@@ -56,6 +56,9 @@ ARCHITECTURES: dict[str, GGUFArchitecture] = {
     "qwen2": GGUFArchitecture("qwen2", permute_qk=False),
 }
 
+# general.file_type (llama.cpp's llama_ftype) of the all-float files -> their torch dtype.
+FILE_TYPE_DTYPES = {0: "float32", 1: "float16", 32: "bfloat16"}
+
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _GLOBAL_NAME = re.compile(r"(\w+)\.(weight|bias)$")
 
@@ -148,6 +151,9 @@ def hf_config(gguf: Any, arch: GGUFArchitecture) -> dict[str, Any]:
         "max_position_embeddings": int(get("context_length", 4096)),
         "tie_word_embeddings": "output.weight" not in gguf.tensors,
     }
+    dtype = FILE_TYPE_DTYPES.get(gguf.metadata("general.file_type", None))
+    if dtype is not None:
+        config["torch_dtype"] = dtype
     if get("attention.key_length") is not None:
         config["head_dim"] = int(get("attention.key_length"))
     for name in ("bos", "eos", "padding"):

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize, quantize
 from gguf_writer import BYTE_TOKENS, write_hf_model_gguf
 
@@ -25,6 +25,7 @@ from chitu_core.errors import (  # noqa: E402
 from chitu_core.gguf import find_gguf  # noqa: E402
 from chitu_core.gguf.checkpoint import GGUFCheckpoint  # noqa: E402
 from chitu_core.gguf.file import SUPPORTED_QUANT_TYPES, GGUFFile  # noqa: E402
+from chitu_core.loader import checkpoint_dtype  # noqa: E402
 from conformance.perplexity import window_logprobs  # noqa: E402
 
 VOCAB = BYTE_TOKENS + 44
@@ -186,3 +187,22 @@ def test_find_gguf(tmp_path, checkpoint):
         find_gguf(tmp_path)
     (tmp_path / "config.json").write_text("{}")  # an HF directory wins
     assert find_gguf(tmp_path) is None
+
+
+def test_dtype_auto_is_the_checkpoint_dtype(tmp_path):
+    """``--dtype auto`` as transformers' dtype="auto": config.json's dtype / torch_dtype, a
+    GGUF's float file type; otherwise the backend's compute dtype."""
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    for key, value in (("torch_dtype", "bfloat16"), ("dtype", "float16")):
+        (hf_dir / "config.json").write_text(f'{{"model_type": "llama", "{key}": "{value}"}}')
+        assert checkpoint_dtype(hf_dir) == value
+    model = _hf_model("llama", tied=True)
+    bf16 = {"general.file_type": (32, GGUFValueType.UINT32)}  # llama.cpp's MOSTLY_BF16
+    path = write_hf_model_gguf(tmp_path / "bf16.gguf", model, "llama", extra_metadata=bf16)
+    assert checkpoint_dtype(path) == "bfloat16"
+    assert _engine(path, dtype="auto").dtype == torch.bfloat16
+    q41 = {"general.file_type": (3, GGUFValueType.UINT32)}  # MOSTLY_Q4_1: no float dtype
+    path = write_hf_model_gguf(tmp_path / "q.gguf", model, "llama", extra_metadata=q41)
+    assert checkpoint_dtype(path) is None
+    assert _engine(path, dtype="auto").dtype == torch.float32  # cpu_ref's compute dtype
