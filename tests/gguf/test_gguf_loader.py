@@ -163,9 +163,9 @@ def test_unsupported_quant_type_is_named_with_the_supported_list(tmp_path):
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.999, 10])
-def test_truncated_or_foreign_file_is_named(tmp_path, checkpoint, keep):
-    source, _ = checkpoint
-    data = source.read_bytes()
+def test_truncated_or_foreign_file_is_named(tmp_path, keep):
+    big = np.ones((64, 64), np.float32)
+    data = _bare_gguf(tmp_path / "ok.gguf", tensors={"token_embd.weight": big}).read_bytes()
     path = tmp_path / "bad.gguf"
     # keep=10 bytes: not even the header; 0.999: the last tensor's data cut short.
     path.write_bytes(data[: keep if keep > 1 else int(len(data) * keep)])
@@ -176,8 +176,10 @@ def test_truncated_or_foreign_file_is_named(tmp_path, checkpoint, keep):
         GGUFCheckpoint.open(path)
 
 
-def test_find_gguf(tmp_path, checkpoint):
-    source, _ = checkpoint
+def test_find_gguf(tmp_path):
+    source = _bare_gguf(tmp_path / "source.bin")
+    tmp_path = tmp_path / "models"
+    tmp_path.mkdir()
     assert find_gguf(tmp_path) is None  # empty directory: left to the HF loader's error
     shutil.copy(source, tmp_path / "a.gguf")
     assert find_gguf(tmp_path) == tmp_path / "a.gguf"
