@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +72,14 @@ def main() -> int:
         change = by_mode["fp8"] / by_mode["bf16"] - 1
         print(f"fp8 vs bf16: {change:+.2%}")
     if args.json:
-        meta = {"model": str(model), "backend": args.backend, "text": Path(args.text).name}
+        meta = {
+            "model": Path(model).name,
+            "backend": args.backend,
+            "text": Path(args.text).name,
+            "window": args.window,
+            "versions": {name: version(name) for name in ("chitu", "torch", "gguf")},
+            "cpu_count": os.cpu_count(),
+        }
         Path(args.json).write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     return 0
 

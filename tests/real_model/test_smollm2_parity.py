@@ -86,19 +86,26 @@ def test_window_logprobs_match_transformers(gguf_engine, hf):
     assert diff < LOGPROB_ATOL, f"max |logprob diff| {diff:.2e}"
 
 
+@torch.no_grad()
+def _hf_greedy(model, ids: list[int], num_tokens: int) -> list[int]:
+    """HF's argmax continuation with its KV cache, eos not special (as ``ignore_eos``;
+    ``generate``'s ``min_new_tokens`` would instead forbid eos and pick the runner-up)."""
+    out = model(torch.tensor([ids]), use_cache=True)
+    tokens = [int(out.logits[0, -1].argmax())]
+    while len(tokens) < num_tokens:
+        out = model(
+            torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True
+        )
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
 def test_greedy_matches_transformers(gguf_engine, gguf_greedy, hf):
     """Target of issue 25: 64 greedy token ids identical to HF fp32 on 3 prompts."""
     model, _ = hf
     for prompt, ours in zip(PROMPTS, gguf_greedy, strict=True):
-        ids = gguf_engine.tokenizer.encode(prompt)
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([ids]),
-                max_new_tokens=NUM_TOKENS,
-                min_new_tokens=NUM_TOKENS,
-                do_sample=False,
-            )
-        assert ours == out[0, len(ids) :].tolist(), prompt
+        expected = _hf_greedy(model, gguf_engine.tokenizer.encode(prompt), NUM_TOKENS)
+        assert ours == expected, prompt
 
 
 def test_hf_directory_of_the_same_weights_gives_the_same_tokens(hf, gguf_greedy, tmp_path):
