@@ -8,6 +8,8 @@ Slow (minutes on two cores: cpu_ref computes in fp64); run with
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -112,7 +114,13 @@ def test_hf_directory_of_the_same_weights_gives_the_same_tokens(hf, gguf_greedy,
     """The GGUF path and an HF directory (transformers' save_pretrained of the same
     weights) load the same model: identical greedy tokens."""
     model, tokenizer = hf
-    model.save_pretrained(tmp_path, safe_serialization=True)
+    # transformers will not save a model it loaded from GGUF (it counts as quantized): copy
+    # its (dequantized) weights into a plain model of the same config and save that.
+    config = copy.deepcopy(model.config)
+    del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(tmp_path, safe_serialization=True)
     tokenizer.save_pretrained(tmp_path)
     params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True)
     with _engine(tmp_path) as engine:
