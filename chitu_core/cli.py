@@ -129,12 +129,15 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=["bfloat16", "float16", "float32"],
+        choices=["auto", "bfloat16", "float16", "float32"],
         help="compute dtype (default: the backend's, e.g. bfloat16 on cpu and nvidia, float32 "
-        "on cpu_ref)",
+        "on cpu_ref); 'auto': the checkpoint's own, as "
+        "transformers' dtype='auto' (config.json's dtype, a GGUF's float type), else the backend's",
     )
     p.add_argument(
-        "--quantize", choices=["fp8"], help="quantize bf16 linear weights to FP8 at load"
+        "--quantize",
+        choices=["fp8"],
+        help="quantize bf16 linear weights to FP8 at load (GGUF weights: dequantized, then FP8)",
     )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: from free memory)")
@@ -321,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="complete a prompt and print the completion")
     p.add_argument(
-        "--model", help="HF-format model directory (default: the built-in random demo model)"
+        "--model",
+        help="HF-format model directory or .gguf file (default: the built-in random demo model)",
     )
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument(
@@ -346,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model",
         nargs="?",
-        help="HF-format model directory (default: the built-in random demo model)",
+        help="HF-format model directory or .gguf file (default: the built-in random demo model)",
     )
     p.add_argument(
         "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)"

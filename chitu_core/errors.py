@@ -38,3 +38,19 @@ class TokenizerError(ChituError):
 class ConfigFieldError(CheckpointError, ValueError):
     """A config.json field is missing or of the wrong type (names the field; the loader adds
     the file)."""
+
+
+class GGUFError(CheckpointError):
+    """A GGUF checkpoint Chitu cannot use (base of the GGUF errors below)."""
+
+
+class CorruptGGUFError(GGUFError):
+    """The file is not a readable GGUF: bad magic, truncated, or a header that lies about sizes."""
+
+
+class UnsupportedGGUFArchitectureError(GGUFError, UnsupportedModelError):
+    """``general.architecture`` names an architecture the GGUF mapping table lacks."""
+
+
+class UnsupportedGGUFQuantError(GGUFError):
+    """A tensor is stored in a GGML type Chitu cannot dequantize (message lists the supported)."""

@@ -263,3 +263,16 @@ class Tokenizer:
         as transformers' ``apply_chat_template(tokenize=True)`` assumes."""
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         return self.encode(text, add_special_tokens=False)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a model path: an HF directory's tokenizer files (``from_dir``), or a
+    GGUF file's ``tokenizer.*`` metadata (a ``.gguf`` file or a directory holding one)."""
+    from chitu_core.gguf import find_gguf
+
+    gguf_path = find_gguf(path)
+    if gguf_path is None:
+        return Tokenizer.from_dir(path)
+    from chitu_core.gguf.tokenizer import tokenizer_from_gguf
+
+    return tokenizer_from_gguf(gguf_path)

@@ -37,3 +37,8 @@ def test_memory_graph_and_batching_options():
 def test_bad_utilization_is_a_clear_error():
     with pytest.raises(ValueError, match="--gpu-memory-utilization. must be in"):
         engine_config(_parse("--gpu-memory-utilization", "1.5"), "/models/m")
+
+
+def test_dtype_auto_reaches_the_config():
+    assert engine_config(_parse("--dtype", "auto"), "/models/m").dtype == "auto"
+    assert engine_config(_parse(), "/models/m").dtype is None

@@ -48,8 +48,8 @@ from chitu_core.engine.sampling import (
 from chitu_core.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from chitu_core.engine.sequence import Sequence
 from chitu_core.engine.stop import StopChecker
-from chitu_core.loader import load_model
-from chitu_core.tokenizer import Tokenizer
+from chitu_core.loader import checkpoint_dtype, load_model
+from chitu_core.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ class EngineConfig:
 
     model: str | Path
     backend: str = "auto"
-    dtype: str | None = None  # default: the backend's compute dtype
+    # default: the backend's compute dtype; "auto": the checkpoint's own (falling back to it)
+    dtype: str | None = None
     quantize: str | None = None  # "fp8": bf16 linear weights -> FP8 block-128 at load
     block_size: int = 16
     num_blocks: int | None = None
@@ -99,8 +100,10 @@ class EngineConfig:
             raise ValueError(f"tp and pp must be >= 1, got tp={self.tp}, pp={self.pp}")
         if self.dist_timeout_s <= 0:
             raise ValueError(f"dist_timeout_s must be positive, got {self.dist_timeout_s}")
-        if self.dtype not in (None, "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.dtype not in (None, "auto", "bfloat16", "float16", "float32"):
+            raise ValueError(
+                f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}"
+            )
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
         if not 0 < self.memory_utilization <= 1:
@@ -189,7 +192,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.ops = load_backend(config.backend, config.demote_ops)
-        self.dtype = getattr(torch, config.dtype or self.ops.info.compute_dtype)
+        dtype = config.dtype
+        if dtype == "auto":
+            dtype = checkpoint_dtype(config.model)
+        self.dtype = getattr(torch, dtype or self.ops.info.compute_dtype)
         # Called with the DistributedError when a distributed step fails (the server exits).
         self.on_fatal: Callable[[DistributedError], None] | None = None
         self.dist = self._init_distributed()
@@ -203,7 +209,7 @@ class LLMEngine:
             device=self.device,
             parallel=self.dist.model_parallel() if self.dist else None,
         )
-        self.tokenizer = Tokenizer.from_dir(config.model)
+        self.tokenizer = load_tokenizer(config.model)
         layout = self.model.kv_cache_layout()
         activation_bytes = 0
         if self.device.type != "cpu" and config.num_blocks is None and config.kv_cache_gb is None:
