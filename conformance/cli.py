@@ -51,7 +51,15 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         cache_path=out / CACHE_FILE,
         fresh=args.fresh,
     )
-    result = run_suite(config)
+    try:
+        result = run_suite(config)
+    except KeyboardInterrupt:  # Ctrl-C: what finished is in the cache, say how to go on
+        print(
+            f"\nstopped; finished checks are kept in {config.cache_path}: run the same command "
+            "to continue, or add --fresh to start over",
+            file=sys.stderr,
+        )
+        return 130
     paths = write_reports(result, out)
     # Only a run of the backend as it would be served certifies it.
     if not (args.ops or args.demote or args.dtype or args.no_model_check):
