@@ -289,7 +289,7 @@ def run_suite(config: SuiteConfig) -> SuiteResult:
         )
         determinism = _cached_or_run(
             plan,
-            f"determinism[demoted={served}]",
+            f"determinism[{'quick' if config.quick else 'full'},demoted={served}]",
             lambda: plan.determinism_results(failed),
             _dicts,
             lambda ds: [DeterminismResult(**d) for d in ds],
