@@ -41,6 +41,8 @@ def _backend_rows() -> list[dict]:
                 "device_type": info.device_type if info else None,
                 "dist_backend": info.dist_backend if info else None,
                 "priority": info.priority if info else None,
+                # the hook contract versions the plugin declares (hookspecs.CONTRACT_VERSION)
+                "contract": info.contract if info else None,
                 "native_ops": list(backend.native_ops),
                 # None: no valid certificate on this device (serve runs conformance first)
                 "demoted_ops": _demotions(backend.name) if backend.is_available else None,

@@ -23,6 +23,11 @@ class PluginSignatureError(PluginLoadError):
     """A hook implementation's arguments do not match its spec in ``chitu_core/hookspecs.py``."""
 
 
+class ContractVersionError(PluginLoadError):
+    """A plugin's ``BackendInfo.contract`` range excludes this Chitu's hook contract version
+    (the message names the hooks changed since the plugin's versions)."""
+
+
 class CheckpointError(ChituError):
     """A model directory is missing, corrupt or does not match its config (names file and tensor)."""
 

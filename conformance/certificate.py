@@ -26,7 +26,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # Bump when the cases or tolerances change enough that old certificates prove too little.
-SUITE_VERSION = 1
+SUITE_VERSION = 2  # 2: determinism checks; accuracy and contract fields
 CERT_DIR_ENV = "CHITU_CERT_DIR"
 
 
@@ -55,6 +55,11 @@ class Certificate:
     demote: list[str]
     models_passed: bool
     failures: list[str] = field(default_factory=list)
+    contract_version: str = ""
+    # Per demo model: passed, repeat tokens equal, batch-invariant (bit-equal logits).
+    determinism: list[dict[str, Any]] = field(default_factory=list)
+    # Task accuracy on a real model: {"checked": False, "summary": "accuracy: not checked..."}
+    accuracy: dict[str, Any] = field(default_factory=dict)
     created: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
@@ -136,4 +141,16 @@ def from_result(result: Any) -> Certificate:
         demote=list(result.demote),
         models_passed=result.models_passed,
         failures=list(result.failures),
+        contract_version=info.contract_version,
+        determinism=[
+            {
+                "arch": d.arch,
+                "passed": d.passed,
+                "repeat_tokens_equal": d.repeat_tokens_equal,
+                "batch_invariant": d.batch_invariant,
+                "batch_invariant_claimed": d.batch_invariant_claimed,
+            }
+            for d in result.determinism
+        ],
+        accuracy=dict(result.accuracy),
     )

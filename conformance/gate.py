@@ -96,6 +96,7 @@ def ensure_certified(
             cert.created,
             ", ".join(cert.demote) or "none",
         )
+        _log_accuracy(installed.name, cert)
         return tuple(cert.demote)
     # Expected on the first serve on a device (the bar says so): not a warning.
     logger.info(
@@ -132,7 +133,14 @@ def ensure_certified(
         )
     else:
         logger.info("backend %r certified on %s (%s)", installed.name, key.device_name, path)
+    _log_accuracy(installed.name, cert)
     return tuple(cert.demote)
+
+
+def _log_accuracy(backend: str, cert) -> None:
+    """What the certificate says about task accuracy (not checked yet: issue 28 item 1)."""
+    summary = cert.accuracy.get("summary") or "accuracy: not recorded in this certificate"
+    logger.info("backend %r: %s", backend, summary)
 
 
 def cached_demotions(

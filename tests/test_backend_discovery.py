@@ -34,7 +34,12 @@ from chitu_core.quant import quantize_fp8
 def with_test_plugins(test_plugins_dir, monkeypatch):
     monkeypatch.syspath_prepend(str(test_plugins_dir))
     yield test_plugins_dir
-    for name in ("chitu_test_linear_only", "chitu_test_broken", "chitu_test_bad_signature"):
+    for name in (
+        "chitu_test_linear_only",
+        "chitu_test_broken",
+        "chitu_test_bad_signature",
+        "chitu_test_old_contract",
+    ):
         sys.modules.pop(name, None)
 
 

@@ -19,6 +19,7 @@ def chitu_backend_info() -> BackendInfo:
         has_native_fp8=False,
         supports_graphs=False,
         needs_certificate=True,
+        contract=">=1.0,<2",  # the hook contract versions it implements (hookspecs.py)
     )
 
 
