@@ -93,6 +93,8 @@ class EngineConfig:
     # Queue each decode step on the device before the previous step's tokens reach the
     # host, so the device does not wait for the host between steps (``LLMEngine.step``).
     overlap_steps: bool = True
+    # Reuse the K/V of cached prompt prefixes (whole blocks) across requests.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
@@ -231,7 +233,9 @@ class LLMEngine:
         )
         if self.dist:  # rank 0's block ids are used on every rank
             num_blocks = self.dist.agree_min(num_blocks)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
         capacity = self.block_manager.num_usable_blocks * config.block_size
         model_max = self.model_config.get("max_position_embeddings", capacity)
         self.max_model_len = min(config.max_model_len or model_max, model_max, capacity)
