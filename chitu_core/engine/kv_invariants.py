@@ -73,6 +73,12 @@ def check_block_manager(
                 )
             owners[block_id] += 1
             owner_of[block_id] = seq.seq_id
+            is_shared = refs[block_id] > 1 or hash_of[block_id] is not None
+            if is_shared and (index + 1) * size > seq.num_computed_tokens:
+                raise RuntimeError(
+                    f"shared or cached block {block_id} is not yet computed by "
+                    f"sequence {seq.seq_id}: its K/V would be written while shared"
+                )
             digest = hash_of[block_id]
             if digest is not None and manager._hashes(seq, index + 1)[index] != digest:
                 raise RuntimeError(
@@ -93,15 +99,6 @@ def check_block_manager(
             raise RuntimeError(
                 f"block {block_id} has reference count {refs[block_id]} but {count} owners"
             )
-        if count > 1 or hash_of[block_id] is not None:
-            for seq in live_seqs:
-                if block_id in seq.block_ids:
-                    end = (seq.block_ids.index(block_id) + 1) * size
-                    if end > seq.num_computed_tokens:
-                        raise RuntimeError(
-                            f"shared or cached block {block_id} is not yet computed by "
-                            f"sequence {seq.seq_id}: its K/V would be written while shared"
-                        )
     num_used = sum(1 for count in refs if count)
     if num_used != len(owners):
         raise RuntimeError(
