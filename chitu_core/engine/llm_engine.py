@@ -5,6 +5,12 @@ sequence that produced a token, the token and the text it made final.
 ``generate()`` drives steps until the given prompts are done (``chitu generate``
 and the tests); the server drives ``step()`` from its own loop.
 
+Prefix caching (``EngineConfig.enable_prefix_caching``, on by default) lives in
+the block manager: a request starts after the longest run of whole blocks an
+earlier request computed for the same tokens. A block is registered once its K/V
+is queued on the device, so any later step (queued after it on the same stream,
+or after it on every pipeline stage) reads complete K/V.
+
 With ``tp * pp > 1`` (or under torchrun) every rank builds an engine: rank 0
 schedules and samples and its steps run on every rank through a
 ``chitu_core.distributed.pipeline.DistributedExecutor``; the other ranks call
