@@ -174,6 +174,14 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         "next decode step is queued first, so the device does not wait for the host)",
     )
     p.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="compute every prompt in full (by default a request reuses the KV cache of the "
+        "longest prefix, in whole blocks, that an earlier request computed: system prompts, "
+        "multi-turn chat)",
+    )
+    p.add_argument(
         "--max-num-seqs", type=int, default=64, help="most sequences decoded in one step"
     )
     p.add_argument(
@@ -209,6 +217,7 @@ def engine_config(args: argparse.Namespace, model: str):
         max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager,
         overlap_steps=args.overlap_steps,
+        enable_prefix_caching=args.enable_prefix_caching,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         tp=args.tp,

@@ -21,14 +21,16 @@ def test_defaults_just_work():
     assert config.max_num_batched_tokens == 2048
     assert config.enforce_eager is False and config.max_num_seqs == 64
     assert config.overlap_steps is True
+    assert config.enable_prefix_caching is True
 
 
 def test_memory_graph_and_batching_options():
     args = _parse(
         "--gpu-memory-utilization", "0.5", "--enforce-eager", "--max-num-batched-tokens", "512",
-        "--max-num-seqs", "8", "--no-overlap-steps",
+        "--max-num-seqs", "8", "--no-overlap-steps", "--no-prefix-caching",
     )  # fmt: skip
     config = engine_config(args, "/models/m")
+    assert config.enable_prefix_caching is False
     assert config.memory_utilization == 0.5 and config.enforce_eager
     assert config.overlap_steps is False
     assert config.max_num_batched_tokens == 512 and config.max_num_seqs == 8

@@ -5,6 +5,12 @@ sequence that produced a token, the token and the text it made final.
 ``generate()`` drives steps until the given prompts are done (``chitu generate``
 and the tests); the server drives ``step()`` from its own loop.
 
+Prefix caching (``EngineConfig.enable_prefix_caching``, on by default) lives in
+the block manager: a request starts after the longest run of whole blocks an
+earlier request computed for the same tokens. A block is registered once its K/V
+is queued on the device, so any later step (queued after it on the same stream,
+or after it on every pipeline stage) reads complete K/V.
+
 With ``tp * pp > 1`` (or under torchrun) every rank builds an engine: rank 0
 schedules and samples and its steps run on every rank through a
 ``chitu_core.distributed.pipeline.DistributedExecutor``; the other ranks call
@@ -94,6 +100,8 @@ class EngineConfig:
     # Queue each decode step on the device before the previous step's tokens reach the
     # host, so the device does not wait for the host between steps (``LLMEngine.step``).
     overlap_steps: bool = True
+    # Reuse the K/V of cached prompt prefixes (whole blocks) across requests.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
@@ -237,7 +245,9 @@ class LLMEngine:
         )
         if self.dist:  # rank 0's block ids are used on every rank
             num_blocks = self.dist.agree_min(num_blocks)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
         capacity = self.block_manager.num_usable_blocks * config.block_size
         model_max = self.model_config.get("max_position_embeddings", capacity)
         self.max_model_len = min(config.max_model_len or model_max, model_max, capacity)
