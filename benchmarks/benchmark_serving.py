@@ -19,6 +19,14 @@ template adds a few more: the server's own count (``usage.prompt_tokens``) is
 reported beside it. ``--prompt-file`` takes one prompt per line instead. No prompt
 is sent twice, so a server's prefix cache does not flatter a later level.
 
+Shared-prefix workload (``--shared-prefix-len N``): every request, warm-up included,
+is N conversations' common system prompt (N random words, the same for every
+request) followed by its own ``--input-len``-word question, as a system message
+(chat) or prepended text (completions). A server with a prefix cache computes the
+system prompt once; TTFT shows it. Run it against the server with and without its
+prefix cache (Chitu: ``--no-prefix-caching``) and compare; with ``--temperature 0``
+the generated texts (kept per request in ``--json``) must not change.
+
 Output tokens are the server's ``usage.completion_tokens`` (asked for with
 ``stream_options.include_usage``); a server that sends no usage gets its content
 chunks counted instead (one chunk ~ one token, and ITL is per chunk). OpenAI's API
@@ -93,6 +101,8 @@ class BenchConfig:
     timeout_s: float = 600.0
     ignore_eos: bool = False
     prompt_file: str | None = None
+    shared_prefix_len: int = 0  # words of a system prompt common to every request
+    temperature: float | None = None  # None: the server's default
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -104,6 +114,8 @@ class BenchConfig:
         for name in ("num_prompts", "input_len", "output_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shared_prefix_len < 0:
+            raise ValueError(f"shared_prefix_len must be >= 0, got {self.shared_prefix_len}")
         if self.num_warmup < 0:
             raise ValueError(f"num_warmup must be >= 0, got {self.num_warmup}")
         if not self.timeout_s > 0:
@@ -134,6 +146,7 @@ class RequestResult:
     latency_s: float = 0.0
     output_tokens: int = 0
     prompt_tokens: int | None = None
+    text: str = ""  # what was generated (to compare runs)
 
     @property
     def tpot_s(self) -> float | None:
@@ -154,6 +167,7 @@ class RequestResult:
             "itl_ms": [_ms(gap) for gap in self.itl_s],
             "output_tokens": self.output_tokens,
             "prompt_tokens": self.prompt_tokens,
+            "text": self.text,
         }
 
 
@@ -260,6 +274,15 @@ def make_prompts(num_prompts: int, input_len: int, seed: int) -> list[str]:
     return [" ".join(rng.choices(WORDS, k=input_len)) for _ in range(num_prompts)]
 
 
+def shared_prefix(cfg: BenchConfig) -> str:
+    """The system prompt of the shared-prefix workload (empty without one); the same for
+    the same seed, and unlike any question."""
+    if not cfg.shared_prefix_len:
+        return ""
+    rng = random.Random(f"shared-prefix-{cfg.seed}")
+    return " ".join(rng.choices(WORDS, k=cfg.shared_prefix_len))
+
+
 def load_prompt_file(path: str) -> list[str]:
     """The non-empty lines of ``path``, one prompt each."""
     try:
@@ -288,13 +311,17 @@ def plan_prompts(cfg: BenchConfig) -> tuple[list[str], list[list[str]]]:
 # ---------------------------------------------------------------- one request
 
 
-def build_payload(cfg: BenchConfig, prompt: str) -> dict:
-    """The JSON body of one request."""
+def build_payload(cfg: BenchConfig, prompt: str, system: str = "") -> dict:
+    """The JSON body of one request; ``system`` (the shared prefix) goes first."""
     payload: dict = {"model": cfg.model, "max_tokens": cfg.output_len, "stream": cfg.is_stream}
     if cfg.endpoint == "chat":
         payload["messages"] = [{"role": "user", "content": prompt}]
+        if system:
+            payload["messages"].insert(0, {"role": "system", "content": system})
     else:
-        payload["prompt"] = prompt
+        payload["prompt"] = f"{system}\n\n{prompt}" if system else prompt
+    if cfg.temperature is not None:
+        payload["temperature"] = cfg.temperature
     if cfg.is_stream:
         payload["stream_options"] = {"include_usage": True}
     if cfg.ignore_eos:
@@ -360,7 +387,8 @@ async def _read_stream(
             if chunk.get("usage"):
                 _record_usage(result, chunk["usage"])
                 has_usage = True
-            if response_text(chunk):
+            if text := response_text(chunk):
+                result.text += text
                 if result.ttft_s is None:
                     result.ttft_s = now - start
                 else:
@@ -388,17 +416,21 @@ async def _read_whole(
     if body.get("error"):
         result.error = f"error in response: {json.dumps(body['error'])[:MAX_ERROR_CHARS]}"
         return
-    result.output_tokens = len(response_text(body).split())  # approximate, when no usage
+    result.text = response_text(body)
+    result.output_tokens = len(result.text.split())  # approximate, when no usage
     _record_usage(result, body.get("usage") or {})
 
 
-async def send_request(client: httpx.AsyncClient, cfg: BenchConfig, prompt: str) -> RequestResult:
+async def send_request(
+    client: httpx.AsyncClient, cfg: BenchConfig, prompt: str, system: str = ""
+) -> RequestResult:
     """Send one prompt and measure it; failures are recorded in the result, never raised."""
     result = RequestResult()
+    payload = build_payload(cfg, prompt, system)
     start = time.perf_counter()
     try:
         read = _read_stream if cfg.is_stream else _read_whole
-        await read(client, cfg, build_payload(cfg, prompt), start, result)
+        await read(client, cfg, payload, start, result)
     except Exception as exc:  # any failure of one request is a figure, not a crash
         result.error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
         if not result.latency_s:
@@ -419,13 +451,14 @@ async def run_level(
 ) -> tuple[list[RequestResult], float]:
     """Send ``prompts`` with at most ``concurrency`` in flight; the results and the wall time."""
     in_flight = asyncio.Semaphore(concurrency)
+    system = shared_prefix(cfg)
     bar = tqdm(
         total=len(prompts), desc=f"concurrency {concurrency}", unit="req", disable=not show_progress
     )
 
     async def one(prompt: str) -> RequestResult:
         async with in_flight:
-            result = await send_request(client, cfg, prompt)
+            result = await send_request(client, cfg, prompt, system)
         bar.update(1)
         return result
 
@@ -578,6 +611,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="max_tokens (default %(default)s)",
     )
     add("--prompt-file", help="one prompt per line instead of random words")
+    add(
+        "--shared-prefix-len",
+        type=int,
+        default=0,
+        help="shared-prefix workload: a system prompt of this many words common to every "
+        "request, before its own prompt (default 0: none)",
+    )
+    add("--temperature", type=float, help="sent with every request (default: the server's)")
     add("--stream", action=argparse.BooleanOptionalAction, default=True, help="SSE streaming")
     add("--ignore-eos", action="store_true", help='send "ignore_eos": true (vLLM, SGLang, Chitu)')
     add("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default $OPENAI_API_KEY")
@@ -613,6 +654,8 @@ def main(argv: list[str] | None = None, show_progress: bool = True) -> int:
             timeout_s=args.timeout,
             ignore_eos=args.ignore_eos,
             prompt_file=args.prompt_file,
+            shared_prefix_len=args.shared_prefix_len,
+            temperature=args.temperature,
         )
     except ValueError as exc:  # a bad option value
         parser.error(str(exc))
@@ -625,6 +668,7 @@ def main(argv: list[str] | None = None, show_progress: bool = True) -> int:
     print(
         f"\n{cfg.url}  model={cfg.model}  stream={cfg.is_stream}  prompts/level={cfg.num_prompts}"
         f"  input~{cfg.input_len} words  output={cfg.output_len} tokens"
+        + (f"  shared prefix~{cfg.shared_prefix_len} words" if cfg.shared_prefix_len else "")
     )
     print(format_table(reports))
     if errors := format_errors(reports):

@@ -23,8 +23,10 @@ import pluggy
 
 from chitu_core import hookspecs
 from chitu_core.backend_info import BackendInfo, BackendOptions, OpPath
+from chitu_core.contract import check_contract
 from chitu_core.errors import (
     BackendUnavailableError,
+    ContractVersionError,
     PluginLoadError,
     PluginSignatureError,
     UnknownBackendError,
@@ -73,14 +75,16 @@ COMPOSED_OPS: dict[str, tuple[str, ...]] = {
 class InstalledBackend:
     """One entry point of ``chitu.backends`` and what loading it revealed.
 
-    ``load_error`` is set when the module failed to import or to validate; then
-    ``info`` is None. ``unavailable_reason`` is None when the backend can run here.
+    ``load_error`` is set when the module failed to import or to validate (then
+    ``info`` is None), and ``load_error_type`` is the error selecting it raises.
+    ``unavailable_reason`` is None when the backend can run here.
     """
 
     name: str
     distribution: str
     version: str
     load_error: str | None = None
+    load_error_type: type[PluginLoadError] = PluginLoadError
     info: BackendInfo | None = None
     unavailable_reason: str | None = None
     native_ops: tuple[str, ...] = ()
@@ -155,6 +159,21 @@ def native_op_names(pm: pluggy.PluginManager) -> tuple[str, ...]:
     return tuple(op for op in OP_NAMES if getattr(pm.hook, HOOK_PREFIX + op).get_hookimpls())
 
 
+def _check_declared_contract(plugin: object, name: str) -> None:
+    """``ContractVersionError`` if the plugin's own ``BackendInfo.contract`` excludes this
+    contract. Read before registering: an outdated plugin's signature errors would
+    otherwise hide which hooks changed."""
+    describe = getattr(plugin, "chitu_backend_info", None)
+    if not callable(describe):
+        return  # registration reports the missing required hook
+    try:
+        info = describe()
+    except Exception:  # registration calls it again and reports the failure
+        return
+    if isinstance(info, BackendInfo):
+        check_contract(name, info.contract)
+
+
 def _inspect_entry_point(ep: importlib.metadata.EntryPoint) -> InstalledBackend:
     dist = ep.dist
     backend = InstalledBackend(
@@ -166,6 +185,12 @@ def _inspect_entry_point(ep: importlib.metadata.EntryPoint) -> InstalledBackend:
         plugin = ep.load()
     except Exception as exc:  # a plugin's import may fail in any way; others must still load
         backend.load_error = f"import of {ep.value!r} failed: {type(exc).__name__}: {exc}"
+        return backend
+    try:
+        _check_declared_contract(plugin, ep.name)
+    except ContractVersionError as exc:
+        backend.load_error = f"{type(exc).__name__}: {exc}"
+        backend.load_error_type = ContractVersionError
         return backend
     try:
         pm = _register(plugin, ep.name)
@@ -229,7 +254,7 @@ def select_backend(name: str, backends: dict[str, InstalledBackend]) -> Installe
         )
     backend = backends[name]
     if backend.load_error:
-        raise PluginLoadError(
+        raise backend.load_error_type(
             f"backend {name!r} ({backend.distribution}) failed to load: {backend.load_error}"
         )
     if backend.unavailable_reason:

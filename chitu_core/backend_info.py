@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from chitu_core.contract import parse_range
+
+DEFAULT_CONTRACT = ">=1.0,<2"
+
 
 @dataclass(frozen=True)
 class BackendInfo:
@@ -23,6 +27,14 @@ class BackendInfo:
         supports_graphs: ``chitu_capture_graph`` is implemented and usable.
         needs_certificate: serving requires a conformance certificate first
             (False only for the reference backend, which is the oracle).
+        contract: the versions of the hook contract (``chitu_core/hookspecs.py``
+            ``CONTRACT_VERSION``) the plugin was written for, as a version specifier
+            (``">=1.0,<2"``); loading fails with ``ContractVersionError`` outside it.
+            The default is the 1.x contract, which every plugin written before the
+            contract was versioned implements.
+        batch_invariant: the backend claims a sequence's outputs do not depend on the
+            batch it runs in (same tokens and logits alone and among 15 others). The
+            conformance suite always measures it; only a claimed one must hold.
     """
 
     name: str
@@ -33,6 +45,10 @@ class BackendInfo:
     has_native_fp8: bool = False
     supports_graphs: bool = False
     needs_certificate: bool = True
+    # A literal, not derived from CONTRACT_VERSION: a 2.0 contract must refuse plugins
+    # that never declared a range (they were written for 1.x).
+    contract: str = DEFAULT_CONTRACT
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
@@ -43,6 +59,7 @@ class BackendInfo:
             raise ValueError(
                 f"compute_dtype must be bfloat16, float16 or float32, got {self.compute_dtype!r}"
             )
+        parse_range(self.contract)  # ValueError for a malformed range
 
 
 # ``--fp8-compute``: how FP8 weights meet the activations (see ``BackendOptions``).

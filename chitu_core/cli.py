@@ -41,6 +41,8 @@ def _backend_rows() -> list[dict]:
                 "device_type": info.device_type if info else None,
                 "dist_backend": info.dist_backend if info else None,
                 "priority": info.priority if info else None,
+                # the hook contract versions the plugin declares (hookspecs.CONTRACT_VERSION)
+                "contract": info.contract if info else None,
                 "native_ops": list(backend.native_ops),
                 # None: no valid certificate on this device (serve runs conformance first)
                 "demoted_ops": _demotions(backend.name) if backend.is_available else None,
@@ -132,14 +134,31 @@ def add_fp8_compute_option(p: argparse.ArgumentParser) -> None:
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that builds an engine (generate, serve, bench)."""
-    p.add_argument("--backend", default="auto", help="backend name or 'auto' (default)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype")
     p.add_argument(
-        "--quantize", choices=["fp8"], help="quantize bf16 linear weights to FP8 at load"
+        "--backend",
+        default="auto",
+        help="backend name, or 'auto' (default): the available backend of highest priority "
+        "(an accelerator's, else cpu); `chitu plugins` lists them",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="compute dtype (default: the backend's, e.g. bfloat16 on cpu and nvidia, float32 "
+        "on cpu_ref); 'auto': the checkpoint's own, as "
+        "transformers' dtype='auto' (config.json's dtype, a GGUF's float type), else the backend's",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["fp8"],
+        help="quantize bf16 linear weights to FP8 at load (GGUF weights: dequantized, then FP8)",
     )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: from free memory)")
-    p.add_argument("--kv-cache-gb", type=float, help="KV-cache size in GiB")
+    p.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        help="KV-cache size in GiB (default: what the memory plan leaves)",
+    )
     p.add_argument(
         "--gpu-memory-utilization",
         type=float,
@@ -166,13 +185,25 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         "next decode step is queued first, so the device does not wait for the host)",
     )
     p.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="compute every prompt in full (by default a request reuses the KV cache of the "
+        "longest prefix, in whole blocks, that an earlier request computed: system prompts, "
+        "multi-turn chat)",
+    )
+    p.add_argument(
         "--max-num-seqs",
         type=int,
         help="sequences per batch (default: 256 where the KV cache holds 256 sequences of "
         "1024 tokens, fewer but at least 64 otherwise; the start-up log says which)",
     )
     add_fp8_compute_option(p)
-    p.add_argument("--max-model-len", type=int, help="context length (prompt + output)")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        help="context length, prompt + output (default: the model's, capped by the KV cache)",
+    )
     p.add_argument(
         "--tp", type=int, default=1, help="tensor-parallel ranks per pipeline stage (default 1)"
     )
@@ -201,6 +232,7 @@ def engine_config(args: argparse.Namespace, model: str):
         max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager,
         overlap_steps=args.overlap_steps,
+        enable_prefix_caching=args.enable_prefix_caching,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         tp=args.tp,
@@ -266,15 +298,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
             skip_conformance=args.skip_conformance,
             max_body_bytes=args.max_body_bytes,
             sock=sock,
+            on_ready=lambda line: print(f"chitu: {line}", flush=True),
         )
         return 0
 
     return run_ranks(config, serve_http)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default in ``--help``, unless its text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "default" in text
+            or not action.option_strings
+            or any(action.default is value for value in (None, False, True, argparse.SUPPRESS))
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def add_global_options(parser: argparse.ArgumentParser, top_level: bool) -> None:
+    """Options accepted before the subcommand and after it (``chitu serve -v``)."""
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        # A subcommand's copy must not reset what was given before the subcommand.
+        default=False if top_level else argparse.SUPPRESS,
+        help="log at INFO level (start-up details: memory plan, graphs, certificate)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chitu", description="Chitu LLM inference engine")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser = argparse.ArgumentParser(
+        prog="chitu", description="Chitu LLM inference engine", formatter_class=HelpFormatter
+    )
+    add_global_options(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plugins", help="list installed backends and their native ops")
@@ -291,16 +352,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="complete a prompt and print the completion")
     p.add_argument(
-        "--model", help="HF-format model directory (default: the built-in random demo model)"
+        "--model",
+        help="HF-format model directory or .gguf file (default: the built-in random demo model)",
     )
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt as a user message (chat template)"
     )
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature; 0 = greedy (default: 0)",
+    )
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
     p.add_argument(
         "--print-token-ids", action="store_true", help="also print the token ids (a JSON list)"
     )
@@ -311,28 +378,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model",
         nargs="?",
-        help="HF-format model directory (default: the built-in random demo model)",
+        help="HF-format model directory or .gguf file (default: the built-in random demo model)",
     )
     p.add_argument(
         "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)"
     )
-    p.add_argument("--port", type=int, default=21002)
+    p.add_argument("--port", type=int, default=21002, help="TCP port")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set CHITU_API_KEY)")
     p.add_argument(
         "--served-model-name", help="model id clients use (default: the model directory name)"
     )
     p.add_argument(
-        "--skip-conformance", action="store_true", help="serve without a certificate (not advised)"
+        "--skip-conformance",
+        action="store_true",
+        help="serve without a conformance certificate (not advised). A certificate records "
+        "that the backend's ops matched the CPU reference on this device; without a valid one, "
+        "serve first runs `chitu conformance --quick` on the backend (once per device and "
+        "version; cpu_ref, the reference itself, needs none)",
     )
     p.add_argument(
-        "--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body"
+        "--max-body-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="largest request body in bytes; larger requests get 413",
     )
     add_engine_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("new-backend", help="write a backend plugin package to start from")
     p.add_argument("name", help="backend name: lowercase letters, digits and '_'")
-    p.add_argument("--dir", default=".", help="where to create chitu-NAME/ (default: here)")
+    p.add_argument(
+        "--dir", default=".", help="where to create chitu-NAME/ (default: ., the current directory)"
+    )
     p.add_argument(
         "--device-type", default="cpu", help="torch device type (default cpu: runs anywhere)"
     )
@@ -344,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_conformance_command(sub)
 
     add_demo_model_command(sub)
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
+        add_global_options(command, top_level=False)
     return parser
 
 

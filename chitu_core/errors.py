@@ -23,6 +23,11 @@ class PluginSignatureError(PluginLoadError):
     """A hook implementation's arguments do not match its spec in ``chitu_core/hookspecs.py``."""
 
 
+class ContractVersionError(PluginLoadError):
+    """A plugin's ``BackendInfo.contract`` range excludes this Chitu's hook contract version
+    (the message names the hooks changed since the plugin's versions)."""
+
+
 class CheckpointError(ChituError):
     """A model directory is missing, corrupt or does not match its config (names file and tensor)."""
 
@@ -33,3 +38,24 @@ class UnsupportedModelError(CheckpointError):
 
 class TokenizerError(ChituError):
     """tokenizer.json / tokenizer_config.json missing or invalid, or no chat template."""
+
+
+class ConfigFieldError(CheckpointError, ValueError):
+    """A config.json field is missing or of the wrong type (names the field; the loader adds
+    the file)."""
+
+
+class GGUFError(CheckpointError):
+    """A GGUF checkpoint Chitu cannot use (base of the GGUF errors below)."""
+
+
+class CorruptGGUFError(GGUFError):
+    """The file is not a readable GGUF: bad magic, truncated, or a header that lies about sizes."""
+
+
+class UnsupportedGGUFArchitectureError(GGUFError, UnsupportedModelError):
+    """``general.architecture`` names an architecture the GGUF mapping table lacks."""
+
+
+class UnsupportedGGUFQuantError(GGUFError):
+    """A tensor is stored in a GGML type Chitu cannot dequantize (message lists the supported)."""

@@ -33,6 +33,17 @@ Conventions used in every docstring:
   with the fp32/fp64 reference within the per-dtype bounds of
   ``conformance/tolerances.py``).
 
+Versioning: ``CONTRACT_VERSION`` (semver) names this contract. A plugin declares
+the versions it was written for in ``BackendInfo.contract`` (a version specifier
+such as ``">=1.0,<2"``); a plugin whose range excludes ``CONTRACT_VERSION`` is
+refused at load time with ``ContractVersionError``, which lists the hooks
+changed since (``CONTRACT_HISTORY``). MAJOR: a hook removed, or an existing
+implementation would break (an argument renamed, removed or reordered, a return
+value or semantics changed, a hook made required). MINOR: a new optional hook, a
+new argument an implementation may omit, a new ``BackendInfo`` field with a
+default. PATCH: wording only. ``tests/test_contract_version.py`` fails when a
+signature changes without a bump.
+
 This module imports nothing but pluggy and typing so that vendors can read it
 alone.
 """
@@ -40,7 +51,7 @@ alone.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pluggy
 
@@ -51,6 +62,33 @@ if TYPE_CHECKING:  # pragma: no cover - names for annotations only
 
 hookspec = pluggy.HookspecMarker("chitu")
 hookimpl = pluggy.HookimplMarker("chitu")
+
+
+class ContractChange(NamedTuple):
+    """One release of the contract: its version, the hooks it changed, and how."""
+
+    version: str
+    hooks: tuple[str, ...]
+    summary: str
+
+
+# Newest last; the last entry's version is CONTRACT_VERSION. docs/writing-a-backend.md
+# ("Contract history") shows the same lines; ContractVersionError quotes them.
+CONTRACT_HISTORY: tuple[ContractChange, ...] = (
+    ContractChange(
+        "1.0.0",
+        ("chitu_backend_info",),
+        "first versioned contract: the hooks of this file; BackendInfo gains `contract` "
+        "(the versions a plugin was written for) and `batch_invariant`",
+    ),
+    ContractChange(
+        "1.1.0",
+        ("chitu_configure",),
+        "new optional hook: the user's compute choices (`BackendOptions`: `--fp8-compute`) "
+        "once at bind time; it answers which path each op takes (`OpPath`)",
+    ),
+)
+CONTRACT_VERSION = CONTRACT_HISTORY[-1].version
 
 
 # --------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from chitu_core.distributed.model_parallel import ModelParallel, Shard
-from chitu_core.errors import CheckpointError
+from chitu_core.errors import CheckpointError, ConfigFieldError
+from chitu_core.gguf import find_gguf
 from chitu_core.quant import (
     FORMAT_FP8_BLOCK128,
     FORMAT_UNQUANTIZED,
@@ -48,6 +49,24 @@ def read_config(path: str | Path) -> dict[str, Any]:
         return json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config_path}: invalid JSON: {exc}") from exc
+
+
+TORCH_DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+
+def checkpoint_dtype(path: str | Path) -> str | None:
+    """The dtype a checkpoint declares, as transformers' ``dtype="auto"`` reads it: config.json's
+    ``dtype`` (transformers 5) or ``torch_dtype``; for a GGUF, its float file type (F32, F16,
+    BF16). None when it declares none of ``TORCH_DTYPE_NAMES`` (e.g. a quantized GGUF)."""
+    gguf_path = find_gguf(path)
+    if gguf_path is None:
+        config = read_config(path)
+    else:
+        from chitu_core.gguf.checkpoint import GGUFCheckpoint
+
+        config = GGUFCheckpoint.open(gguf_path).config
+    declared = config.get("dtype") or config.get("torch_dtype")
+    return declared if declared in TORCH_DTYPE_NAMES else None
 
 
 def _shard_map(path: Path) -> dict[str, Path]:
@@ -104,7 +123,7 @@ class CheckpointReader:
             )
         self.path = Path(path)
         self.ops, self.dtype, self.device, self.quantize = ops, dtype, device, quantize
-        self._files = _shard_map(self.path)
+        self._files = self._tensor_index()
         self._handles: dict[Path, Any] = {}
         self._used: set[str] = set()
         self._progress = tqdm(
@@ -114,6 +133,10 @@ class CheckpointReader:
             disable=not show_progress,
             leave=False,
         )
+
+    def _tensor_index(self) -> dict[str, Any]:
+        """Tensor name -> where it is stored (here: its safetensors shard)."""
+        return _shard_map(self.path)
 
     # -- plain tensors -----------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -163,22 +186,7 @@ class CheckpointReader:
                 f"{path}: tensor {name!r} has shape {full}, the config implies {tuple(shape)}"
             )
         if shard is not None:
-            if shard.dim >= len(full) or shard.start >= full[shard.dim]:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} of shape {full} has no rows {shard.start}: "
-                    f"along dim {shard.dim}"
-                )
-            index = [slice(None)] * len(full)
-            index[shard.dim] = slice(shard.start, min(shard.stop, full[shard.dim]))
-            try:
-                tensor = view[tuple(index)]
-            except Exception as exc:
-                raise CheckpointError(f"{path}: cannot read a slice of {name!r}: {exc}") from exc
-            missing = shard.stop - full[shard.dim]
-            if missing > 0:
-                pad = list(tensor.shape)
-                pad[shard.dim] = missing
-                tensor = torch.cat([tensor, tensor.new_zeros(pad)], dim=shard.dim)
+            tensor = read_shard(view.__getitem__, full, shard, f"{path}: tensor {name!r}")
         self._mark_used(name)
         return tensor
 
@@ -322,11 +330,15 @@ class CheckpointReader:
         return QuantizedWeight(weight, None, FORMAT_UNQUANTIZED)
 
     # -- bookkeeping -------------------------------------------------------------------
+    def close_progress(self) -> None:
+        """Remove the progress bar from the terminal (it leaves no line behind)."""
+        self._progress.close()
+
     def finish(self, ignore: Iterable[str] = (), report_unused: bool = True) -> None:
         """Close the progress bar; log tensors the model did not use (``ignore`` are regexes
         of names skipped on purpose, e.g. DeepSeek's MTP layer). A pipeline stage reads
         only its layers, so it passes ``report_unused=False``."""
-        self._progress.close()
+        self.close_progress()
         if not report_unused:
             self._handles.clear()
             return
@@ -339,6 +351,33 @@ class CheckpointReader:
         if others:
             logger.warning("%d checkpoint tensors were not used, e.g. %s", len(others), others[:3])
         self._handles.clear()
+
+
+def read_shard(
+    read: Callable[[tuple[slice, ...]], torch.Tensor],
+    full: tuple[int, ...],
+    shard: Shard,
+    what: str,
+) -> torch.Tensor:
+    """Rows ``[start, stop)`` of dimension ``shard.dim`` of a tensor of shape ``full``, read
+    with ``read(index)``; a shard running past the end is zero-padded to ``shard.size``.
+    ``what`` names the tensor in errors."""
+    if shard.dim >= len(full) or shard.start >= full[shard.dim]:
+        raise CheckpointError(
+            f"{what} of shape {full} has no rows {shard.start}: along dim {shard.dim}"
+        )
+    index = [slice(None)] * len(full)
+    index[shard.dim] = slice(shard.start, min(shard.stop, full[shard.dim]))
+    try:
+        tensor = read(tuple(index))
+    except Exception as exc:
+        raise CheckpointError(f"{what}: cannot read a slice: {exc}") from exc
+    missing = shard.stop - full[shard.dim]
+    if missing > 0:
+        pad = list(tensor.shape)
+        pad[shard.dim] = missing
+        tensor = torch.cat([tensor, tensor.new_zeros(pad)], dim=shard.dim)
+    return tensor
 
 
 def _check_fp8_shard(path: Path, name: str, shape: tuple[int, int], shard: Shard) -> None:
@@ -367,10 +406,11 @@ def load_model(
     device: torch.device | None = None,
     parallel: ModelParallel | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Build the model of an HF checkpoint directory on ``ops``'s backend.
+    """Build the model of an HF checkpoint directory or a GGUF file on ``ops``'s backend.
 
     Args:
-        path: directory with ``config.json`` and ``*.safetensors``.
+        path: directory with ``config.json`` and ``*.safetensors``; or a ``.gguf`` file (or a
+            directory holding just one), its config and tensors mapped by ``chitu_core/gguf``.
         ops: the bound backend ``Ops``.
         dtype: compute dtype (default: the backend's ``compute_dtype``).
         quantize: ``"fp8"`` to quantize bf16 linear weights to FP8 block-128 at load.
@@ -383,14 +423,36 @@ def load_model(
     """
     from chitu_core.models.registry import model_class
 
-    config = read_config(path)
-    cls = model_class(config, Path(path) / "config.json")
+    gguf_path = find_gguf(path)
+    if gguf_path is None:
+        config = read_config(path)
+        config_path = Path(path) / "config.json"
+    else:
+        from chitu_core.gguf.checkpoint import GGUFCheckpoint, GGUFCheckpointReader
+
+        checkpoint = GGUFCheckpoint.open(gguf_path)
+        config, config_path = checkpoint.config, gguf_path
+    cls = model_class(config, config_path)
     dtype = dtype or getattr(torch, ops.info.compute_dtype)
     device = device or ops.device(0)
-    reader = CheckpointReader(path, ops, dtype, device, quantize, show_progress)
-    model = cls(config, ops, dtype, device, parallel or ModelParallel())
-    with torch.no_grad():
-        model.load(reader)
+    # The model parses its config before the progress bar starts: a config error is
+    # printed on a line of its own, with the file's path.
+    try:
+        model = cls(config, ops, dtype, device, parallel or ModelParallel())
+    except ConfigFieldError as exc:
+        raise ConfigFieldError(f"{config_path}: {exc}") from None
+    except ValueError as exc:  # the config's own checks (a field out of range, inconsistent)
+        raise CheckpointError(f"{config_path}: {exc}") from exc
+    if gguf_path is None:
+        reader = CheckpointReader(path, ops, dtype, device, quantize, show_progress)
+    else:
+        reader = GGUFCheckpointReader(checkpoint, ops, dtype, device, quantize, show_progress)
+    try:
+        with torch.no_grad():
+            model.load(reader)
+    except BaseException:
+        reader.close_progress()  # ends the bar's line before the error is printed
+        raise
     reader.finish(
         getattr(model, "skipped_weights", ()),
         report_unused=parallel is None or parallel.pp_size == 1,

@@ -21,6 +21,8 @@ from string import Template
 
 import chitu_core
 from chitu_core.backend import ENTRY_POINT_GROUP
+from chitu_core.contract import suggested_range
+from chitu_core.hookspecs import CONTRACT_VERSION
 
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
 # Names the CLI gives a meaning of its own.
@@ -111,6 +113,9 @@ def write_backend(skeleton: BackendSkeleton, root: Path) -> list[Path]:
         "priority": -10 if skeleton.device_type == "cpu" else 50,
         "compute_dtype": "float32" if skeleton.device_type == "cpu" else "bfloat16",
         "chitu_version": chitu_core.__version__,
+        # The contract this Chitu implements: the generated hooks are written against it.
+        "contract": suggested_range(),
+        "contract_version": CONTRACT_VERSION,
     }
     files = {
         "pyproject.toml": PYPROJECT,
@@ -130,7 +135,7 @@ def write_backend(skeleton: BackendSkeleton, root: Path) -> list[Path]:
 
 # ------------------------------------------------------------------------------ templates
 # string.Template fields: $name, $package, $distribution, $device_type, $dist_backend,
-# $priority, $compute_dtype, $chitu_version.
+# $priority, $compute_dtype, $chitu_version, $contract, $contract_version.
 
 PYPROJECT = """\
 [build-system]
@@ -199,6 +204,9 @@ def chitu_backend_info() -> BackendInfo:
         dist_backend="$dist_backend",  # torch.distributed backend of the collectives
         priority=$priority,  # 'chitu serve --backend auto' picks the highest available
         compute_dtype="$compute_dtype",  # the activation dtype models run in here
+        # Hook contract versions these hooks follow (written for $contract_version); a Chitu
+        # outside the range refuses to load the plugin and names the hooks that changed.
+        contract="$contract",
     )
 
 

@@ -1,4 +1,5 @@
-"""Tokenizer of an HF model directory: ``tokenizer.json`` through the ``tokenizers`` package,
+"""Tokenizer of an HF model directory: ``tokenizer.json`` (or a tiktoken ``tiktoken.model``,
+``chitu_core/tiktoken_bpe.py``) through the ``tokenizers`` package,
 special tokens and the chat template from ``tokenizer_config.json``, rendered with jinja2
 the way ``transformers`` renders it (same sandbox, globals, filters and variables)."""
 
@@ -17,6 +18,7 @@ from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as _HFTokenizer
 
 from chitu_core.errors import TokenizerError
+from chitu_core.tiktoken_bpe import TIKTOKEN_FILE, tiktoken_tokenizer
 
 # The named special tokens transformers passes to a chat template (its special_tokens_map).
 SPECIAL_TOKEN_NAMES = tuple(
@@ -162,16 +164,20 @@ class Tokenizer:
         """
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise TokenizerError(
-                f"no tokenizer.json in {path}: Chitu needs a 'fast' HF tokenizer; convert a "
-                "sentencepiece model with transformers (AutoTokenizer(...).save_pretrained(dir))"
-            )
-        try:
-            backend = _HFTokenizer.from_file(str(tokenizer_file))
-        except Exception as e:  # tokenizers raises a bare Exception for every parse error
-            raise TokenizerError(f"{tokenizer_file} cannot be loaded: {e}") from e
         config = _read_json(path / "tokenizer_config.json")
+        if not tokenizer_file.is_file() and (path / TIKTOKEN_FILE).is_file():  # Kimi-K2
+            backend = tiktoken_tokenizer(path / TIKTOKEN_FILE, config)
+        elif not tokenizer_file.is_file():
+            raise TokenizerError(
+                f"no tokenizer.json in {path}: Chitu needs a 'fast' HF tokenizer (or Kimi-K2's "
+                f"{TIKTOKEN_FILE}); convert a sentencepiece model with transformers "
+                "(AutoTokenizer(...).save_pretrained(dir))"
+            )
+        else:
+            try:
+                backend = _HFTokenizer.from_file(str(tokenizer_file))
+            except Exception as e:  # tokenizers raises a bare Exception for every parse error
+                raise TokenizerError(f"{tokenizer_file} cannot be loaded: {e}") from e
         eos = _read_json(path / "generation_config.json").get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (eos,) if isinstance(eos, int) else ()
         return cls(backend, config, _select_chat_template(path, config), eos_ids)
@@ -257,3 +263,16 @@ class Tokenizer:
         as transformers' ``apply_chat_template(tokenize=True)`` assumes."""
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         return self.encode(text, add_special_tokens=False)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a model path: an HF directory's tokenizer files (``from_dir``), or a
+    GGUF file's ``tokenizer.*`` metadata (a ``.gguf`` file or a directory holding one)."""
+    from chitu_core.gguf import find_gguf
+
+    gguf_path = find_gguf(path)
+    if gguf_path is None:
+        return Tokenizer.from_dir(path)
+    from chitu_core.gguf.tokenizer import tokenizer_from_gguf
+
+    return tokenizer_from_gguf(gguf_path)

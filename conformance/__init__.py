@@ -15,6 +15,8 @@ Modules, in the order a run uses them: ``shapes`` (real model dimensions),
 ``case`` (running a case on a backend and on cpu_ref), ``tolerances`` (every bound
 and why), ``check`` (one case: compare and time), ``roofline`` (device peaks and
 each case's bytes and FLOPs), ``collectives`` (a spawned world of two),
-``model_check`` (the demo models end to end), ``runner`` (a whole run), ``report``,
-``certificate``, ``gate``.
+``model_check`` (the demo models end to end), ``determinism`` (repeat and batch
+invariance), ``progress`` (what a run says while it runs), ``resume`` (finished checks
+kept for a rerun), ``runner`` (a whole run), ``result``, ``report``, ``certificate``,
+``gate``.
 """

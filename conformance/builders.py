@@ -21,7 +21,8 @@ POOLED_EXPERT_ELEMENTS = 1 << 26
 
 def randn(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
     """Standard normal ``shape`` fp32 times ``scale``."""
-    return torch.randn(*shape, generator=gen) * scale
+    values = torch.randn(*shape, generator=gen)
+    return values if scale == 1.0 else values.mul_(scale)  # in place: real-size weights are big
 
 
 def weight(gen: torch.Generator, fmt: str, *shape: int) -> QuantizedWeight:

@@ -26,7 +26,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # Bump when the cases or tolerances change enough that old certificates prove too little.
-SUITE_VERSION = 2  # 2: the fp8_act class; the key holds the --fp8-compute mode
+SUITE_VERSION = (
+    3  # 2: the fp8_act class, --fp8-compute in the key; 3: determinism, accuracy, contract
+)
 CERT_DIR_ENV = "CHITU_CERT_DIR"
 
 
@@ -58,6 +60,11 @@ class Certificate:
     failures: list[str] = field(default_factory=list)
     # op -> the path the backend declared for the certified mode (``OpPath.description``)
     compute_paths: dict[str, str] = field(default_factory=dict)
+    contract_version: str = ""
+    # Per demo model: passed, repeat tokens equal, batch-invariant (bit-equal logits).
+    determinism: list[dict[str, Any]] = field(default_factory=list)
+    # Task accuracy on a real model: {"checked": False, "summary": "accuracy: not checked..."}
+    accuracy: dict[str, Any] = field(default_factory=dict)
     created: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
@@ -142,4 +149,16 @@ def from_result(result: Any) -> Certificate:
         models_passed=result.models_passed,
         failures=list(result.failures),
         compute_paths=dict(info.compute_paths),
+        contract_version=info.contract_version,
+        determinism=[
+            {
+                "arch": d.arch,
+                "passed": d.passed,
+                "repeat_tokens_equal": d.repeat_tokens_equal,
+                "batch_invariant": d.batch_invariant,
+                "batch_invariant_claimed": d.batch_invariant_claimed,
+            }
+            for d in result.determinism
+        ],
+        accuracy=dict(result.accuracy),
     )

@@ -36,8 +36,10 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     """Run the suite as ``args`` say; print a summary; return the exit code."""
     from conformance.certificate import from_result, save
     from conformance.report import write_reports
+    from conformance.resume import CACHE_FILE
     from conformance.runner import SuiteConfig, run_suite
 
+    out = args.out or Path("out") / "conformance" / args.backend
     config = SuiteConfig(
         backend=args.backend,
         quick=args.quick,
@@ -48,9 +50,18 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         model_check=not args.no_model_check,
         progress=not args.no_progress,
         fp8_compute=args.fp8_compute,
+        cache_path=out / CACHE_FILE,
+        fresh=args.fresh,
     )
-    result = run_suite(config)
-    out = args.out or Path("out") / "conformance" / result.info.backend
+    try:
+        result = run_suite(config)
+    except KeyboardInterrupt:  # Ctrl-C: what finished is in the cache, say how to go on
+        print(
+            f"\nstopped; finished checks are kept in {config.cache_path}: run the same command "
+            "to continue, or add --fresh to start over",
+            file=sys.stderr,
+        )
+        return 130
     paths = write_reports(result, out)
     # Only a run of the backend as it would be served certifies it.
     if not (args.ops or args.demote or args.dtype or args.no_model_check):
@@ -62,14 +73,25 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         f"{info.mode}, {info.dtype}, --fp8-compute {info.fp8_compute}: {len(result.cases)} cases, {len(result.models)} models "
         f"in {info.elapsed_s:.0f} s"
     )
+    print(f"hook contract {info.contract_version}; {result.accuracy['summary']}")
+    for d in result.determinism:
+        print(
+            f"determinism {d.arch}: repeat {'same' if d.repeat_tokens_equal else 'DIFFERENT'} "
+            f"tokens; batch of 16 {'same' if d.batch_tokens_equal else 'different'} tokens, "
+            f"logits {'bit-equal' if d.batch_logits_equal else f'differ by {d.batch_max_rel_diff:.1e}'}"
+            f" ({'claimed' if d.batch_invariant_claimed else 'informational'})"
+        )
     if not result.passed:
         print(
             f"failed ops: {', '.join(result.failed_ops) or 'none'}; demote: {', '.join(result.demote)}"
         )
-        for message in result.failures[:MAX_PRINTED_FAILURES]:
+        for op, line in result.failures_by_op.items():  # one line per op: its first failing case
+            print(f"  {op}: {line}")
+        others = [m.message for m in result.models if not m.passed]
+        others += [d.message for d in result.determinism if not d.passed]
+        for message in others[:MAX_PRINTED_FAILURES]:
             print(f"  {message}")
-        if len(result.failures) > MAX_PRINTED_FAILURES:
-            print(f"  ... {len(result.failures) - MAX_PRINTED_FAILURES} more in {paths['md']}")
+        print(f"  every failing case: {paths['md']}")
     print(f"reports: {paths['md']}, {paths['json']}, {paths['png']}")
     return 0 if result.passed else 1
 
@@ -113,6 +135,13 @@ def add_conformance_arguments(p: argparse.ArgumentParser) -> None:
         choices=FP8_COMPUTE_MODES,
         default="auto",
         help=FP8_COMPUTE_HELP + "; the certificate is per mode",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard the finished checks of a stopped run in the report directory and start "
+        "over (by default a rerun continues where it stopped; a changed plugin, version or "
+        "device discards them anyway)",
     )
     p.set_defaults(func=cmd_conformance)
 

@@ -9,8 +9,8 @@ Vendors run the same suite in their CI::
 (``-p chitu_conformance`` is needed only where plugin autoloading is off;
 the ``pytest11`` entry point loads it otherwise.) ``--pyargs conformance``
 collects ``conformance/test_suite.py``, which holds one parametrized test:
-one test per op case (``linear[...]``), per collective, and per demo model
-(``model:deepseek_v3``). Without ``--chitu-backend`` it is skipped, and the
+one test per op case (``linear[...]``), per collective, per demo model
+(``model:deepseek_v3``) and per determinism check (``determinism:llama``). Without ``--chitu-backend`` it is skipped, and the
 plugin adds nothing to other test sessions (it imports the suite, and torch,
 only when asked to run it).
 """
@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 MODEL_PREFIX = "model:"
+DETERMINISM_PREFIX = "determinism:"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -55,9 +56,11 @@ class ConformanceSession:
         )
         self._collectives: dict[str, Any] | None = None
         self._models: dict[str, Any] | None = None
+        self._determinism: dict[str, Any] | None = None
 
     def check_ids(self) -> list[str]:
         from conformance.collectives import COLLECTIVE_CASES
+        from conformance.determinism import QUICK_ARCHS
         from conformance.model_check import ARCHS
 
         ids = [case.id for case in self.plan.cases]
@@ -65,6 +68,8 @@ class ConformanceSession:
             ids += [c.id for c in COLLECTIVE_CASES if c.op in self.plan.selected]
         if self.plan.has_model_check:
             ids += [f"{MODEL_PREFIX}{arch}" for arch in ARCHS]
+            archs = QUICK_ARCHS if self.plan.config.quick else ARCHS
+            ids += [f"{DETERMINISM_PREFIX}{arch}" for arch in archs]
         return ids
 
     def run(self, check_id: str) -> tuple[bool, str]:
@@ -76,6 +81,11 @@ class ConformanceSession:
                 self._models = {m.arch: m for m in self.plan.model_results()}
             model = self._models[check_id[len(MODEL_PREFIX) :]]
             return model.passed, model.message
+        if check_id.startswith(DETERMINISM_PREFIX):
+            if self._determinism is None:
+                self._determinism = {d.arch: d for d in self.plan.determinism_results()}
+            result = self._determinism[check_id[len(DETERMINISM_PREFIX) :]]
+            return result.passed, result.message
         case = next((c for c in self.plan.cases if c.id == check_id), None)
         if case is not None:
             result = check_case(case, self.plan.runner)

@@ -1,9 +1,11 @@
 """Reports of a run: ``report.json`` (everything), ``report.md`` (tables), ``roofline.png``.
 
-``report.md`` has a summary table with one row per op (result, worst error
-against its bound, speed against the generic op on the same device, share of
-the roofline), the whole-model check, the failures, and then one table per
-op with its cases.
+``report.md`` has a header (verdict, versions, the hook contract), one line per
+failed op naming the case that failed it, a summary table with one row per op
+(result, worst error against its bound, speed against the generic op on the same
+device, share of the roofline), the compute path each op was certified for, the
+whole-model check, determinism, task accuracy, and then one table per op with its
+cases.
 """
 
 from __future__ import annotations
@@ -86,15 +88,20 @@ def _roofline_text(cases: list[CaseResult]) -> str:
 def _header(result: SuiteResult) -> list[str]:
     info = result.info
     verdict = "**PASS**" if result.passed else "**FAIL**"
+    resumed = f" ({info.resumed_checks} cases from a stopped run's cache)" * bool(
+        info.resumed_checks
+    )
     lines = [
         f"# Conformance report: `{info.backend}` {info.plugin_version} on {info.device_name}",
         "",
         f"- Result: {verdict}; failed ops: {', '.join(result.failed_ops) or 'none'}; "
         f"to demote to the generic implementation: {', '.join(result.demote) or 'none'}",
+        f"- Hook contract: {info.contract_version} (chitu_core/hookspecs.py); the plugin "
+        f"declares `{info.contract_declared}`",
         f"- Run: {info.mode} mode, {info.dtype}, {len(result.cases)} cases + "
         f"{len(result.models)} models in {info.elapsed_s:.0f} s; {info.distribution} "
         f"{info.plugin_version}, chitu {info.chitu_version}, torch {info.torch_version}, "
-        f"started {info.started} on {info.host}",
+        f"started {info.started} on {info.host}{resumed}",
         f"- Native ops: {', '.join(info.native_ops) or 'none (all generic)'}; "
         f"demoted for this run: {', '.join(info.demoted_ops) or 'none'}",
         f"- Compute path certified: --fp8-compute {info.fp8_compute}"
@@ -155,6 +162,60 @@ def _models(result: SuiteResult) -> list[str]:
     return lines + [""]
 
 
+def _failed_ops(result: SuiteResult) -> list[str]:
+    lines = []
+    by_op = result.failures_by_op
+    if by_op:
+        lines += ["## Failed ops (one line each: the first case that failed it)", ""]
+        lines += [f"- **{op}**: {line}" for op, line in by_op.items()] + [""]
+    others = [m.message for m in result.models if not m.passed]
+    others += [d.message for d in result.determinism if not d.passed]
+    if others:
+        lines += ["## Other failures", ""] + [f"- {text}" for text in others] + [""]
+    return lines
+
+
+def _compute_paths(result: SuiteResult) -> list[str]:
+    paths = result.compute_paths
+    if not paths:
+        return []
+    lines = ["## Compute paths certified", "", "| op | path |", "|---|---|"]
+    lines += [f"| {op} | {path} |" for op, path in paths.items()]
+    return lines + [""]
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "**no**"
+
+
+def _determinism(result: SuiteResult) -> list[str]:
+    if not result.determinism:
+        return []
+    claimed = result.info.batch_invariant_claimed
+    lines = [
+        "## Determinism",
+        "",
+        "The same greedy request twice must give the same tokens. Batch invariance (the "
+        "request alone vs in a batch of 16) is "
+        + ("**claimed** by the backend, so checked." if claimed else "informational: not claimed."),
+        "",
+        "| model | result | repeat: same tokens | repeat: same logits bits | batch: same tokens "
+        "| batch: same logits bits | batch: max logits diff (rel.) | time |",
+        "|---|---|---|---|---|---|---|---:|",
+    ]
+    for d in result.determinism:
+        lines.append(
+            f"| {d.arch} | {'pass' if d.passed else '**FAIL**'} | {_yes_no(d.repeat_tokens_equal)} "
+            f"| {_yes_no(d.repeat_logits_equal)} | {_yes_no(d.batch_tokens_equal)} "
+            f"| {_yes_no(d.batch_logits_equal)} | {d.batch_max_rel_diff:.1e} | {_fmt_time(d.time_s)} |"
+        )
+    return lines + [""]
+
+
+def _accuracy(result: SuiteResult) -> list[str]:
+    return ["## Accuracy", "", result.accuracy.get("summary", "accuracy: not checked"), ""]
+
+
 def _op_table(op: str, cases: list[CaseResult]) -> list[str]:
     lines = [
         f"## {op}",
@@ -185,16 +246,28 @@ def markdown(result: SuiteResult) -> str:
         cases = [c for c in result.cases if c.op == op]
         if cases:
             by_op[op] = cases
-    lines = _header(result) + _summary(by_op) + _models(result)
-    if result.failures:
-        lines += ["## Failures", ""] + [f"- {f}" for f in result.failures] + [""]
+    lines = _header(result) + _failed_ops(result) + _summary(by_op) + _compute_paths(result)
+    lines += _models(result) + _determinism(result) + _accuracy(result)
     for op, cases in by_op.items():
         lines += _op_table(op, cases)
     return "\n".join(lines)
 
 
+# One marker per op (with the colour), so ops stay apart in print and for colour-blind readers.
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p", "d", "H", "8")
+
+
+def _limits(values: list[float], pad: float = 2.0) -> tuple[float, float]:
+    """Log-axis limits around ``values``: a factor ``pad`` either side."""
+    return min(values) / pad, max(values) * pad
+
+
 def plot_roofline(result: SuiteResult, path: Path) -> None:
-    """Achieved FLOP/s against arithmetic intensity for every timed case, under the roofline."""
+    """Achieved FLOP/s against arithmetic intensity for every timed case, under the roofline.
+
+    Each op has its own colour and marker (hollow: the generic op on the same device);
+    the axes span the data, and the roofline is drawn over that span only.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,31 +276,40 @@ def plot_roofline(result: SuiteResult, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 6))
     roof: dict[str, Any] = result.info.roofline
     points = [c for c in result.cases if c.time_s and c.flops and c.bytes]
-    if roof:
-        peak = roof["flops"].get(result.info.dtype) or roof["flops"].get("float32", 1.0)
-        xs = [10 ** (k / 10) for k in range(-30, 51)]
-        ax.plot(xs, [min(peak, roof["bandwidth"] * x) for x in xs], "k-", lw=1.5, label="roofline")
+    xs_all: list[float] = []
+    ys_all: list[float] = []
     colors = plt.get_cmap("tab20")
     for index, op in enumerate(sorted({c.op for c in points}, key=OP_NAMES.index)):
         cases = [c for c in points if c.op == op]
-        intensity = [c.flops / c.bytes for c in cases]
-        color = colors(index % 20)
-        ax.scatter(intensity, [c.flops / c.time_s for c in cases], color=color, label=op)
+        color, marker = colors(index % 20), MARKERS[index % len(MARKERS)]
+        xs = [c.flops / c.bytes for c in cases]
+        ys = [c.flops / c.time_s for c in cases]
+        ax.scatter(xs, ys, color=color, marker=marker, label=op, s=36)
         generic = [c for c in cases if c.native and c.generic_time_s]
-        ax.scatter(
-            [c.flops / c.bytes for c in generic],
-            [c.flops / c.generic_time_s for c in generic],
-            facecolors="none",
-            edgecolors=color,
-        )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+        gx = [c.flops / c.bytes for c in generic]
+        gy = [c.flops / c.generic_time_s for c in generic]
+        ax.scatter(gx, gy, facecolors="none", edgecolors=color, marker=marker, s=36)
+        xs_all += xs + gx
+        ys_all += ys + gy
+    if xs_all:
+        x_lo, x_hi = _limits(xs_all)
+        ax.set_xlim(x_lo, x_hi)
+        if roof:
+            peak = roof["flops"].get(result.info.dtype) or roof["flops"].get("float32", 1.0)
+            steps = [x_lo * (x_hi / x_lo) ** (k / 200) for k in range(201)]
+            roofline = [min(peak, roof["bandwidth"] * x) for x in steps]
+            ax.plot(steps, roofline, "k-", lw=1.5, label="roofline")
+            ys_all.append(max(roofline))
+        ax.set_ylim(*_limits(ys_all))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7, loc="best", ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no timed cases", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
     ax.set_ylabel("achieved FLOP/s")
     info = result.info
     ax.set_title(f"{info.backend} on {info.device_name} ({info.dtype}); hollow: generic op")
-    if points or roof:
-        ax.legend(fontsize=7, loc="lower right")
     ax.grid(True, which="both", lw=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -6,7 +6,8 @@ gives each timed case's share of that bound ("% of roofline"). Peaks come from
 when the device's name matches, otherwise from micro-benchmarks on the device
 itself: the faster of a large ``copy_`` (bytes read + written) and a large
 matrix-vector product (bytes read, as in decode) for bandwidth, and a square
-matmul per dtype for FLOP/s. On a shared host these vary from run to run, so
+matmul for FLOP/s in the run's compute dtype and fp32 only, sized for the
+device and capped in time. On a shared host these vary from run to run, so
 a share above 100% can happen there. The host is always measured: CPU peaks depend on
 the core count and the memory channels this process gets.
 
@@ -99,9 +100,55 @@ def _gemv(numel: int, device: torch.device):
     return lambda: matrix @ vector
 
 
+# The probe's size on the host and on accelerators: the host copies 128 MiB (beyond the
+# last-level cache), an accelerator 2 GiB; matmuls start small and double while the next
+# size fits the time budget, up to the largest size (a fixed 2048^2 fp16 matmul took 62 s
+# on a 2-core CPU without fast fp16).
+HOST_COPY_NUMEL, DEVICE_COPY_NUMEL = 32 << 20, 512 << 20
+HOST_MATMUL_SIZES, DEVICE_MATMUL_SIZES = (128, 2048), (1024, 8192)
+MATMUL_BUDGET_S = 1.5  # per dtype
+MATMUL_REPEATS = 2
+
+
+def probe_dtypes(compute_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The matmul dtypes a run needs: its compute dtype and fp32 (the fallback peak)."""
+    return tuple(dict.fromkeys((compute_dtype, torch.float32)))
+
+
+def describe_probe(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str:
+    """One line saying what ``measure`` is about to time (for the progress output)."""
+    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    seconds = 2 + MATMUL_BUDGET_S * len(dtypes)
+    return (
+        f"measuring the {device.type} roofline: copy and GEMV bandwidth, {names} matmul "
+        f"FLOP/s (at most ~{seconds:.0f} s)"
+    )
+
+
+def _matmul_flops(dtype: torch.dtype, device: torch.device, sync, on_host: bool) -> float:
+    """Best FLOP/s of a square matmul at ``dtype``, growing the size within the budget."""
+    size, largest = HOST_MATMUL_SIZES if on_host else DEVICE_MATMUL_SIZES
+    deadline = time.perf_counter() + MATMUL_BUDGET_S
+    best = 0.0
+    while True:
+        a = torch.randn(size, size, device=device).to(dtype)
+        seconds = _best_time(lambda a=a: a @ a, sync, MATMUL_REPEATS)
+        best = max(best, 2 * size**3 / seconds)
+        # Doubling costs 8x per call, and the next size runs MATMUL_REPEATS + 1 calls.
+        next_cost = 8 * seconds * (MATMUL_REPEATS + 1)
+        if size >= largest or time.perf_counter() + next_cost > deadline:
+            logger.debug("%s matmul probe stopped at %d", dtype, size)
+            return best
+        size *= 2
+
+
 @functools.cache
-def measure(device: torch.device, name: str) -> DeviceSpec:
-    """Micro-benchmark ``device``: copy bandwidth and matmul FLOP/s per float dtype."""
+def measure(
+    device: torch.device, name: str, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+) -> DeviceSpec:
+    """Micro-benchmark ``device``: copy/GEMV bandwidth and matmul FLOP/s for each of ``dtypes``
+    (only these: an fp16 matmul on a CPU without fast fp16 is slow and is not needed for a
+    bf16 or fp32 run). Sized for the device and capped in time (see the constants above)."""
     on_host = device.type == "cpu"
     module = getattr(torch, device.type, None)
 
@@ -109,27 +156,27 @@ def measure(device: torch.device, name: str) -> DeviceSpec:
         if not on_host and module is not None:
             module.synchronize(device)
 
-    numel = (256 if on_host else 512) << 18  # 256 MiB / 512 MiB of fp32
-    copy_bw = 2 * numel * 4 / _best_time(_copier(numel, device), sync, 5)
-    read_bw = numel * 4 / _best_time(_gemv(numel, device), sync, 5)  # what decode GEMVs do
+    numel = HOST_COPY_NUMEL if on_host else DEVICE_COPY_NUMEL
+    copy_bw = 2 * numel * 4 / _best_time(_copier(numel, device), sync, 3)
+    read_bw = numel * 4 / _best_time(_gemv(numel, device), sync, 3)  # what decode GEMVs do
     bandwidth = max(copy_bw, read_bw)
-    flops = {}
-    size = 2048 if on_host else 8192
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        a = torch.randn(size, size, device=device).to(dtype)
-        seconds = _best_time(lambda a=a: a @ a, sync, 3)
-        flops[str(dtype).removeprefix("torch.")] = 2 * size**3 / seconds
+    flops = {
+        str(dtype).removeprefix("torch."): _matmul_flops(dtype, device, sync, on_host)
+        for dtype in dtypes
+    }
     logger.info("measured %s: %.1f GB/s, %s", name, bandwidth / 1e9, flops)
     return DeviceSpec(name, bandwidth, flops, source="measured")
 
 
-def device_spec(device: torch.device, name: str) -> DeviceSpec:
-    """The datasheet spec of an accelerator named ``name``, else a measured one."""
+def device_spec(
+    device: torch.device, name: str, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+) -> DeviceSpec:
+    """The datasheet spec of an accelerator named ``name``, else one measured for ``dtypes``."""
     if device.type != "cpu":
         spec = lookup(name)
         if spec is not None:
             return spec
-    return measure(device, name)
+    return measure(device, name, dtypes)
 
 
 @dataclass(frozen=True)

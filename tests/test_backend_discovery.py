@@ -34,7 +34,12 @@ from chitu_core.quant import quantize_fp8
 def with_test_plugins(test_plugins_dir, monkeypatch):
     monkeypatch.syspath_prepend(str(test_plugins_dir))
     yield test_plugins_dir
-    for name in ("chitu_test_linear_only", "chitu_test_broken", "chitu_test_bad_signature"):
+    for name in (
+        "chitu_test_linear_only",
+        "chitu_test_broken",
+        "chitu_test_bad_signature",
+        "chitu_test_old_contract",
+    ):
         sys.modules.pop(name, None)
 
 
@@ -115,8 +120,10 @@ def test_broken_and_bad_plugins_are_named_and_others_still_load(with_test_plugin
 
 def test_auto_skips_broken_and_picks_highest_priority(with_test_plugins):
     ops = load_backend("auto")
-    expected = "nvidia" if torch.cuda.is_available() else "cpu_ref"
-    assert ops.info.name == expected  # cpu_ref (0) beats test_linear_only (-100)
+    # Without an accelerator the serving CPU backend (10) wins; cpu_ref (0), the oracle, and
+    # test_linear_only (-100) are chosen only by name.
+    expected = "nvidia" if torch.cuda.is_available() else "cpu"
+    assert ops.info.name == expected
 
 
 class _MinimalPlugin:

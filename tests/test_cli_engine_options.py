@@ -22,6 +22,7 @@ def test_defaults_just_work():
     # None: the memory plan picks up to 256 (engine/memory_plan.choose_max_num_seqs)
     assert config.enforce_eager is False and config.max_num_seqs is None
     assert config.overlap_steps is True and config.fp8_compute == "auto"
+    assert config.enable_prefix_caching is True
 
 
 @pytest.mark.parametrize("mode", ["auto", "soft", "native"])
@@ -42,9 +43,10 @@ def test_fp8_compute_rejects_other_values(capsys):
 def test_memory_graph_and_batching_options():
     args = _parse(
         "--gpu-memory-utilization", "0.5", "--enforce-eager", "--max-num-batched-tokens", "512",
-        "--max-num-seqs", "8", "--no-overlap-steps",
+        "--max-num-seqs", "8", "--no-overlap-steps", "--no-prefix-caching",
     )  # fmt: skip
     config = engine_config(args, "/models/m")
+    assert config.enable_prefix_caching is False
     assert config.memory_utilization == 0.5 and config.enforce_eager
     assert config.overlap_steps is False
     assert config.max_num_batched_tokens == 512 and config.max_num_seqs == 8
@@ -53,3 +55,8 @@ def test_memory_graph_and_batching_options():
 def test_bad_utilization_is_a_clear_error():
     with pytest.raises(ValueError, match="--gpu-memory-utilization. must be in"):
         engine_config(_parse("--gpu-memory-utilization", "1.5"), "/models/m")
+
+
+def test_dtype_auto_reaches_the_config():
+    assert engine_config(_parse("--dtype", "auto"), "/models/m").dtype == "auto"
+    assert engine_config(_parse(), "/models/m").dtype is None

@@ -13,6 +13,7 @@ import pytest
 from fixture_dists import install_fixture_distribution
 
 from chitu_core.cli import main
+from chitu_core.contract import suggested_range
 from chitu_core.scaffold import new_backend
 
 NAME = "scaffoldcheck"
@@ -62,7 +63,10 @@ def test_generated_backend_installs_lists_and_passes_quick_conformance(tmp_path,
     for path in ("pyproject.toml", "README.md", "tests/test_conformance.py"):
         assert (root / path).is_file(), path
     assert f'{NAME} = "chitu_{NAME}.plugin"' in (root / "pyproject.toml").read_text()
-    compile((package / "plugin.py").read_text(), "plugin.py", "exec")
+    plugin_source = (package / "plugin.py").read_text()
+    compile(plugin_source, "plugin.py", "exec")
+    # Written against this Chitu's contract: it declares the range that admits it.
+    assert f'contract="{suggested_range()}"' in plugin_source
 
     site = install_fixture_distribution(root, tmp_path_factory)
     listed = _chitu("plugins", "--json", site=site, timeout=120)

@@ -5,6 +5,12 @@ sequence that produced a token, the token and the text it made final.
 ``generate()`` drives steps until the given prompts are done (``chitu generate``
 and the tests); the server drives ``step()`` from its own loop.
 
+Prefix caching (``EngineConfig.enable_prefix_caching``, on by default) lives in
+the block manager: a request starts after the longest run of whole blocks an
+earlier request computed for the same tokens. A block is registered once its K/V
+is queued on the device, so any later step (queued after it on the same stream,
+or after it on every pipeline stage) reads complete K/V.
+
 With ``tp * pp > 1`` (or under torchrun) every rank builds an engine: rank 0
 schedules and samples and its steps run on every rank through a
 ``chitu_core.distributed.pipeline.DistributedExecutor``; the other ranks call
@@ -51,8 +57,8 @@ from chitu_core.engine.sampling import (
 from chitu_core.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from chitu_core.engine.sequence import Sequence
 from chitu_core.engine.stop import StopChecker
-from chitu_core.loader import load_model
-from chitu_core.tokenizer import Tokenizer
+from chitu_core.loader import checkpoint_dtype, load_model
+from chitu_core.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +80,8 @@ class EngineConfig:
 
     model: str | Path
     backend: str = "auto"
-    dtype: str | None = None  # default: the backend's compute dtype
+    # default: the backend's compute dtype; "auto": the checkpoint's own (falling back to it)
+    dtype: str | None = None
     quantize: str | None = None  # "fp8": bf16 linear weights -> FP8 block-128 at load
     block_size: int = 16
     num_blocks: int | None = None
@@ -99,6 +106,8 @@ class EngineConfig:
     overlap_steps: bool = True
     # How FP8 weights meet the activations (``BackendOptions.fp8_compute``): auto | soft | native.
     fp8_compute: str = "auto"
+    # Reuse the K/V of cached prompt prefixes (whole blocks) across requests.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.fp8_compute not in FP8_COMPUTE_MODES:
@@ -110,8 +119,10 @@ class EngineConfig:
             raise ValueError(f"tp and pp must be >= 1, got tp={self.tp}, pp={self.pp}")
         if self.dist_timeout_s <= 0:
             raise ValueError(f"dist_timeout_s must be positive, got {self.dist_timeout_s}")
-        if self.dtype not in (None, "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.dtype not in (None, "auto", "bfloat16", "float16", "float32"):
+            raise ValueError(
+                f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}"
+            )
         if (
             self.block_size < 1
             or (self.max_num_seqs is not None and self.max_num_seqs < 1)
@@ -204,7 +215,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.ops = load_backend(config.backend, config.demote_ops, self.backend_options)
-        self.dtype = getattr(torch, config.dtype or self.ops.info.compute_dtype)
+        dtype = config.dtype
+        if dtype == "auto":
+            dtype = checkpoint_dtype(config.model)
+        self.dtype = getattr(torch, dtype or self.ops.info.compute_dtype)
         # Called with the DistributedError when a distributed step fails (the server exits).
         self.on_fatal: Callable[[DistributedError], None] | None = None
         self.dist = self._init_distributed()
@@ -218,7 +232,7 @@ class LLMEngine:
             device=self.device,
             parallel=self.dist.model_parallel() if self.dist else None,
         )
-        self.tokenizer = Tokenizer.from_dir(config.model)
+        self.tokenizer = load_tokenizer(config.model)
         layout = self.model.kv_cache_layout()
         activation_bytes = 0
         if self.device.type != "cpu" and config.num_blocks is None and config.kv_cache_gb is None:
@@ -247,7 +261,9 @@ class LLMEngine:
         )
         if self.dist:  # rank 0's block ids are used on every rank
             num_blocks = self.dist.agree_min(num_blocks)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
         capacity = self.block_manager.num_usable_blocks * config.block_size
         model_max = self.model_config.get("max_position_embeddings", capacity)
         self.max_model_len = min(config.max_model_len or model_max, model_max, capacity)

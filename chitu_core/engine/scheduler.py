@@ -2,7 +2,9 @@
 
 Each step, running sequences go first (oldest first): a decoding sequence
 gets one token, a sequence part-way through a chunked prefill gets the rest
-of its prompt as far as the token budget allows. When the KV pool runs dry
+of its prompt as far as the token budget allows. A sequence admitted from
+the queue starts after the longest prefix of its tokens already in the KV
+cache (the block manager's prefix cache). When the KV pool runs dry
 the youngest running sequence is preempted: its blocks are freed and it is
 recomputed from scratch later, so no request is ever dropped. Then waiting
 sequences are admitted in arrival order while slots, budget and blocks last.
@@ -240,17 +242,22 @@ class Scheduler:
                 if len(self.running) >= self.config.max_num_seqs:
                     break
                 seq = self.waiting[0]
-                num_new = seq.num_uncomputed_tokens
+                # Its prefix already in the cache counts as computed (a shared
+                # block costs a free block only if nobody holds it).
+                cached = self.block_manager.cached_prefix(seq)
+                num_cached = len(cached) * self.block_manager.block_size
+                num_new = seq.num_tokens - num_cached
                 if num_new > token_budget:
                     # Only the head may be chunked: a long prompt always makes
                     # progress, and later arrivals never overtake it.
                     if not is_first:
                         break
                     num_new = token_budget
-                num_needed = seq.num_computed_tokens + num_new
-                if not self.block_manager.can_allocate(seq, num_needed):
+                num_needed = num_cached + num_new
+                blocks = self.block_manager
+                if blocks.blocks_to_admit(seq, cached, num_needed) > blocks.num_free_blocks:
                     break
-                self.block_manager.allocate(seq, num_needed)
+                blocks.admit(seq, cached, num_needed)
                 self.waiting.popleft()
                 seq.status = SequenceStatus.RUNNING
                 bisect.insort(self.running, seq, key=_arrival)
@@ -271,6 +278,7 @@ class Scheduler:
             if seq.is_finished:
                 continue
             seq.num_computed_tokens += num_new
+            self.block_manager.register_computed_blocks(seq)
 
     def reserve_next_decode(self, seqs: list[Sequence]) -> bool:
         """Room for the decode step after the one ``seqs`` just ran, before its tokens are

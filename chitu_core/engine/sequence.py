@@ -51,6 +51,12 @@ class Sequence:
         self.arrival_index = 0
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        # Prefix-cache bookkeeping of the block manager: the chained hashes of the
+        # full blocks of ``token_ids`` computed so far (they never change, so they
+        # survive preemption), and how many leading ``block_ids`` it has offered
+        # to the cache.
+        self.block_hashes: list[bytes] = []
+        self.num_registered_blocks = 0
         self.request = request
 
     def __repr__(self) -> str:

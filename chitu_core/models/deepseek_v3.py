@@ -3,7 +3,8 @@
 Reads like HF's ``DeepseekV3ForCausalLM``: ``num_hidden_layers`` pre-norm
 decoder layers, each multi-head latent attention (``models/mla.py``, absorbed
 form over a latent cache) then a dense SwiGLU for the first
-``first_k_dense_replace`` layers and a MoE (``models/deepseek_moe.py``) after.
+``first_k_dense_replace`` layers and a MoE (``models/moe.py``) after.
+Kimi-K2 (``model_type: kimi_k2``) is this architecture with other sizes.
 FP8 checkpoints stay FP8; every kernel is a bound op, so it runs on any backend.
 The multi-token-prediction layer that real checkpoints append as
 ``model.layers.{num_hidden_layers}`` is not used for generation and is skipped.
@@ -30,13 +31,12 @@ from chitu_core.models.base import (
     last_token_logits,
     stage_input,
 )
-from chitu_core.models.deepseek_moe import DeepseekMoE, DenseMLP
+from chitu_core.models.config_fields import ConfigFields
 from chitu_core.models.mla import MultiHeadLatentAttention
+from chitu_core.models.moe import SCORING_FUNCS, DenseMLP, MoE, MoESpec
 from chitu_core.models.rotary import cos_sin_cache, yarn_mscale
 
 logger = logging.getLogger(__name__)
-
-_SCORING_FUNCS = ("sigmoid", "softmax")
 
 
 def _rope_settings(config: dict[str, Any]) -> tuple[float, dict | None]:
@@ -88,41 +88,40 @@ class DeepseekV3Config:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> DeepseekV3Config:
-        """Parse config.json; ValueError names the offending field."""
-        try:
-            theta, scaling = _rope_settings(config)
-            cfg = cls(
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=int(config["hidden_size"]),
-                intermediate_size=int(config["intermediate_size"]),
-                moe_intermediate_size=int(config["moe_intermediate_size"]),
-                num_hidden_layers=int(config["num_hidden_layers"]),
-                num_attention_heads=int(config["num_attention_heads"]),
-                q_lora_rank=config.get("q_lora_rank"),
-                kv_lora_rank=int(config["kv_lora_rank"]),
-                qk_nope_head_dim=int(config["qk_nope_head_dim"]),
-                qk_rope_head_dim=int(config["qk_rope_head_dim"]),
-                v_head_dim=int(config["v_head_dim"]),
-                n_routed_experts=int(config["n_routed_experts"]),
-                n_shared_experts=int(config.get("n_shared_experts") or 0),
-                num_experts_per_tok=int(config["num_experts_per_tok"]),
-                n_group=int(config.get("n_group") or 1),
-                topk_group=int(config.get("topk_group") or 1),
-                first_k_dense_replace=int(config.get("first_k_dense_replace") or 0),
-                moe_layer_freq=int(config.get("moe_layer_freq") or 1),
-                norm_topk_prob=bool(config.get("norm_topk_prob", True)),
-                scoring_func=config.get("scoring_func", "sigmoid"),
-                routed_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
-                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                rope_theta=theta,
-                rope_scaling=scaling,
-                rope_is_neox_style=not config.get("rope_interleave", True),
-                max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                num_nextn_predict_layers=int(config.get("num_nextn_predict_layers") or 0),
-            )
-        except KeyError as exc:
-            raise ValueError(f"DeepSeek-V3 config.json lacks the field {exc.args[0]!r}") from exc
+        """Parse config.json; ``ConfigFieldError`` names a missing or mistyped field and
+        ValueError an inconsistent one."""
+        f = ConfigFields(config)
+        theta, scaling = _rope_settings(config)
+        cfg = cls(
+            vocab_size=f.int("vocab_size"),
+            hidden_size=f.int("hidden_size"),
+            intermediate_size=f.int("intermediate_size"),
+            moe_intermediate_size=f.int("moe_intermediate_size"),
+            num_hidden_layers=f.int("num_hidden_layers"),
+            num_attention_heads=f.int("num_attention_heads"),
+            q_lora_rank=f.int("q_lora_rank", None),
+            kv_lora_rank=f.int("kv_lora_rank"),
+            qk_nope_head_dim=f.int("qk_nope_head_dim"),
+            qk_rope_head_dim=f.int("qk_rope_head_dim"),
+            v_head_dim=f.int("v_head_dim"),
+            n_routed_experts=f.int("n_routed_experts"),
+            n_shared_experts=f.int("n_shared_experts", 0),
+            num_experts_per_tok=f.int("num_experts_per_tok"),
+            n_group=f.int("n_group", 1),
+            topk_group=f.int("topk_group", 1),
+            first_k_dense_replace=f.int("first_k_dense_replace", 0),
+            moe_layer_freq=f.int("moe_layer_freq", 1),
+            norm_topk_prob=f.bool("norm_topk_prob", True),
+            scoring_func=f.str("scoring_func", "sigmoid"),
+            routed_scaling_factor=f.float("routed_scaling_factor", 1.0),
+            rms_norm_eps=f.float("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            rope_is_neox_style=not f.bool("rope_interleave", True),
+            max_position_embeddings=f.int("max_position_embeddings", 4096),
+            tie_word_embeddings=f.bool("tie_word_embeddings", False),
+            num_nextn_predict_layers=f.int("num_nextn_predict_layers", 0),
+        )
         cfg._validate()
         return cfg
 
@@ -161,9 +160,9 @@ class DeepseekV3Config:
                 f"first_k_dense_replace must be in [0, num_hidden_layers={self.num_hidden_layers}], "
                 f"got {self.first_k_dense_replace}"
             )
-        if self.scoring_func not in _SCORING_FUNCS:
+        if self.scoring_func not in SCORING_FUNCS:
             raise ValueError(
-                f"scoring_func must be one of {_SCORING_FUNCS}, got {self.scoring_func!r}"
+                f"scoring_func must be one of {SCORING_FUNCS}, got {self.scoring_func!r}"
             )
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
@@ -176,6 +175,21 @@ class DeepseekV3Config:
         if scaling.get("mscale_all_dim"):
             scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
         return scale
+
+    @property
+    def moe_spec(self) -> MoESpec:
+        return MoESpec(
+            hidden_size=self.hidden_size,
+            moe_intermediate_size=self.moe_intermediate_size,
+            num_experts=self.n_routed_experts,
+            top_k=self.num_experts_per_tok,
+            scoring_func=self.scoring_func,
+            norm_topk_prob=self.norm_topk_prob,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            routed_scaling_factor=self.routed_scaling_factor,
+            n_shared_experts=self.n_shared_experts,
+        )
 
     def is_moe_layer(self, index: int) -> bool:
         return index >= self.first_k_dense_replace and index % self.moe_layer_freq == 0
@@ -198,7 +212,7 @@ class DeepseekV3Layer:
         self.post_attention_norm = reader.tensor(f"{p}.post_attention_layernorm.weight", (h,))
         self.attn = MultiHeadLatentAttention(reader, ops, cfg, f"{p}.self_attn", dtype, parallel)
         if cfg.is_moe_layer(index):
-            self.mlp: DenseMLP | DeepseekMoE = DeepseekMoE(reader, ops, cfg, f"{p}.mlp", parallel)
+            self.mlp: DenseMLP | MoE = MoE(reader, ops, cfg.moe_spec, f"{p}.mlp", parallel)
         else:
             self.mlp = DenseMLP(reader, ops, f"{p}.mlp", h, cfg.intermediate_size, parallel)
 

@@ -1,4 +1,6 @@
-"""Llama-family dense decoders: Llama 2/3 (llama3 rope scaling), Mistral, Qwen2 (qkv bias).
+"""Llama-family decoders: Llama 2/3 (llama3 rope scaling), Mistral, Qwen2 (qkv bias),
+Qwen3 (per-head q/k RMSNorm); ``models/llama_moe.py`` puts MoE layers under the same
+attention (Qwen3-MoE, Mixtral, GLM-4.5).
 
 Reads like HF's ``LlamaForCausalLM``; every kernel is a bound op, so it runs on
 any backend. q/k/v and gate/up are fused into one GEMM each at load. Under
@@ -10,6 +12,7 @@ partial sums are all-reduced (see ``chitu_core/distributed/model_parallel.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +27,19 @@ from chitu_core.models.base import (
     last_token_logits,
     stage_input,
 )
+from chitu_core.models.config_fields import ConfigFields
+from chitu_core.models.moe import DenseMLP
 from chitu_core.models.rotary import cos_sin_cache, rope_settings
+from chitu_core.models.row_span import (
+    fused_rows_weight,
+    padded_bias,
+    row_parallel_weight,
+    row_span,
+)
+
+# Families whose attention normalises each query and key head (RMSNorm over head_dim)
+# before rope; GLM-4.5 says so in config.json (``use_qk_norm``).
+_QK_NORM_TYPES = ("qwen3", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -44,29 +59,45 @@ class LlamaConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool
+    qk_norm: bool
+    rotary_dim: int  # leading channels of each head that rope rotates (GLM-4.5: half)
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> LlamaConfig:
-        heads = config["num_attention_heads"]
-        hidden = config["hidden_size"]
+        """Parse config.json; ``ConfigFieldError`` names a missing or mistyped field."""
+        f = ConfigFields(config)
+        heads = f.int("num_attention_heads", minimum=1)
+        hidden = f.int("hidden_size", minimum=1)
         # Qwen2 checkpoints have biases on q/k/v without saying so in config.json.
-        bias = config.get("attention_bias", config.get("model_type") == "qwen2")
+        bias = f.bool("attention_bias", config.get("model_type") == "qwen2")
         rope_theta, rope_scaling = rope_settings(config)
+        head_dim = f.int("head_dim", hidden // heads, minimum=1)
+        partial = f.float(
+            "partial_rotary_factor",
+            (config.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0),
+        )
         result = cls(
-            vocab_size=config["vocab_size"],
+            vocab_size=f.int("vocab_size", minimum=1),
             hidden_size=hidden,
-            intermediate_size=config["intermediate_size"],
-            num_hidden_layers=config["num_hidden_layers"],
+            intermediate_size=f.int("intermediate_size", minimum=1),
+            num_hidden_layers=f.int("num_hidden_layers", minimum=1),
             num_attention_heads=heads,
-            num_key_value_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or hidden // heads,
-            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            num_key_value_heads=f.int("num_key_value_heads", heads, minimum=1),
+            head_dim=head_dim,
+            rms_norm_eps=f.float("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=config.get("max_position_embeddings", 4096),
-            tie_word_embeddings=config.get("tie_word_embeddings", False),
-            attention_bias=bool(bias),
+            max_position_embeddings=f.int("max_position_embeddings", 4096, minimum=1),
+            tie_word_embeddings=f.bool("tie_word_embeddings", False),
+            attention_bias=bias,
+            qk_norm=f.bool("use_qk_norm", config.get("model_type") in _QK_NORM_TYPES),
+            rotary_dim=int(head_dim * partial),
         )
+        if not 0 < result.rotary_dim <= head_dim or result.rotary_dim % 2:
+            raise ValueError(
+                f"partial_rotary_factor ({partial}) must give an even rotary dimension in "
+                f"(0, head_dim={head_dim}], got {result.rotary_dim}"
+            )
         if heads % result.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
@@ -77,10 +108,16 @@ class LlamaConfig:
 
 class LlamaLayer:
     """One decoder layer's prepared weights (plain attributes, no nn.Parameter): this
-    rank's heads ``heads`` and intermediate columns ``mlp_shard``."""
+    rank's attention heads ``heads`` and its feed-forward block ``mlp`` (built by the model:
+    a ``DenseMLP`` or a ``MoE``)."""
 
     def __init__(
-        self, reader: Any, cfg: LlamaConfig, index: int, heads: HeadSplit, mlp_shard: Shard
+        self,
+        reader: Any,
+        cfg: LlamaConfig,
+        index: int,
+        heads: HeadSplit,
+        mlp: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
         p = f"model.layers.{index}"
         h, d = cfg.hidden_size, cfg.head_dim
@@ -90,37 +127,39 @@ class LlamaLayer:
         self.input_norm = reader.tensor(f"{p}.input_layernorm.weight", (h,))
         self.post_attention_norm = reader.tensor(f"{p}.post_attention_layernorm.weight", (h,))
         projections = [f"{p}.self_attn.{name}_proj" for name in "qkv"]
-        shards = [q_shard, kv_shard, kv_shard]
-        self.qkv = reader.prepare(
-            reader.fused_linear_weight(
-                projections, [(q_rows, h), (kv_rows, h), (kv_rows, h)], shards
+        spans = [
+            row_span(reader, name, rows, shard)
+            for name, rows, shard in zip(
+                projections, (q_rows, kv_rows, kv_rows), (q_shard, kv_shard, kv_shard), strict=True
             )
-        )
+        ]
+        self.qkv = reader.prepare(fused_rows_weight(reader, projections, spans, h))
+        # Where q, k and v sit in the fused output: FP8 parts may be zero-padded to 128 rows.
+        self.qkv_sizes = [span.local_size for span in spans]
+        self.qkv_offsets = [span.offset for span in spans]
         self.qkv_bias = None
         if cfg.attention_bias:
             biases = [
-                reader.tensor(f"{name}.bias", (rows,), shard=shard)
-                for name, rows, shard in zip(
-                    projections, (q_rows, kv_rows, kv_rows), shards, strict=True
-                )
+                padded_bias(reader.tensor(f"{name}.bias", (span.size,), shard=span.keep), span)
+                for name, span in zip(projections, spans, strict=True)
             ]
             self.qkv_bias = torch.cat(biases)
-        self.o = reader.linear(
-            f"{p}.self_attn.o_proj", (h, q_rows), shard=Shard(1, q_shard.start, q_shard.stop)
-        )
-        i = cfg.intermediate_size
-        self.gate_up = reader.prepare(
-            reader.fused_linear_weight(
-                [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], [(i, h), (i, h)], [mlp_shard] * 2
-            )
-        )
-        self.down = reader.linear(
-            f"{p}.mlp.down_proj", (h, i), shard=Shard(1, mlp_shard.start, mlp_shard.stop)
-        )
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            self.q_norm = reader.tensor(f"{p}.self_attn.q_norm.weight", (d,))
+            self.k_norm = reader.tensor(f"{p}.self_attn.k_norm.weight", (d,))
+        # o_proj's input is this rank's q heads: FP8 columns not on 128 blocks are padded
+        # like q's rows, and the attention output is padded to match before the GEMM.
+        o_proj = f"{p}.self_attn.o_proj"
+        self.o_span = row_span(reader, o_proj, q_rows, q_shard, fused=False)
+        self.o = reader.prepare(row_parallel_weight(reader, o_proj, h, self.o_span))
+        self.mlp = mlp
 
 
 class LlamaForCausalLM(torch.nn.Module):
-    """Llama/Mistral/Qwen2 causal LM over the paged KV cache (see ``models/base.py``)."""
+    """Llama/Mistral/Qwen2/Qwen3 causal LM over the paged KV cache (see ``models/base.py``).
+
+    Subclasses change the feed-forward block of a layer through ``build_mlp``."""
 
     def __init__(
         self,
@@ -139,7 +178,7 @@ class LlamaForCausalLM(torch.nn.Module):
         self.layer_ids = self.parallel.layer_range(self.cfg.num_hidden_layers)
         self.scale = self.cfg.head_dim**-0.5
         self.cos_sin = cos_sin_cache(
-            self.cfg.head_dim,
+            self.cfg.rotary_dim,
             self.cfg.max_position_embeddings,
             self.cfg.rope_theta,
             self.cfg.rope_scaling,
@@ -155,8 +194,10 @@ class LlamaForCausalLM(torch.nn.Module):
         tied = cfg.tie_word_embeddings or not reader.has("lm_head.weight")
         if parallel.is_first_stage or (tied and parallel.is_last_stage):
             self.embed = reader.tensor("model.embed_tokens.weight", embed_shape, shard=vocab)
-        mlp_shard = parallel.split(cfg.intermediate_size, 0, "intermediate_size")
-        self.layers = [LlamaLayer(reader, cfg, i, self.heads, mlp_shard) for i in self.layer_ids]
+        self.layers = [
+            LlamaLayer(reader, cfg, i, self.heads, self.build_mlp(reader, i))
+            for i in self.layer_ids
+        ]
         if not parallel.is_last_stage:
             return
         self.norm = reader.tensor("model.norm.weight", (cfg.hidden_size,))
@@ -164,6 +205,14 @@ class LlamaForCausalLM(torch.nn.Module):
             self.lm_head = reader.prepare(reader.dense_weight(self.embed))
         else:
             self.lm_head = reader.linear("lm_head", embed_shape, quantize=False, shard=vocab)
+
+    def build_mlp(self, reader: Any, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Layer ``index``'s feed-forward block: the dense SwiGLU ``mlp.{gate,up,down}_proj``."""
+        cfg = self.cfg
+        prefix = f"model.layers.{index}.mlp"
+        return DenseMLP(
+            reader, self.ops, prefix, cfg.hidden_size, cfg.intermediate_size, self.parallel
+        )
 
     def kv_cache_layout(self) -> KVCacheLayout:
         cfg = self.cfg
@@ -179,10 +228,22 @@ class LlamaForCausalLM(torch.nn.Module):
         tokens, num_q, num_kv = x.shape[0], self.heads.num_q_heads, self.heads.num_kv_heads
         qkv = ops.linear(x, layer.qkv, layer.qkv_bias)  # [T, (Hq + 2 Hkv) * D], local heads
         q_size, kv_size = num_q * cfg.head_dim, num_kv * cfg.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = (
+            part.narrow(-1, offset, size)
+            for part, offset, size in zip(
+                qkv.split(layer.qkv_sizes, dim=-1),
+                layer.qkv_offsets,
+                (q_size, kv_size, kv_size),
+                strict=True,
+            )
+        )
         q = q.reshape(tokens, num_q, cfg.head_dim)
         k = k.reshape(tokens, num_kv, cfg.head_dim)
         v = v.reshape(tokens, num_kv, cfg.head_dim)
+        if layer.q_norm is not None:  # per head, before rope (Qwen3, GLM-4.5 with use_qk_norm)
+            eps = cfg.rms_norm_eps
+            q = ops.rms_norm(q.reshape(-1, cfg.head_dim), layer.q_norm, eps).view_as(q)
+            k = ops.rms_norm(k.reshape(-1, cfg.head_dim), layer.k_norm, eps).view_as(k)
         q, k = ops.rope(q, k, batch.positions, self.cos_sin, True)
         key_cache, value_cache = cache
         ops.store_kv(k, v, key_cache, value_cache, batch.slot_mapping)
@@ -200,7 +261,13 @@ class LlamaForCausalLM(torch.nn.Module):
                 batch.context_lens,
                 self.scale,
             )
-        return ops.linear(out.reshape(tokens, q_size), layer.o, None)
+        out = out.reshape(tokens, q_size)
+        span = layer.o_span
+        if span.padded:  # only FP8 heads whose TP split is not on 128 columns
+            out = torch.nn.functional.pad(
+                out, (span.offset, span.local_size - span.offset - q_size)
+            )
+        return ops.linear(out, layer.o, None)
 
     def forward(
         self,
@@ -208,15 +275,12 @@ class LlamaForCausalLM(torch.nn.Module):
         kv_caches: list[LayerCache],
         hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        ops = self.ops
         x = decoder_layers(
             self,
             stage_input(self, batch, hidden_states),  # [T, D]
             kv_caches,
             lambda layer, h, cache: self._attention(layer, h, batch, cache),
-            lambda layer, h: ops.linear(
-                ops.silu_and_mul(ops.linear(h, layer.gate_up, None)), layer.down, None
-            ),
+            lambda layer, h: layer.mlp(h),
         )
         if not self.parallel.is_last_stage:
             return x  # [T, hidden] for the next stage

@@ -27,6 +27,7 @@ import torch
 
 from chitu_core.distributed.model_parallel import ModelParallel, Shard
 from chitu_core.models.base import ForwardBatch, LayerCache
+from chitu_core.models.row_span import fused_rows_weight, row_parallel_weight, row_span
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from chitu_core.models.deepseek_v3 import DeepseekV3Config
@@ -60,13 +61,15 @@ class MultiHeadLatentAttention:
         q_rows = Shard(0, first * (n + p), last * (n + p))
         if cfg.q_lora_rank is None:
             self.q_a = self.q_a_norm = None
-            self.q_b = reader.linear(f"{prefix}.q_proj", (h * (n + p), d), shard=q_rows)
+            q_name, q_in = f"{prefix}.q_proj", d
         else:
             self.q_a = reader.linear(f"{prefix}.q_a_proj", (cfg.q_lora_rank, d))
             self.q_a_norm = reader.tensor(f"{prefix}.q_a_layernorm.weight", (cfg.q_lora_rank,))
-            self.q_b = reader.linear(
-                f"{prefix}.q_b_proj", (h * (n + p), cfg.q_lora_rank), shard=q_rows
-            )
+            q_name, q_in = f"{prefix}.q_b_proj", cfg.q_lora_rank
+        # FP8 heads whose TP split is off the 128 blocks: this rank's rows of the covering
+        # blocks (models/row_span.py); its queries are cut back out of the output.
+        self.q_span = row_span(reader, q_name, h * (n + p), q_rows, fused=False)
+        self.q_b = reader.prepare(fused_rows_weight(reader, [q_name], [self.q_span], q_in))
         self.kv_a = reader.linear(f"{prefix}.kv_a_proj_with_mqa", (r + p, d))
         self.kv_a_norm = reader.tensor(f"{prefix}.kv_a_layernorm.weight", (r,))
         # kv_b_proj is only ever used absorbed: widen it once to the compute dtype
@@ -79,7 +82,10 @@ class MultiHeadLatentAttention:
         ).view(self.num_heads, n + v, r)
         self.w_uk = kv_b[:, :n].contiguous()  # [H, N, R]
         self.w_uv = kv_b[:, n:].contiguous()  # [H, V, R]
-        self.o = reader.linear(f"{prefix}.o_proj", (d, h * v), shard=Shard(1, first * v, last * v))
+        self.o_span = row_span(
+            reader, f"{prefix}.o_proj", h * v, Shard(0, first * v, last * v), fused=False
+        )
+        self.o = reader.prepare(row_parallel_weight(reader, f"{prefix}.o_proj", d, self.o_span))
 
     def project(
         self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
@@ -98,7 +104,10 @@ class MultiHeadLatentAttention:
             q = ops.linear(
                 ops.rms_norm(ops.linear(x, self.q_a, None), self.q_a_norm, eps), self.q_b, None
             )
-        q = q.view(tokens, self.num_heads, n + p)  # [T, H, N+P], this rank's heads
+        span = self.q_span
+        if span.padded:
+            q = q.narrow(-1, span.offset, span.keep.size)
+        q = q.reshape(tokens, self.num_heads, n + p)  # [T, H, N+P], this rank's heads
         q_nope, q_pe = q[..., :n], q[..., n:].contiguous()
         kv = ops.linear(x, self.kv_a, None)  # [T, R+P]
         c_kv = ops.rms_norm(kv[:, :r].contiguous(), self.kv_a_norm, eps)  # [T, R]
@@ -114,7 +123,13 @@ class MultiHeadLatentAttention:
     def output(self, attn_latent: torch.Tensor) -> torch.Tensor:
         """attn_latent [T, H, R] -> o_proj(W_UV attn_latent per head): [T, D]."""
         values = torch.einsum("thr,hvr->thv", attn_latent, self.w_uv)  # [T, H, V]
-        return self.ops.linear(values.reshape(values.shape[0], -1).contiguous(), self.o, None)
+        values = values.reshape(values.shape[0], -1).contiguous()  # [T, H*V]
+        span = self.o_span
+        if span.padded:  # FP8 o_proj columns off the 128 blocks: its input padded to match
+            values = torch.nn.functional.pad(
+                values, (span.offset, span.local_size - span.offset - span.keep.size)
+            )
+        return self.ops.linear(values, self.o, None)
 
     def __call__(
         self, x: torch.Tensor, batch: ForwardBatch, cache: LayerCache, cos_sin: torch.Tensor

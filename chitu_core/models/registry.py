@@ -13,7 +13,12 @@ MODEL_TYPES: dict[str, str] = {
     "llama": "chitu_core.models.llama:LlamaForCausalLM",
     "mistral": "chitu_core.models.llama:LlamaForCausalLM",
     "qwen2": "chitu_core.models.llama:LlamaForCausalLM",
+    "qwen3": "chitu_core.models.llama:LlamaForCausalLM",
+    "qwen3_moe": "chitu_core.models.llama_moe:LlamaMoEForCausalLM",
+    "mixtral": "chitu_core.models.llama_moe:LlamaMoEForCausalLM",
+    "glm4_moe": "chitu_core.models.llama_moe:LlamaMoEForCausalLM",
     "deepseek_v3": "chitu_core.models.deepseek_v3:DeepseekV3ForCausalLM",
+    "kimi_k2": "chitu_core.models.deepseek_v3:DeepseekV3ForCausalLM",
 }
 
 

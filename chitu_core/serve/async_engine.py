@@ -43,6 +43,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, metrics: Any = None) -> None:
         self.engine = engine
         self.metrics = metrics
+        self._prefix_counted = (0, 0)  # prefix-cache (queries, hits) already counted
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stop = threading.Event()
@@ -129,7 +130,13 @@ class AsyncEngine:
         self.metrics.running.set(scheduler.num_running)
         self.metrics.waiting.set(scheduler.num_waiting)
         self.metrics.kv_free.set(blocks.num_free_blocks)
-        self.metrics.kv_used.set(blocks.num_usable_blocks - blocks.num_free_blocks)
+        self.metrics.kv_used.set(blocks.num_used_blocks)
+        self.metrics.kv_cached.set(blocks.num_cached_blocks)
+        # The block manager keeps totals; the counters advance by what is new.
+        queries, hits = blocks.num_query_tokens, blocks.num_hit_tokens
+        self.metrics.prefix_cache_queries.inc(queries - self._prefix_counted[0])
+        self.metrics.prefix_cache_hits.inc(hits - self._prefix_counted[1])
+        self._prefix_counted = (queries, hits)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -40,7 +40,26 @@ class ServerMetrics:
             "chitu_num_requests_waiting", "Sequences waiting for KV blocks", registry=r
         )
         self.kv_used = Gauge("chitu_kv_blocks_used", "KV-cache blocks in use", registry=r)
-        self.kv_free = Gauge("chitu_kv_blocks_free", "KV-cache blocks free", registry=r)
+        self.kv_free = Gauge(
+            "chitu_kv_blocks_free",
+            "KV-cache blocks allocatable (free, or cached with no owner and evictable)",
+            registry=r,
+        )
+        self.kv_cached = Gauge(
+            "chitu_kv_blocks_cached",
+            "KV-cache blocks with no owner that keep a reusable prefix until evicted",
+            registry=r,
+        )
+        self.prefix_cache_queries = Counter(
+            "chitu_prefix_cache_queries",
+            "Tokens of admitted sequences looked up in the prefix cache",
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "chitu_prefix_cache_hits",
+            "Tokens of admitted sequences found in the prefix cache (not computed)",
+            registry=r,
+        )
         self.step_errors = Counter(
             "chitu_engine_step_errors", "Engine steps that raised", registry=r
         )

@@ -48,7 +48,17 @@ def error_response(
     return JSONResponse(error_body(status, message, param, code), status_code=status)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _required_fields(request: Request) -> list[str]:
+    """The required top-level fields of the route's body model (for an empty body's error)."""
+    route = request.scope.get("route")
+    body = getattr(route, "body_field", None)
+    model = getattr(getattr(body, "field_info", None), "annotation", None)
+    fields = getattr(model, "model_fields", {})
+    return [name for name, field in fields.items() if field.is_required()]
+
+
+def _validation_message(exc: RequestValidationError, request: Request) -> tuple[str, str | None]:
+    """The message and ``param`` (the dotted field path) of the first validation error."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
@@ -57,7 +67,21 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    message = first.get("msg", "invalid value")
+    content_type = request.headers.get("content-type", "")
+    if param is None and content_type and "json" not in content_type.lower():
+        # FastAPI parses only JSON bodies; any other type reaches the model as raw bytes.
+        return (
+            f"the request body must be JSON sent with 'Content-Type: application/json' "
+            f"(got {content_type!r})"
+        ), None
+    if param is None and first.get("type") == "missing":
+        required = _required_fields(request)
+        return (
+            "the request body is empty: send a JSON object with "
+            + ", ".join(repr(name) for name in required)
+        ), (required[0] if required else None)
+    # pydantic prefixes the text of a validator's ValueError with "Value error, ".
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
     return (f"{param}: {message}" if param else message), param
 
 
@@ -70,7 +94,7 @@ def install_error_handlers(app) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+        message, param = _validation_message(exc, request)
         return error_response(400, message, param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
 MAX_N = 16
 MAX_STOP = 4
@@ -79,11 +86,28 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """One chat message. As OpenAI: every message needs ``content`` (a string or text parts),
+    except an assistant message that carries ``tool_calls`` (a turn made only of calls)."""
+
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[TextPart] | None = None
     name: Annotated[str, Field(max_length=256)] | None = None
+    tool_calls: Annotated[list[dict], Field(max_length=128)] | None = None
+    # Declared after role and tool_calls: its validator reads them.
+    content: Annotated[Text | list[TextPart] | None, Field(validate_default=True)] = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_present(cls, value, info: ValidationInfo):
+        role = info.data.get("role")
+        if value is None and not (role == "assistant" and info.data.get("tool_calls")):
+            hint = "; an assistant message may omit it only with 'tool_calls'"
+            raise ValueError(
+                f"content is required for role {role!r} (a string or a list of text parts)"
+                + (hint if role == "assistant" else "")
+            )
+        return value
 
     def text(self) -> str:
         if self.content is None:

@@ -6,6 +6,7 @@ import logging
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -72,13 +73,16 @@ def serve(
     graceful_timeout_s: float = 30.0,
     max_body_bytes: int = 4 * 1024 * 1024,
     sock: socket.socket | None = None,
+    on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Run the OpenAI-compatible server until SIGINT/SIGTERM.
 
     On SIGTERM uvicorn stops accepting connections, lets in-flight requests
     finish for up to ``graceful_timeout_s`` seconds, then the engine aborts what is
     left and its thread stops. ``sock``: a socket already listening on
-    ``host:port`` (``listen_socket``); taken here when None.
+    ``host:port`` (``listen_socket``); taken here when None. ``on_ready`` is called once
+    the server accepts requests, with one line naming the model, URL, backend and compute
+    path (the CLI prints it).
     """
     if sock is None:
         sock = listen_socket(host, port)
@@ -107,7 +111,9 @@ def serve(
         logger.warning(
             "serving on %s without --api-key: anyone who can reach this port can use it", host
         )
-    logger.info("serving %s on http://%s:%d/v1 (backend %s)", name, host, port, backend)
+    url_host = f"[{host}]" if ":" in host else host
+    ready_line = f"serving {name} on http://{url_host}:{port}/v1 ({compute_path(engine)})"
+    logger.info(ready_line)
     # uvicorn re-raises SIGTERM once its graceful shutdown is done; with the default handler
     # that kills the process (exit status -15) although it shut down cleanly. Exit 0 instead.
     in_main = threading.current_thread() is threading.main_thread()
@@ -120,13 +126,41 @@ def serve(
             log_level="warning",
             timeout_graceful_shutdown=graceful_timeout_s,
         )
-        uvicorn.Server(settings).run(sockets=[sock])
+        _ReadyServer(settings, on_ready and (lambda: on_ready(ready_line))).run(sockets=[sock])
     finally:
         sock.close()
         if in_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         logger.info("server stopped; closing the engine")
         engine.close()  # releases the other ranks of a distributed engine
+
+
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def compute_path(engine: LLMEngine) -> str:
+    """What serves: e.g. ``backend cpu, bf16`` or ``backend nvidia, FP8 weights, bf16``."""
+    quant = engine.model_config.get("quantization_config") or {}
+    fp8 = engine.config.quantize == "fp8" or quant.get("quant_method") == "fp8"
+    dtype = str(engine.dtype).removeprefix("torch.")
+    parts = [f"backend {engine.ops.info.name}", "FP8 weights" if fp8 else None]
+    parts.append(_DTYPE_NAMES.get(dtype, dtype))
+    if engine.is_distributed:
+        parts.append(f"tp {engine.config.tp} pp {engine.config.pp}")
+    return ", ".join(p for p in parts if p)
+
+
+class _ReadyServer(uvicorn.Server):
+    """uvicorn's server that calls ``on_ready`` once its start-up is done."""
+
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self._on_ready = on_ready
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if self._on_ready is not None and not self.should_exit:
+            self._on_ready()
 
 
 def _exit_cleanly(signum, frame) -> None:

@@ -118,7 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
             error = {"message": "boom", "type": "server_error", "param": None, "code": 500}
             return self._send_json(500, {"error": error})
         is_chat = self.path == CHAT
-        prompt = body["messages"][0]["content"] if is_chat else body["prompt"]
+        prompt = " ".join(m["content"] for m in body["messages"]) if is_chat else body["prompt"]
         num_tokens = body["max_tokens"]
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": num_tokens}
         words = [f"w{i} " for i in range(num_tokens)]
@@ -274,6 +274,26 @@ def test_streaming_timings_and_tokens_match_the_known_delays(serve):
     assert path == CHAT and body["max_tokens"] == 5 and body["stream"] is True
     assert body["stream_options"] == {"include_usage": True}
     assert "ignore_eos" not in body
+
+
+def test_shared_prefix_workload_sends_one_system_prompt_and_keeps_texts(serve):
+    server = serve()
+    cfg = config(server, shared_prefix_len=50, temperature=0.0, num_warmup=1)
+    (report,) = bs.run_benchmark(cfg, show_progress=False)
+    assert report.num_ok == 4 and report.mean_prompt_tokens == 50 + 8
+    assert [r.text for r in report.results] == ["w0 w1 w2 w3 "] * 4
+    bodies = [body for _, body, _ in server.requests]
+    assert len(bodies) == 5  # the warm-up shares the prefix too
+    systems = {body["messages"][0]["content"] for body in bodies}
+    assert len(systems) == 1 and len(systems.pop().split()) == 50
+    assert all(body["messages"][0]["role"] == "system" for body in bodies)
+    questions = [body["messages"][1]["content"] for body in bodies]
+    assert len(set(questions)) == 5 and all(body["temperature"] == 0.0 for body in bodies)
+    server = serve()
+    bs.run_benchmark(config(server, endpoint="completions", shared_prefix_len=20), False)
+    prompts = [body["prompt"] for _, body, _ in server.requests]
+    assert len({p.split("\n\n")[0] for p in prompts}) == 1 and len(set(prompts)) == 4
+    assert "temperature" not in server.requests[0][1]
 
 
 def test_chunks_are_counted_when_the_server_sends_no_usage(serve):

@@ -37,8 +37,13 @@ def test_cli_exits_1_and_names_the_op_and_case(broken_backends, tmp_path, capsys
     assert run_command(*argv, "--out", str(tmp_path)) == 1
     printed = capsys.readouterr().out
     assert "FAIL: backend broken_router" in printed and "failed ops: moe_route" in printed
-    assert "moe_route[DeepSeek-V3,T=1,E=256,k=8,groups=8/4]" in printed
-    assert "**FAIL**" in (tmp_path / "report.md").read_text()
+    # One printed line per failed op: how many of its cases failed and the first one.
+    assert "  moe_route: 3 of 7 cases failed; first: moe_route[deepseek-grouped]" in printed
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| `[DeepSeek-V3,T=1,E=256,k=8,groups=8/4]` | **FAIL** |" in markdown
+    # One line per failed op, naming how many of its cases failed and the first one.
+    (line,) = [text for text in markdown.splitlines() if text.startswith("- **moe_route**:")]
+    assert " cases failed; first: moe_route[" in line
 
 
 def test_whole_model_check_catches_a_broken_op(broken_backends):

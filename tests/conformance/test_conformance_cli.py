@@ -8,6 +8,7 @@ import json
 from conformance_helpers import run_command
 
 from chitu_core.backend import OP_NAMES, bind_ops, discover_backends
+from chitu_core.hookspecs import CONTRACT_VERSION
 from chitu_core.ops import GENERIC_OPS
 
 
@@ -24,8 +25,18 @@ def test_cpu_ref_quick_passes_and_writes_reports_and_certificate(tmp_path, cert_
     assert "| op | impl | cases | result | worst error / bound | vs generic |" in markdown
     assert "## linear" in markdown and "## all_reduce" in markdown
     assert (out / "roofline.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"- Hook contract: {CONTRACT_VERSION}" in markdown and "## Compute paths certified" in markdown
+    assert "accuracy: not checked" in markdown and "## Determinism" in markdown
+    (llama,) = report["determinism"]  # --quick: the Llama only
+    assert llama["arch"] == "llama" and llama["passed"] and llama["repeat_tokens_equal"]
+    assert report["accuracy"]["checked"] is False
+    assert "FP8 soft" in report["compute_paths"]["linear"]
     certs = list(cert_dir.glob("cpu_ref--*.json"))
-    assert len(certs) == 1 and json.loads(certs[0].read_text())["demote"] == []
+    assert len(certs) == 1
+    cert = json.loads(certs[0].read_text())
+    assert cert["demote"] == [] and cert["contract_version"] == CONTRACT_VERSION
+    assert cert["accuracy"]["checked"] is False and cert["determinism"][0]["passed"]
+    assert (out / "checks-cache.jsonl").exists(), "a rerun resumes from this file"
 
 
 def test_generic_ops_pass_the_quick_suite(tmp_path, cert_dir):

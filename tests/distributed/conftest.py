@@ -1,3 +1,3 @@
 """Fixtures of the distributed tests (defined in dist_helpers, importable by name there)."""
 
-from dist_helpers import deepseek_dir, llama_dir  # noqa: F401
+from dist_helpers import deepseek_dir, llama_dir, qwen3_moe_dir  # noqa: F401

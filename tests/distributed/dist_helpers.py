@@ -18,15 +18,17 @@ import torch
 from safetensors.torch import load_file
 
 from chitu_core import demo_model
+from chitu_core.demo_tokenizer import write_demo_tokenizer
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
 RUN_TIMEOUT_S = 240.0  # one launch, start-up of every rank included (a loaded 2-core host)
 
 # The tiny DeepSeek-V3 demo shape, resized so that TP=2 cuts every FP8 weight on its
-# 128-wide scale blocks (the stock tiny one cannot be split: q_b_proj has 2 x 96 rows).
+# 128-wide scale blocks (the stock tiny one's q_b_proj has 2 x 96 rows per rank).
 # q_b_proj 4 x (48 + 16) = 256 rows, o_proj 4 x 64 = 256 columns, MLP/expert/shared
-# intermediate 256; kv_b_proj's 2 x 112 rows are not aligned (it is read dense).
+# intermediate 256; kv_b_proj's 2 x 112 rows are not aligned (it is read dense). (The stock
+# tiny one splits too, through zero-padded covering blocks: see test_model_parallel.py.)
 TP_READY_DEEPSEEK = dict(
     vocab_size=512, hidden_size=256, intermediate_size=256, moe_intermediate_size=256,
     num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
@@ -51,6 +53,20 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo_model.write_demo_model(
         tmp_path_factory.mktemp("llama_tp") / "llama", "llama", "tiny"
     )
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3-MoE written by HF transformers, as an FP8 block release whose TP=2
+    shards are off the 128 blocks (20 of 40 expert rows, 64 of 128 q rows per rank)."""
+    pytest.importorskip("transformers", reason="transformers writes the Qwen3-MoE checkpoint")
+    from hf_families import hf_checkpoint, write_fp8_checkpoint
+
+    root = tmp_path_factory.mktemp("qwen3_moe_tp")
+    src, _ = hf_checkpoint("qwen3_moe", root, vocab_size=512)
+    write_fp8_checkpoint(src, root / "fp8", root / "twin")
+    write_demo_tokenizer(root / "fp8", 512)
+    return root / "fp8"
 
 
 def free_port() -> int:

@@ -23,7 +23,12 @@ from chitu_core.engine.llm_engine import EngineConfig, LLMEngine
 from chitu_core.engine.sampling import SamplingParams
 
 # Three sequences of different lengths: with PP they go to two groups whose batches overlap.
-PROMPTS = [[3, 77, 12, 400, 5, 9, 250, 31, 8, 100], [42, 7, 19], [300, 1, 2, 3, 4, 5, 6]]
+# The first fills a KV block (16 tokens), so generating it again reuses the prefix cache.
+PROMPTS = [
+    [3, 77, 12, 400, 5, 9, 250, 31, 8, 100, 11, 60, 70, 80, 90, 13, 14, 15, 16, 17],
+    [42, 7, 19],
+    [300, 1, 2, 3, 4, 5, 6],
+]
 NUM_NEW_TOKENS = 5
 DIST_TIMEOUT_S = 60.0
 
@@ -67,7 +72,8 @@ def generate(engine: LLMEngine) -> tuple[dict, list[torch.Tensor]]:
 
 def abort_in_pipeline(engine: LLMEngine, expected: list[int]) -> bool:
     """Abort requests whose batch is in the pipeline: the engine must still take it off
-    (else the last stage would wait for rank 0 until its timeout) and go on serving."""
+    (else the last stage would wait for rank 0 until its timeout) and go on serving;
+    then the first prompt again, its first block from the prefix cache, same tokens."""
     params = SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=0.0, ignore_eos=True)
     ids = [engine.add_request(prompt, params) for prompt in PROMPTS[:2]]
     engine.step()
@@ -78,8 +84,10 @@ def abort_in_pipeline(engine: LLMEngine, expected: list[int]) -> bool:
         if not engine.has_unfinished():
             break
         engine.step()
+    hits_before = engine.block_manager.num_hit_tokens
     again = engine.generate([PROMPTS[0]], params)[0].token_ids
-    return was_in_pipeline and not engine.has_unfinished() and again == expected
+    is_cached = engine.block_manager.num_hit_tokens - hits_before == 16
+    return was_in_pipeline and not engine.has_unfinished() and again == expected and is_cached
 
 
 def main(argv: list[str]) -> int:

@@ -1,20 +1,19 @@
 """Shard plans, sharded loading and the TP collectives, in one process.
 
-``simulate_tp`` runs the ``tp`` ranks of a TP group as threads whose all-reduce
-and all-gather meet at a barrier: the sharded model code runs exactly as in
-separate processes, minus the process start-up (real processes are in
-test_parity.py).
+``simulate_tp`` (tests/tp_threads.py) runs the ``tp`` ranks of a TP group as
+threads whose all-reduce and all-gather meet at a barrier: the sharded model
+code runs exactly as in separate processes, minus the process start-up (real
+processes are in test_parity.py).
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from tp_threads import simulate_tp
 
 from chitu_core.backend import load_backend
 from chitu_core.demo_model import write_demo_model
@@ -30,48 +29,6 @@ LOGIT_ATOL = 1e-4
 @pytest.fixture(scope="module")
 def ops():
     return load_backend("cpu_ref")
-
-
-def simulate_tp(tp: int, work: Callable[[ModelParallel], Any]) -> list[Any]:
-    """``work(parallel)`` on ``tp`` threads, one per TP rank; returns each rank's result."""
-    barrier = threading.Barrier(tp, timeout=60)
-    slots: list[torch.Tensor | None] = [None] * tp
-
-    def exchange(rank: int, x: torch.Tensor) -> list[torch.Tensor]:
-        slots[rank] = x.clone()
-        barrier.wait()
-        parts = list(slots)
-        barrier.wait()
-        return parts
-
-    def plan(rank: int) -> ModelParallel:
-        def all_reduce(x: torch.Tensor) -> torch.Tensor:
-            return x.copy_(sum(exchange(rank, x)))
-
-        def all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
-            return torch.cat(exchange(rank, x), dim=dim)
-
-        return ModelParallel(tp, rank, all_reduce_fn=all_reduce, all_gather_fn=all_gather)
-
-    results: list[Any] = [None] * tp
-    errors: list[BaseException] = []
-
-    def run(rank: int) -> None:
-        try:
-            with torch.inference_mode():
-                results[rank] = work(plan(rank))
-        except BaseException as exc:  # re-raised in the test's thread
-            errors.append(exc)
-            barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(tp)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
 
 
 def _prefill(model: Any, ops: Any, prompt: list[int]) -> torch.Tensor:
@@ -121,10 +78,21 @@ def test_llama_tp4_replicates_the_two_kv_heads(llama_dir: Path, ops) -> None:
         assert (logits - expected).abs().max().item() < LOGIT_ATOL
 
 
-def test_stock_tiny_deepseek_fp8_cannot_split_at_tp2(tmp_path: Path, ops) -> None:
+def test_stock_tiny_deepseek_fp8_splits_off_the_128_blocks(tmp_path: Path, ops) -> None:
+    """Its q_b_proj has 2 x 96 rows and o_proj 2 x 64 columns per rank: each rank holds
+    the zero-masked covering blocks (models/row_span.py) and matches one process."""
     path = write_demo_model(tmp_path / "ds", "deepseek_v3", "tiny")
-    with pytest.raises(CheckpointError, match=r"q_b_proj.*128.*bf16 checkpoint"):
-        load_model(path, ops, torch.float32, show_progress=False, parallel=_rank0_of(2))
+    reference, _ = load_model(path, ops, torch.float32, show_progress=False)
+    expected = _prefill(reference, ops, PROMPT)
+
+    def rank(parallel: ModelParallel):
+        model, _ = load_model(path, ops, torch.float32, show_progress=False, parallel=parallel)
+        attn = model.layers[0].attn
+        assert attn.q_span.padded and attn.q_b.weight.dtype == torch.float8_e4m3fn
+        return _prefill(model, ops, PROMPT)
+
+    for logits in simulate_tp(2, rank):
+        assert (logits - expected).abs().max().item() < LOGIT_ATOL
 
 
 def test_bf16_checkpoint_splits_anywhere(tmp_path: Path, ops) -> None:
@@ -139,13 +107,6 @@ def test_bf16_checkpoint_splits_anywhere(tmp_path: Path, ops) -> None:
 
     for logits in simulate_tp(2, rank):
         assert (logits - expected).abs().max().item() < LOGIT_ATOL
-
-
-def _rank0_of(tp: int) -> ModelParallel:
-    def unused(*args):
-        raise AssertionError("no collective at load time")
-
-    return ModelParallel(tp, 0, all_reduce_fn=unused, all_gather_fn=unused)
 
 
 def test_reader_slices_equal_slices_of_the_whole(deepseek_dir: Path, ops) -> None:

@@ -1,9 +1,11 @@
 """TP=2, PP=2 and TP=2 x PP=2 in real processes (gloo) match one process.
 
-Both demo architectures run in each launch: DeepSeek-V3 with FP8 block weights
-(MLA heads split, MoE intermediate split, vocab-parallel head) and Llama
-(GQA heads split, bf16). The greedy tokens of three prompts generated together
-must be identical, and the logits each token was sampled from close: TP
+Three models run in each launch: the DeepSeek-V3 demo with FP8 block weights
+(MLA heads split, MoE intermediate split, vocab-parallel head), the Llama demo
+(GQA heads split, bf16) and an HF-written Qwen3-MoE FP8 release whose shards are
+off the 128 blocks (zero-masked covering blocks, ``models/row_span.py``). The
+greedy tokens of three prompts generated together must be identical, and the
+logits each token was sampled from close: TP
 changes only the order of fp32 summations (row-parallel partial sums are
 all-reduced); PP batches the sequences differently (one group per stage,
 overlapping in the pipeline), which changes nothing for Llama and the MoE's
@@ -27,11 +29,19 @@ from chitu_core.engine.llm_engine import LLMEngine
 LOGIT_ATOL = 1e-4
 
 
+MODELS = ("deepseek_v3", "llama", "qwen3_moe")
+
+
 @pytest.fixture(scope="module")
-def references(deepseek_dir: Path, llama_dir: Path) -> dict[str, tuple]:
+def model_dirs(deepseek_dir: Path, llama_dir: Path, qwen3_moe_dir: Path) -> list[Path]:
+    return [deepseek_dir, llama_dir, qwen3_moe_dir]
+
+
+@pytest.fixture(scope="module")
+def references(model_dirs: list[Path]) -> dict[str, tuple]:
     """One-process greedy tokens and step logits of each model."""
     results = {}
-    for name, path in (("deepseek_v3", deepseek_dir), ("llama", llama_dir)):
+    for name, path in zip(MODELS, model_dirs, strict=True):
         with LLMEngine(engine_config(path)) as engine:
             results[name] = generate(engine)
     return results
@@ -42,16 +52,14 @@ def references(deepseek_dir: Path, llama_dir: Path) -> dict[str, tuple]:
     [(2, 1, "env"), (1, 2, "env"), (2, 2, "torchrun")],
     ids=["tp2", "pp2", "tp2xpp2-torchrun"],
 )
-def test_matches_one_process(
-    tp, pp, launcher, deepseek_dir, llama_dir, references, tmp_path: Path
-) -> None:
-    args = [str(HERE / "parity_worker.py"), str(tmp_path), str(deepseek_dir), str(llama_dir)]
+def test_matches_one_process(tp, pp, launcher, model_dirs, references, tmp_path: Path) -> None:
+    args = [str(HERE / "parity_worker.py"), str(tmp_path), *map(str, model_dirs)]
     args += ["--tp", str(tp), "--pp", str(pp)]
     if launcher == "torchrun":
         run_torchrun(args, tp * pp, tmp_path)
     else:
         run_world(args, tp * pp, tmp_path)
-    for index, name in enumerate(("deepseek_v3", "llama")):
+    for index, name in enumerate(MODELS):
         ref, ref_logits = references[name]
         result, logits = read_results(tmp_path, index)
         assert result["tokens"] == ref["tokens"], f"{name}: greedy tokens differ"

@@ -1,4 +1,5 @@
-"""BlockManager: free list, reserved scratch block, slots and the ownership invariant."""
+"""BlockManager: free list, reserved scratch block, slots and the ownership invariants
+(prefix caching: test_prefix_cache.py and test_prefix_cache_fuzz.py)."""
 
 from __future__ import annotations
 
@@ -117,6 +118,14 @@ def test_check_invariants_detects_leak():
 def test_check_invariants_detects_double_ownership():
     manager = BlockManager(num_blocks=6, block_size=4)
     first, second = make_seq(0), make_seq(1)
+    manager.allocate(first, 4)
+    second.block_ids = list(first.block_ids)
+    # Shared without a reference: the count disagrees with the owners.
+    with pytest.raises(RuntimeError, match="reference count 1 but 2 owners"):
+        manager.check_invariants([first, second])
+    # Without prefix caching no block may have two owners at all.
+    manager = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
+    first.block_ids, second.block_ids = [], []
     manager.allocate(first, 4)
     second.block_ids = list(first.block_ids)
     with pytest.raises(RuntimeError, match="owned by sequences"):

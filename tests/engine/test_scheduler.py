@@ -16,8 +16,12 @@ from chitu_core.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConf
 from chitu_core.engine.sequence import Sequence, SequenceStatus
 
 
-def make_scheduler(num_blocks: int = 64, block_size: int = 4, **limits: int) -> Scheduler:
-    return Scheduler(SchedulerConfig(**limits), BlockManager(num_blocks, block_size))
+def make_scheduler(
+    num_blocks: int = 64, block_size: int = 4, prefix_caching: bool = True, **limits: int
+) -> Scheduler:
+    return Scheduler(
+        SchedulerConfig(**limits), BlockManager(num_blocks, block_size, prefix_caching)
+    )
 
 
 def add(scheduler: Scheduler, seq_id: int, num_prompt_tokens: int, max_tokens: int) -> Sequence:
@@ -188,9 +192,10 @@ def test_long_prompt_is_chunked_alone():
     assert_no_leak(scheduler)
 
 
-def test_preempts_youngest_and_brings_it_back_first():
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_preempts_youngest_and_brings_it_back_first(prefix_caching):
     # 4 usable blocks of 4 tokens; each sequence grows to 11 tokens of K/V (3 blocks).
-    scheduler = make_scheduler(num_blocks=5, block_size=4)
+    scheduler = make_scheduler(num_blocks=5, block_size=4, prefix_caching=prefix_caching)
     old = add(scheduler, 0, 4, 8)
     young = add(scheduler, 1, 4, 8)
     batches = []
@@ -205,9 +210,12 @@ def test_preempts_youngest_and_brings_it_back_first():
     while not old.is_finished:
         step(scheduler)
     batch = step(scheduler)
-    # Recompute: the whole prompt plus outputs so far is one prefill, then it samples.
+    # Recompute: the whole prompt plus outputs so far is one prefill, then it samples;
+    # with prefix caching it starts after its own blocks that were not evicted meanwhile.
     assert batch.seqs[0] is young
-    assert batch.num_new_tokens[0] == 4 + len(outputs_before)
+    start = batch.start_positions[0]
+    assert start + batch.num_new_tokens[0] == 4 + len(outputs_before)
+    assert start == 0 if not prefix_caching else start % 4 == 0 and start > 0
     assert batch.sample_mask[0]
     assert young.output_token_ids[: len(outputs_before)] == outputs_before
     run_to_completion(scheduler)

@@ -212,13 +212,58 @@ def test_edge_values_are_served(http) -> None:
         {"seed": 2**63 - 1, "n": 2},
         {"stop_token_ids": [10**30]},
         {"messages": [{"role": "user", "content": ""}]},
-        {"messages": [{"role": "assistant", "content": None}]},
+        # An assistant turn made only of tool calls has no content (as OpenAI allows).
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function"}]},
+                {"role": "user", "content": "and?"},
+            ]
+        },
         {"messages": [{"role": "user", "content": []}]},
         {"unknown_openai_field": {"x": 1}, "logit_bias": {"1": 5}, "user": "u"},
     ):
         response = http.post(CHAT, json=chat(**fields))
         assert response.status_code == 200, (fields, response.text)
     assert http.get("/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "user", "content": None},
+        {"role": "user"},
+        {"role": "system", "content": None},
+        {"role": "assistant", "content": None},
+        {"role": "assistant", "tool_calls": []},
+    ],
+    ids=["user-null", "user-missing", "system-null", "assistant-null", "assistant-no-calls"],
+)
+def test_message_without_content_is_rejected(http, message: dict) -> None:
+    """As OpenAI: content is required, except on an assistant turn that carries tool calls."""
+    error = assert_openai_error(http.post(CHAT, json=chat(messages=[message])), 400)
+    assert error["param"] == "messages.0.content", error
+    assert f"content is required for role {message['role']!r}" in error["message"], error
+    assert not error["message"].startswith("Value error"), error
+
+
+def test_empty_body_names_the_required_fields(http) -> None:
+    for headers in ({"content-type": "application/json"}, {}):
+        error = assert_openai_error(http.post(CHAT, content=b"", headers=headers), 400)
+        assert error["param"] == "model", error
+        assert "'model', 'messages'" in error["message"], error
+    error = assert_openai_error(http.post(COMPLETIONS, content=b""), 400)
+    assert error["param"] == "model" and "'prompt'" in error["message"], error
+
+
+def test_body_that_is_not_json_names_the_content_type(http) -> None:
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        response = http.post(
+            CHAT, content=json.dumps(chat()).encode(), headers={"content-type": content_type}
+        )
+        error = assert_openai_error(response, 400)
+        assert "Content-Type: application/json" in error["message"], error
+        assert repr(content_type) in error["message"], error
 
 
 def test_invalid_stream_request_is_an_error_before_streaming(http) -> None:

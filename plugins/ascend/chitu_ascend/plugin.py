@@ -37,6 +37,7 @@ def chitu_backend_info() -> BackendInfo:
         compute_dtype="bfloat16",
         has_native_fp8=False,
         supports_graphs=False,
+        contract=">=1.0,<2",  # the hook contract versions it implements (hookspecs.py)
     )
 
 

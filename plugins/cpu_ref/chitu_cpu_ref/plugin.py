@@ -45,6 +45,7 @@ def chitu_backend_info() -> BackendInfo:
         has_native_fp8=False,
         supports_graphs=False,
         needs_certificate=False,
+        contract=">=1.0,<2",  # the hook contract versions it implements (hookspecs.py)
     )
 
 

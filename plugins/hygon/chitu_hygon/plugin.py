@@ -28,6 +28,7 @@ def chitu_backend_info() -> BackendInfo:
         dist_backend="nccl",  # RCCL under ROCm answers to "nccl"
         priority=80,
         compute_dtype="bfloat16",
+        contract=">=1.0,<2",  # the hook contract versions it implements (hookspecs.py)
     )
 
 

@@ -36,6 +36,7 @@ def chitu_backend_info() -> BackendInfo:
         compute_dtype="bfloat16",
         has_native_fp8=native_fp8,
         supports_graphs=True,
+        contract=">=1.0,<2",  # the hook contract versions it implements (hookspecs.py)
     )
 
 
