@@ -25,7 +25,10 @@ def test_cpu_ref_quick_passes_and_writes_reports_and_certificate(tmp_path, cert_
     assert "| op | impl | cases | result | worst error / bound | vs generic |" in markdown
     assert "## linear" in markdown and "## all_reduce" in markdown
     assert (out / "roofline.png").read_bytes()[:4] == b"\x89PNG"
-    assert f"- Hook contract: {CONTRACT_VERSION}" in markdown and "## Compute paths certified" in markdown
+    assert (
+        f"- Hook contract: {CONTRACT_VERSION}" in markdown
+        and "## Compute paths certified" in markdown
+    )
     assert "accuracy: not checked" in markdown and "## Determinism" in markdown
     (llama,) = report["determinism"]  # --quick: the Llama only
     assert llama["arch"] == "llama" and llama["passed"] and llama["repeat_tokens_equal"]
