@@ -56,8 +56,8 @@ KERNELS = {
 }
 
 
-def load_with_kernels(name: str = "auto", demote=()):
-    ops = load_backend(name, demote)
+def load_with_kernels(name: str = "auto", demote=(), options=None):
+    ops = load_backend(name, demote, options)
     for op, kernel in KERNELS.items():
         setattr(ops, op, kernel)
     return ops
