@@ -24,7 +24,7 @@ def add_rms_norm(
     return rms_norm(summed, weight, eps), summed
 
 
-def _rotate(
+def rotate(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox_style: bool
 ) -> torch.Tensor:
     """x: [T, H, D]; cos, sin: [T, 1, R/2] fp32. Rotates channels [0, R), keeps the rest."""
@@ -50,7 +50,7 @@ def rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See ``chitu_core.hookspecs.chitu_rope``. One gather of the cache rows, math in fp32."""
     cos, sin = cos_sin_cache[positions.long()].float().unsqueeze(1).chunk(2, dim=-1)  # [T, 1, R/2]
-    return _rotate(q, cos, sin, is_neox_style), _rotate(k, cos, sin, is_neox_style)
+    return rotate(q, cos, sin, is_neox_style), rotate(k, cos, sin, is_neox_style)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

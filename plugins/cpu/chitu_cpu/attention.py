@@ -43,19 +43,23 @@ def chitu_paged_attention_decode(
     if batch == 0:
         return q.new_empty(0, num_heads, value_cache.shape[-1])
     block_size = key_cache.shape[1]
-    lens = context_lens.long()
-    longest = int(lens.max())
+    lens = context_lens.tolist()  # the host is the device: no sync
+    longest = max(lens)
     width = -(-longest // block_size)
-    # Entries past a sequence's end are ignored by the spec (may be garbage): use block 0.
-    starts = torch.arange(width) * block_size
-    tables = torch.where(starts < lens[:, None], block_tables[:, :width].long(), 0)
+    if batch == 1:  # exactly the sequence's own blocks: no garbage entries, no mask
+        tables, mask = block_tables[:, :width].long(), None
+    else:
+        # Entries past a sequence's end are ignored by the spec (may be garbage): block 0.
+        lens_t = context_lens.long()[:, None]
+        starts = torch.arange(width) * block_size
+        tables = torch.where(starts < lens_t, block_tables[:, :width].long(), 0)
+        mask = None
+        if min(lens) != longest:
+            mask = (torch.arange(longest) < lens_t)[:, None, None, :]  # [B, 1, 1, L]
     # fp32: bf16 attention kernels are several times slower than fp32 on CPUs without
     # native bf16 arithmetic, and the widening fuses into the gather's copy.
     k = key_cache[tables].flatten(1, 2)[:, :longest].transpose(1, 2).float()  # [B, Hkv, L, D]
     v = value_cache[tables].flatten(1, 2)[:, :longest].transpose(1, 2).float()  # [B, Hkv, L, Dv]
-    mask = None
-    if bool((lens != longest).any()):
-        mask = (torch.arange(longest) < lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
     out = torch.nn.functional.scaled_dot_product_attention(
         q[:, :, None, :].float(), k, v, attn_mask=mask, scale=scale,
         enable_gqa=k.shape[1] != num_heads,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from chitu_core.backend_info import BackendInfo
 from chitu_core.hookspecs import hookimpl
 from chitu_cpu.attention import chitu_mla_decode, chitu_paged_attention_decode
+from chitu_cpu.small_ops import chitu_rope
 
 
 @hookimpl
@@ -34,4 +35,5 @@ __all__ = [
     "chitu_check_available",
     "chitu_mla_decode",
     "chitu_paged_attention_decode",
+    "chitu_rope",
 ]

@@ -33,7 +33,7 @@ def test_auto_picks_cpu_over_the_oracle_without_an_accelerator(cpu):
     if not accelerators:
         assert load_backend("auto").info.name == "cpu"
     assert cpu.info.compute_dtype == "bfloat16" and cpu.info.needs_certificate
-    assert set(cpu.native) == {"paged_attention_decode", "mla_decode"}
+    assert set(cpu.native) == {"paged_attention_decode", "mla_decode", "rope"}
 
 
 def _wide_tables(lens: list[int], width: int, num_blocks: int) -> torch.Tensor:
@@ -92,3 +92,19 @@ def test_greedy_tokens_match_the_oracle_in_fp32(tmp_path: Path, arch: str):
         with LLMEngine(config) as engine:
             tokens[backend] = [c.token_ids for c in engine.generate(prompts, params)]
     assert tokens["cpu"] == tokens["cpu_ref"]
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("shapes", [((3, 9, 64), (3, 3, 64)), ((2, 4, 16), (2, 1, 16))])
+def test_rope_equals_the_generic_op_bit_for_bit(cpu, neox, shapes):
+    from chitu_core.ops.small import rope
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(*shapes[0], generator=gen).bfloat16()
+    k = torch.randn(*shapes[1], generator=gen).bfloat16()
+    cache = torch.randn(64, 8, generator=gen)  # rotary dim 8 < head dim: partial rotary
+    positions = torch.tensor([5, 63, 0][: q.shape[0]])
+    for got, want in zip(
+        cpu.rope(q, k, positions, cache, neox), rope(q, k, positions, cache, neox), strict=True
+    ):
+        assert got.shape == want.shape and torch.equal(got, want)
