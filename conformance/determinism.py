@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from conformance.model_check import ARCHS, demo_model
+from conformance.model_check import ARCHS, demo_model, recorded_logits
 
 logger = logging.getLogger(__name__)
 
@@ -84,21 +84,9 @@ def _generate(engine, prompts: list[list[int]]) -> tuple[list[int], torch.Tensor
     """Greedy tokens of ``prompts[0]`` and its logits ``[steps, V]`` fp32 (CPU)."""
     from chitu_core.engine.sampling import SamplingParams
 
-    rows: dict[int, list[torch.Tensor]] = {}
-    execute = engine.runner.execute
-
-    def recording_execute(seqs, num_new_tokens, *args):
-        out = execute(seqs, num_new_tokens, *args)
-        for seq, row in zip(seqs, out, strict=True):
-            rows.setdefault(seq.seq_id, []).append(row.detach().float().cpu())
-        return out
-
-    engine.runner.execute = recording_execute
-    try:
-        params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    with recorded_logits(engine) as rows:
         completions = engine.generate([list(p) for p in prompts], params)
-    finally:
-        engine.runner.execute = execute
     first = min(rows)  # sequence ids increase with submission order
     return completions[0].token_ids, torch.stack(rows[first])
 

@@ -22,10 +22,12 @@ captured graph would freeze the replayed choices); graphs are checked by the
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,22 +174,33 @@ def run_model(
         return weights, ids
 
     engine.ops.moe_route = recording_route
-    logits: dict[int, list[torch.Tensor]] = {}
+    params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    with recorded_logits(engine) as logits:
+        completions = engine.generate([list(p) for p in PROMPTS], params)
+    ids = sorted(logits)
+    return Trace(
+        [c.token_ids for c in completions], [logits[i] for i in ids], routes, fp8_act, marked_wide
+    )
+
+
+@contextlib.contextmanager
+def recorded_logits(engine) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """While inside, every step's logits row of each sequence, fp32 on the CPU, by
+    sequence id: ``{seq_id: [row [V], ...]}`` (the engine's runner is wrapped, then restored)."""
+    rows: dict[int, list[torch.Tensor]] = {}
     execute = engine.runner.execute
 
     def recording_execute(seqs, num_new_tokens, *args):
         out = execute(seqs, num_new_tokens, *args)
         for seq, row in zip(seqs, out, strict=True):
-            logits.setdefault(seq.seq_id, []).append(row.detach().float().cpu())
+            rows.setdefault(seq.seq_id, []).append(row.detach().float().cpu())
         return out
 
     engine.runner.execute = recording_execute
-    params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    completions = engine.generate([list(p) for p in PROMPTS], params)
-    ids = sorted(logits)
-    return Trace(
-        [c.token_ids for c in completions], [logits[i] for i in ids], routes, fp8_act, marked_wide
-    )
+    try:
+        yield rows
+    finally:
+        engine.runner.execute = execute
 
 
 def reference_trace(arch: str) -> Trace:
